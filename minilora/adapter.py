@@ -1,0 +1,167 @@
+"""Adapters on disk in PEFT's format, so `PeftModel.from_pretrained(base, folder)` loads ours.
+
+    adapter_config.json         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
+    adapter_model.safetensors   base_model.model.<module path>.lora_A.weight  [r, in]   fp32
+                                base_model.model.<module path>.lora_B.weight  [out, r]  fp32
+
+Our loader is strict where PEFT's is not (PEFT loads with strict=False, so a renamed key loads
+nothing and only warns): every missing or unexpected key and every shape mismatch is an error.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .atomic import atomic_write, atomic_write_json
+from .errors import AdapterError
+from .inject import add_lora, lora_layers, matched_target_names
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+# PEFT's key = PREFIX + module path + SUFFIX[our parameter name]
+PREFIX = "base_model.model."
+SUFFIX = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight"}
+
+
+def peft_key(module_path: str, param: str) -> str:
+    return PREFIX + module_path + SUFFIX[param]
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-keyed fp32 copies of every LoRA weight."""
+    tensors = {}
+    for path, layer in lora_layers(model).items():
+        for param, value in layer.adapter_params().items():
+            tensors[peft_key(path, param)] = value.detach().to("cpu", torch.float32).contiguous()
+    return tensors
+
+
+def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
+    layers = list(lora_layers(model).values())
+    if not layers:
+        raise AdapterError("the model has no LoRA layers to save")
+    first = layers[0]
+    if any((m.r, m.alpha, m.use_rslora, m.dropout_p) != (first.r, first.alpha, first.use_rslora, first.dropout_p)
+           for m in layers):
+        raise AdapterError("LoRA layers differ in r, alpha, rsLoRA or dropout; one adapter config cannot describe them")
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": first.dropout_p,
+        "target_modules": matched_target_names(model),
+        "use_rslora": first.use_rslora,
+        "use_dora": False,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+
+
+def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: str | None = None) -> Path:
+    """Write adapter_config.json + adapter_model.safetensors into `folder`, each atomically."""
+    folder = Path(folder)
+    config = adapter_config(model, base_model_name_or_path)
+    tensors = adapter_tensors(model)
+    atomic_write(folder / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write_json(folder / CONFIG_NAME, config)
+    return folder
+
+
+def read_adapter_config(folder: str | Path) -> dict:
+    path = Path(folder) / CONFIG_NAME
+    if not Path(folder).is_dir():
+        raise AdapterError(f"{folder}: no such adapter folder")
+    if not path.is_file():
+        raise AdapterError(f"{path}: missing (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise AdapterError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: expected a JSON object")
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' adapters are supported")
+    for key, kind in (("r", int), ("lora_alpha", (int, float)), ("target_modules", (list, str))):
+        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
+            raise AdapterError(f"{path}: '{key}' is missing or has the wrong type ({config.get(key)!r})")
+    if config["r"] <= 0:
+        raise AdapterError(f"{path}: r must be positive, got {config['r']}")
+    for key in ("use_dora",):
+        if config.get(key):
+            raise AdapterError(f"{path}: {key}=true is not supported by minilora")
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise AdapterError(f"{path}: per-module {key} is not supported by minilora")
+    if config.get("modules_to_save"):
+        raise AdapterError(f"{path}: modules_to_save ({config['modules_to_save']}) is not supported by minilora")
+    return config
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    path = folder / WEIGHTS_NAME
+    if not path.is_file():
+        raise AdapterError(f"{path}: missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AdapterError(f"{path}: not a readable safetensors file ({err})") from err
+
+
+def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
+    """Put the adapter in `folder` onto `model` (a base without LoRA, or one with matching LoRA).
+
+    Strict: a key the model lacks, a LoRA layer without a key, or a wrong shape raises AdapterError
+    naming it. Returns the LoRA module names.
+    """
+    folder = Path(folder)
+    config = read_adapter_config(folder)
+    tensors = _read_weights(folder)
+    layers = lora_layers(model)
+    if not layers:
+        add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=float(config.get("lora_dropout", 0.0)),
+                 targets=config["target_modules"], use_rslora=bool(config.get("use_rslora", False)))
+        layers = lora_layers(model)
+    else:
+        _check_existing_layers(layers, config, folder)
+    expected = {peft_key(path, p): (layer, p) for path, layer in layers.items() for p in SUFFIX}
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise AdapterError(f"{folder / WEIGHTS_NAME}: key {unexpected[0]!r} matches no LoRA layer of the model "
+                           f"({len(unexpected)} unexpected keys)")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        raise AdapterError(f"{folder / WEIGHTS_NAME}: no tensor for {missing[0]!r} ({len(missing)} missing keys)")
+    for key, (layer, p) in expected.items():
+        target = getattr(layer, p)
+        if tensors[key].shape != target.shape:
+            raise AdapterError(f"{folder / WEIGHTS_NAME}: {key} has shape {list(tensors[key].shape)}, "
+                               f"the model needs {list(target.shape)} (r={layer.r})")
+    with torch.no_grad():
+        for key, (layer, p) in expected.items():
+            getattr(layer, p).copy_(tensors[key])
+    return list(layers)
+
+
+def _check_existing_layers(layers: dict, config: dict, folder: Path) -> None:
+    layer = next(iter(layers.values()))
+    scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
+    if layer.r != config["r"] or not math.isclose(layer.scale, scale):
+        raise AdapterError(f"{folder / CONFIG_NAME}: r={config['r']}, scale={scale:g} do not fit the model's "
+                           f"LoRA layers (r={layer.r}, scale={layer.scale:g})")

@@ -1,0 +1,177 @@
+"""Put LoRA layers into a model: match target modules by name, replace them, freeze the rest."""
+
+import re
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .lora import LoRALinear, dequantize_weight, is_4bit
+
+# The seed card's list (../shared/seed/): Phi-3's fused projections, Llama/Mistral/Qwen2's o_proj
+# and down_proj, and GPT-NeoX's fused attention input. Names a model lacks are skipped.
+DEFAULT_TARGETS = ("query_key_value", "o_proj", "qkv_proj", "gate_up_proj", "down_proj")
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8  # the seed card's rank
+    alpha: float = 16  # scale = alpha / r = 2, as in the seed card
+    dropout: float = 0.05  # on the LoRA input only
+    targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    use_rslora: bool = False  # scale = alpha / sqrt(r) (Kalajdzievski 2023), for large ranks
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _matches(name: str, targets: Sequence[str] | str) -> bool:
+    """PEFT's rule: a string is a regex that must match the whole module name; a list matches a
+    name equal to an entry or ending in `.entry`."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear)  # bnb's Linear4bit and Linear8bitLt subclass nn.Linear
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def add_lora(
+    model: nn.Module,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.05,
+    targets: Sequence[str] | str | None = None,
+    use_rslora: bool = False,
+) -> list[str]:
+    """Replace each matching linear layer with a LoRALinear and freeze all other parameters.
+
+    Returns the names of the replaced modules. Raises UserError when nothing matches.
+    """
+    targets = list(DEFAULT_TARGETS) if targets is None else targets
+    if lora_layers(model):
+        raise UserError("the model already has LoRA layers; load a fresh base to add another adapter")
+    names = [name for name, m in model.named_modules() if name and _matches(name, targets)]
+    not_linear = [n for n in names if not _is_linear(model.get_submodule(n))]
+    if not_linear:
+        kind = type(model.get_submodule(not_linear[0])).__name__
+        raise UserError(f"target module {not_linear[0]!r} is a {kind}; LoRA targets must be linear layers")
+    if not names:
+        shown = targets if isinstance(targets, str) else ", ".join(targets)
+        raise UserError(
+            f"no module of {type(model).__name__} matches the LoRA targets ({shown}); "
+            f"linear layers it has: {', '.join(linear_layer_kinds(model)) or 'none'}"
+        )
+    model.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora))
+    model.lora_config = LoRAConfig(r, alpha, dropout, targets if isinstance(targets, str) else list(targets),
+                                   use_rslora)
+    return names
+
+
+def linear_layer_kinds(model: nn.Module) -> list[str]:
+    """The distinct last name components of the model's linear layers (what `--targets` can name)."""
+    kinds = {name.rpartition(".")[2] for name, m in model.named_modules() if name and _is_linear(m)}
+    return sorted(kinds)
+
+
+def matched_target_names(model: nn.Module) -> list[str]:
+    """Last name components of the LoRA layers, sorted: the `target_modules` a PEFT config needs."""
+    return sorted({name.rpartition(".")[2] for name in lora_layers(model)})
+
+
+def _logical_numel(p: torch.Tensor) -> int:
+    # A bnb Params4bit is stored packed two per byte as [(N*K+1)//2, 1]; count the N*K weights it holds.
+    state = getattr(p, "quant_state", None)
+    return int(state.shape.numel()) if state is not None else p.numel()
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, 4-bit weights at their logical size."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = _logical_numel(p)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def trainable_summary(model: nn.Module) -> str:
+    trainable, total = count_parameters(model)
+    share = 100 * trainable / total if total else 0.0
+    return f"trainable {trainable:,} / {total:,} ({share:.2f}%)"
+
+
+def print_trainable(model: nn.Module) -> None:
+    print(trainable_summary(model))
+
+
+def merge_lora(model: nn.Module, dequantize: bool = False, dtype: torch.dtype = torch.bfloat16) -> None:
+    """Fold every LoRA update into its base weight. A 4-bit base is refused unless `dequantize`,
+    which first replaces it with a full-precision (`dtype`) copy: never a silent re-quantization."""
+    layers = lora_layers(model)
+    if not dequantize:
+        quantized = [n for n, m in layers.items() if is_4bit(m.base_layer) and not m.merged]
+        if quantized:
+            raise UserError(
+                f"cannot merge into the 4-bit layer {quantized[0]} without re-quantizing, which would "
+                "lose the LoRA update in NF4 rounding; pass dequantize=True to merge into a "
+                f"full-precision copy of the base ({len(quantized)} layers)"
+            )
+    for layer in layers.values():
+        if dequantize:
+            layer.dequantize_base(dtype)
+        layer.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def set_adapter_enabled(model: nn.Module, enabled: bool) -> None:
+    """Switch every LoRA layer's update on or off (the base model's output when off)."""
+    for layer in lora_layers(model).values():
+        layer.disabled = not enabled
+
+
+class disable_adapter:
+    """Context manager: `with disable_adapter(model): base_logits = model(x).logits`."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        set_adapter_enabled(self.model, False)
+        return self.model
+
+    def __exit__(self, *exc):
+        set_adapter_enabled(self.model, True)
+        return False
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`<module path>.lora_A` / `.lora_B` -> tensor, for every LoRA layer (training checkpoints)."""
+    return {f"{name}.{k}": p for name, m in lora_layers(model).items() for k, p in m.adapter_params().items()}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in lora_layers(model).values() for p in m.adapter_params().values()]
+
+
+__all__ = [
+    "DEFAULT_TARGETS", "LoRAConfig", "add_lora", "count_parameters", "dequantize_weight",
+    "disable_adapter", "linear_layer_kinds", "lora_layers", "lora_parameters", "lora_state_dict",
+    "matched_target_names", "merge_lora", "print_trainable", "set_adapter_enabled",
+    "trainable_summary", "unmerge_lora",
+]

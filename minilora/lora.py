@@ -1,0 +1,147 @@
+"""The LoRA linear layer (Hu et al. 2021, https://arxiv.org/abs/2106.09685).
+
+          x ──────────────► base_layer (frozen; bnb Linear4bit or nn.Linear) ──► W x (+ b) ──┐
+          │                                                                                  (+) ─► h
+          └─► dropout ─► A [r, in] ─► B [out, r] ─► × scale ─────────────────────────────────┘
+
+    h = W x + scale · B A dropout(x),   scale = alpha / r   (alpha / sqrt(r) with rsLoRA)
+
+The base layer is held as a child and never modified (except by an explicit merge into a
+full-precision base). A is initialised kaiming-uniform(a=sqrt(5)) and B to zeros, as PEFT does,
+so a fresh adapter leaves the model's output unchanged. LoRA parameters are fp32: the optimizer
+updates them in full precision whatever the compute dtype.
+"""
+
+import math
+
+import bitsandbytes as bnb
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .dispatch import use_triton
+
+
+def is_4bit(layer: nn.Module) -> bool:
+    return isinstance(layer, bnb.nn.Linear4bit)
+
+
+def dequantize_weight(layer: nn.Module) -> torch.Tensor:
+    """The base layer's weight in full precision, [out, in] (a copy for 4-bit layers)."""
+    if is_4bit(layer):
+        w = layer.weight
+        return bnb.functional.dequantize_4bit(w.data, w.quant_state)
+    return layer.weight
+
+
+class LoRALinear(nn.Module):
+    """`base_layer(x) + scale * B(A(dropout(x)))` over a frozen linear layer."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+    ):
+        super().__init__()
+        if r <= 0:
+            raise ValueError(f"LoRA rank must be positive, got {r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+        self.base_layer = base_layer
+        self.in_features = base_layer.in_features
+        self.out_features = base_layer.out_features
+        self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
+        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        device = base_layer.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self.disabled = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        # Same law as PEFT (and nn.Linear's default): kaiming-uniform with a = sqrt(5).
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+
+    @property
+    def dropout_p(self) -> float:
+        return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A, [out, in] in fp32."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
+        if self.merged or self.disabled:
+            return self.base_layer(x)
+        weight = self.base_layer.weight
+        if is_4bit(self.base_layer) and use_triton(x, weight):
+            from ._kernel_loader import load_kernels
+
+            return load_kernels().lora_linear_4bit(
+                x, weight, self.base_layer.bias, self.lora_A, self.lora_B,
+                self.scale, self.dropout_p, self.training,
+            )
+        return self._forward_torch(x)
+
+    def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)  # (..., out)
+        # Outside autocast the LoRA branch runs in its parameters' dtype (fp32) and is cast back;
+        # under autocast F.linear picks the autocast dtype. PEFT does the same, so outputs match.
+        cast = not torch.is_autocast_enabled(x.device.type)
+        lora_x = x.to(self.lora_A.dtype) if cast else x
+        update = F.linear(F.linear(self.dropout(lora_x), self.lora_A), self.lora_B) * self.scale  # (..., out)
+        return y + (update.to(y.dtype) if cast else update)
+
+    def merge(self) -> None:
+        """Fold scale * B @ A into a full-precision base weight. Idempotent."""
+        if self.merged:
+            return
+        if is_4bit(self.base_layer):
+            raise RuntimeError(
+                "refusing to merge LoRA into a 4-bit base: re-quantizing would lose the update in NF4 "
+                "rounding; use minilora.merge_lora(model, dequantize=True) to merge into a dequantized copy"
+            )
+        with torch.no_grad():
+            w = self.base_layer.weight
+            w.add_(self.delta_weight().to(w.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract the update again (exact up to the base dtype's rounding). Idempotent."""
+        if not self.merged:
+            return
+        with torch.no_grad():
+            w = self.base_layer.weight
+            w.sub_(self.delta_weight().to(w.dtype))
+        self.merged = False
+
+    def dequantize_base(self, dtype: torch.dtype) -> None:
+        """Replace a 4-bit base layer with an nn.Linear holding its dequantized weight."""
+        if not is_4bit(self.base_layer):
+            return
+        old = self.base_layer
+        linear = nn.Linear(self.in_features, self.out_features, bias=old.bias is not None,
+                           device=old.weight.device, dtype=dtype)
+        with torch.no_grad():
+            linear.weight.copy_(dequantize_weight(old).to(dtype))
+            if old.bias is not None:
+                linear.bias.copy_(old.bias.to(dtype))
+        linear.requires_grad_(False)
+        self.base_layer = linear
+
+    def extra_repr(self) -> str:
+        state4 = getattr(self.base_layer.weight, "quant_state", None)
+        kind = state4.quant_type if state4 is not None else str(self.base_layer.weight.dtype).replace("torch.", "")
+        rs = ", rslora" if self.use_rslora else ""
+        state = ", merged" if self.merged else (", disabled" if self.disabled else "")
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha:g}, "
+                f"scale={self.scale:g}, dropout={self.dropout_p:g}{rs}, base={kind}{state}")

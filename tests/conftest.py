@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models built from configs (no hub), saved to temporary folders."""
+
+import os
+
+import torch
+
+# Triton reads TRITON_INTERPRET when a kernel is decorated, so it must be set before anything imports
+# the kernels. Without a GPU the kernels run in Triton's interpreter: same code path, slow.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    GPTNeoXConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SMALL = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, max_position_embeddings=128)
+
+TINY_CONFIGS = {
+    "phi3": lambda: Phi3Config(**SMALL, num_key_value_heads=4, pad_token_id=0),
+    "llama": lambda: LlamaConfig(**SMALL, num_key_value_heads=2),
+    "mistral": lambda: MistralConfig(**SMALL, num_key_value_heads=2),
+    "qwen2": lambda: Qwen2Config(**SMALL, num_key_value_heads=2),
+    "gpt_neox": lambda: GPTNeoXConfig(**SMALL),
+}
+
+
+def save_tiny(kind: str, folder) -> str:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(TINY_CONFIGS[kind](), dtype=torch.float32)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """kind -> folder of a saved tiny random model of that architecture (made once per session)."""
+    made = {}
+
+    def get(kind: str = "phi3") -> str:
+        if kind not in made:
+            made[kind] = save_tiny(kind, tmp_path_factory.mktemp(f"tiny-{kind}"))
+        return made[kind]
+
+    return get

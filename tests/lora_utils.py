@@ -1,0 +1,21 @@
+"""Helpers shared by the LoRA tests."""
+
+import torch
+
+import minilora
+
+# Same fp32 math in a different association order (PEFT's nn.Linear modules vs our F.linear on
+# the same tensors): results agree to float32 rounding.
+ATOL, RTOL = 1e-5, 1e-4
+
+
+def tokens(seed=0, shape=(2, 12), vocab=160):
+    return torch.randint(1, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_lora(model, seed=1, std=0.1):
+    """Non-zero B, so the adapter changes the output (a fresh adapter is the identity)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in minilora.lora_layers(model).values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
