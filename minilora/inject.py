@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .errors import UserError
-from .lora import LoRALinear, dequantize_weight, is_4bit
+from .lora import LoRALinear, is_4bit
+from .recompute import canonical_name
 
 # The seed card's list (../shared/seed/): Phi-3's fused projections, Llama/Mistral/Qwen2's o_proj
 # and down_proj, and GPT-NeoX's fused attention input. Names a model lacks are skipped.
@@ -40,7 +41,8 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """Module path -> LoRA layer, paths as in the plain model (gradient-checkpoint wrappers removed)."""
+    return {canonical_name(name): m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
 def add_lora(
@@ -170,7 +172,7 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 __all__ = [
-    "DEFAULT_TARGETS", "LoRAConfig", "add_lora", "count_parameters", "dequantize_weight",
+    "DEFAULT_TARGETS", "LoRAConfig", "add_lora", "count_parameters",
     "disable_adapter", "linear_layer_kinds", "lora_layers", "lora_parameters", "lora_state_dict",
     "matched_target_names", "merge_lora", "print_trainable", "set_adapter_enabled",
     "trainable_summary", "unmerge_lora",

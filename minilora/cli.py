@@ -1,0 +1,120 @@
+"""`train.py`'s command line: flags generated from TrainConfig, an optional YAML/TOML config file,
+and the rule that a user's mistake is one `error:` line and exit code 2, never a traceback."""
+
+import argparse
+import dataclasses
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from .config import TrainConfig, validate
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="QLoRA fine-tuning: a LoRA adapter for a 4-bit base model, in PEFT's format.",
+        argument_default=argparse.SUPPRESS,  # so we know which flags were given explicitly
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--config", help="YAML or TOML file with the same keys as the flags (flags win)")
+    for f in dataclasses.fields(TrainConfig):
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        help_text = f"{meta['help']} (default: {_default(f)})"
+        if f.type is bool or f.type == "bool":
+            if "flag" in meta:  # an on-by-default switch: --no-<name>
+                parser.add_argument(meta["flag"], dest=f.name, action="store_false", help=help_text)
+            else:
+                parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+        elif f.name == "targets":
+            parser.add_argument(flag, dest=f.name, nargs="+", metavar="NAME", help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=_type(f), choices=meta.get("choices"), help=help_text)
+    return parser
+
+
+def _default(f: dataclasses.Field):
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return ",".join(value) if isinstance(value, list) else value
+
+
+def _type(f: dataclasses.Field) -> Callable:
+    return {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+
+
+def read_config_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: no such config file (--config)")
+    try:
+        text = p.read_text(encoding="utf-8")
+        values = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as err:
+        raise UserError(f"{path}: cannot parse ({str(err).splitlines()[0]})") from err
+    values = values or {}
+    if not isinstance(values, dict):
+        raise UserError(f"{path}: expected a mapping of flag names to values")
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise UserError(f"{path}: unknown key {key!r}")
+        out[name] = _coerce(path, name, value, known[name])
+    return out
+
+
+def _coerce(path: str, name: str, value, f: dataclasses.Field):
+    if name == "targets":
+        value = value.split(",") if isinstance(value, str) else value
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise UserError(f"{path}: 'targets' must be a list of module names")
+        return value
+    kind = _type(f) if f.type not in (bool, "bool") else bool
+    if kind is bool and not isinstance(value, bool):
+        raise UserError(f"{path}: '{name}' must be true or false, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{path}: '{name}' must be {kind.__name__}, got {value!r}") from err
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    args = vars(build_parser().parse_args(argv))
+    values = read_config_file(args.pop("config")) if "config" in args else {}
+    values.update(args)
+    if "targets" in values:  # accept both `--targets a b` and `--targets a,b`
+        values["targets"] = [t for item in values["targets"] for t in item.split(",") if t]
+    cfg = TrainConfig(**values)
+    validate(cfg, explicit=set(values))
+    return cfg
+
+
+def run_cli(entry: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run `entry`, turning UserError into `error: <message>` on stderr and exit code 2."""
+    try:
+        return entry(argv) or 0
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .train import train_from_config
+
+    sys.exit(run_cli(lambda a: train_from_config(parse_config(a)), argv))
+
+
+def dump_config(cfg: TrainConfig) -> str:
+    return json.dumps(cfg.to_dict(), indent=2)

@@ -1,0 +1,308 @@
+"""The training loop: accumulation, mixed precision, clipping, evaluation, checkpoints, resume.
+
+One optimizer step = `grad_accum` micro-batches; each micro-batch's summed loss is divided by the
+target-token count of the whole step, so every target token weighs the same however the tokens
+fall into micro-batches. The learning rate is a pure function of the step (schedule.lr_at), and
+the data position is (epoch, batch index): a checkpoint holds everything the next step depends on,
+so a resumed run on a CPU reproduces the uninterrupted one bit for bit.
+"""
+
+import contextlib
+import json
+import math
+import os
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .adapter import save_adapter
+from .batching import Batch, make_batches
+from .config import TrainConfig
+from .evaluate import evaluate
+from .inject import lora_parameters
+from .loss import loss_sum
+from .schedule import lr_at
+from .state import load_training_state, save_checkpoint, set_rng_states
+
+# Test hook: optimizer steps (0-based, comma-separated) whose loss is replaced by NaN, to exercise
+# the non-finite-step handling end to end. Never set in normal use.
+FAULT_NAN_STEPS_ENV = "MINILORA_FAULT_NAN_STEPS"
+
+
+class TrainingStopped(Exception):
+    """The run stopped before the end, with everything saved; `exit_code` for the CLI."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class BatchStream:
+    """Micro-batches in training order across epochs; the position is (epoch, index)."""
+
+    def __init__(self, examples, cfg: TrainConfig, pad_id: int, epoch: int = 0, index: int = 0):
+        self.examples, self.cfg, self.pad_id = examples, cfg, pad_id
+        self.epoch, self.index = epoch, index
+        self._cache: tuple[int, list[Batch]] | None = None
+
+    def batches(self, epoch: int) -> list[Batch]:
+        if self._cache is None or self._cache[0] != epoch:
+            c = self.cfg
+            self._cache = (epoch, make_batches(self.examples, c.batch_size, epoch, c.seed, self.pad_id,
+                                               packing=c.packing, seq_len=c.seq_len))
+        return self._cache[1]
+
+    def next(self) -> Batch:
+        if self.index >= len(self.batches(self.epoch)):
+            self.epoch, self.index = self.epoch + 1, 0
+        batch = self.batches(self.epoch)[self.index]
+        self.index += 1
+        return batch
+
+    def position(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def epochs_done(self) -> float:
+        return self.epoch + self.index / max(1, len(self.batches(self.epoch)))
+
+
+class StopRequest:
+    """SIGINT/SIGTERM: the first asks the loop to stop after the current step (and save); a second
+    SIGINT interrupts at once (writes are atomic, so nothing on disk is corrupted)."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        tqdm.write(f"\n{self.signal_name}: stopping after this step and saving a checkpoint "
+                   "(Ctrl-C again to quit at once)")
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    tokens_seen: int = 0
+    eval_before: dict | None = None
+    eval_last: dict | None = None
+    bad_steps: int = 0  # consecutive non-finite steps
+    skipped_steps: list = field(default_factory=list)
+    step_times: list = field(default_factory=list)
+    step_tokens: list = field(default_factory=list)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def total_steps(cfg: TrainConfig, n_batches: int) -> int:
+    if cfg.max_steps:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * n_batches / cfg.grad_accum))
+
+
+class Trainer:
+    """Holds what the steps share; `run()` is the loop."""
+
+    def __init__(self, model, cfg: TrainConfig, train_examples, eval_batches: list[Batch], pad_id: int,
+                 device: torch.device, precision: str, fingerprint: dict):
+        self.model, self.cfg, self.device, self.precision = model, cfg, device, precision
+        self.eval_batches, self.fingerprint = eval_batches, fingerprint
+        self.output = Path(cfg.output)
+        self.params = lora_parameters(model)
+        fused = device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           fused=fused or None, foreach=None if fused else True)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.stream = BatchStream(train_examples, cfg, pad_id)
+        self.total = total_steps(cfg, len(self.stream.batches(0)))
+        # Warm-up longer than half the run would leave no decay: cap it (the card reports the value used).
+        self.warmup = min(cfg.warmup_steps, self.total // 2)
+        self.state = LoopState()
+        self.fault_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS_ENV, "").split(",") if s.strip()}
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+    # --- checkpoints ------------------------------------------------------------------------------
+    def save(self) -> Path:
+        extra = {"data_position": self.stream.position(), "tokens_seen": self.state.tokens_seen,
+                 "eval_before": self.state.eval_before, "eval_last": self.state.eval_last}
+        return save_checkpoint(self.output, self.state.step, self.model, self.optimizer, self.scaler, extra,
+                               self.fingerprint, self.cfg.keep_checkpoints)
+
+    def restore(self, folder: Path) -> None:
+        from .adapter import load_adapter
+
+        load_adapter(self.model, folder)
+        saved = load_training_state(folder)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scaler.load_state_dict(saved["scaler"])
+        set_rng_states(saved["rng"])
+        self.stream.epoch, self.stream.index = saved["data_position"]["epoch"], saved["data_position"]["index"]
+        self.state.step, self.state.tokens_seen = saved["step"], saved["tokens_seen"]
+        self.state.eval_before, self.state.eval_last = saved["eval_before"], saved["eval_last"]
+        _truncate_metrics(self.output / "metrics.jsonl", self.state.step)
+
+    # --- logging ----------------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def run_eval(self, label: str) -> dict | None:
+        if not self.eval_batches:
+            return None
+        result = evaluate(self.model, self.eval_batches, self.autocast)
+        self.state.eval_last = result
+        self.log({"kind": "eval", "step": self.state.step, "loss": result["loss"], "ppl": result["ppl"],
+                  "tokens": result["tokens"], "when": label})
+        tqdm.write(f"eval {label:>6} step {self.state.step}: loss {result['loss']:.4f}  ppl {result['ppl']:.2f}")
+        return result
+
+    # --- one optimizer step -----------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg, state = self.cfg, self.state
+        lr = lr_at(state.step, cfg.lr, self.warmup, self.total, cfg.min_lr_ratio)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        micro = [self.stream.next() for _ in range(cfg.grad_accum)]
+        n_targets = max(1, sum(b.n_target_tokens for b in micro))
+        n_tokens = sum(int(b.attention_mask.sum()) if b.attention_mask is not None else b.input_ids.numel()
+                       for b in micro)
+        started = time.perf_counter()
+        loss_total = torch.zeros((), device=self.device)
+        for batch in micro:
+            with self.autocast():
+                micro_loss = loss_sum(self.model, batch)
+            if state.step in self.fault_steps:
+                micro_loss = micro_loss * float("nan")
+            self.scaler.scale(micro_loss / n_targets).backward()
+            loss_total += micro_loss.detach()
+        self.scaler.unscale_(self.optimizer)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        # One host sync per step: the loss and norm decide whether the step may be applied.
+        loss, norm = (loss_total / n_targets).item(), grad_norm.item()
+        finite = math.isfinite(loss) and math.isfinite(norm)
+        scaler_skip = False
+        if self.scaler.is_enabled():
+            scale = self.scaler.get_scale()
+            self.scaler.step(self.optimizer)  # skips the step itself on inf/NaN gradients
+            self.scaler.update()
+            scaler_skip = finite is False or self.scaler.get_scale() < scale
+        elif finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        elapsed = time.perf_counter() - started
+        state.step += 1
+        state.tokens_seen += n_tokens
+        state.step_times.append(elapsed)
+        state.step_tokens.append(n_tokens)
+        record = {"kind": "train", "step": state.step, "loss": loss if math.isfinite(loss) else None,
+                  "lr": lr, "grad_norm": norm if math.isfinite(norm) else None, "tokens": n_tokens,
+                  "tokens_per_s": n_tokens / elapsed, "peak_mem_mb": round(peak_memory_mb(self.device), 1)}
+        if not math.isfinite(loss):
+            state.bad_steps += 1
+            state.skipped_steps.append(state.step)
+            record["skipped"] = "non-finite loss"
+        elif not finite or scaler_skip:
+            state.bad_steps = state.bad_steps + 1 if not finite and not self.scaler.is_enabled() else 0
+            state.skipped_steps.append(state.step)
+            record["skipped"] = "grad scaler: inf/NaN gradients" if scaler_skip else "non-finite gradients"
+        else:
+            state.bad_steps = 0
+        if "skipped" in record:
+            tqdm.write(f"step {state.step}: {record['skipped']}; optimizer step skipped")
+        self.log(record)
+        return record
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def run(self) -> LoopState:
+        cfg, state = self.cfg, self.state
+        self.model.train()
+        if state.step == 0 and state.eval_before is None:
+            state.eval_before = self.run_eval("before")
+        bar = tqdm(total=self.total, initial=state.step, desc="training", unit="step", dynamic_ncols=True)
+        try:
+            with StopRequest() as stop:
+                while state.step < self.total:
+                    record = self._guarded_step()
+                    bar.update(1)
+                    bar.set_postfix(self._postfix(record), refresh=False)
+                    if state.bad_steps >= cfg.max_bad_steps:
+                        path = self.save()
+                        raise TrainingStopped(
+                            f"{state.bad_steps} optimizer steps in a row had a non-finite loss or gradient "
+                            f"(steps {state.skipped_steps[-state.bad_steps:]}); stopped without applying them. "
+                            f"The last good state is in {path}. Lower --lr, check the data, or use "
+                            "--precision bf16/fp32", exit_code=1)
+                    last = state.step == self.total
+                    if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
+                        self.run_eval("during")
+                    if (cfg.save_every and state.step % cfg.save_every == 0) or last:
+                        self.save()
+                    if stop.signal_name and not last:
+                        path = self.save()
+                        save_adapter(self.model, self.output, self.cfg.model)
+                        code = 130 if stop.signal_name == "SIGINT" else 143
+                        raise TrainingStopped(
+                            f"{stop.signal_name}: stopped at step {state.step}/{self.total}; checkpoint {path}. "
+                            f"Continue with the same command plus --resume", exit_code=code)
+        finally:
+            bar.close()
+        return state
+
+    def _guarded_step(self) -> dict:
+        try:
+            return self.train_step()
+        except torch.OutOfMemoryError as err:
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            batch = self.cfg.batch_size
+            raise TrainingStopped(
+                f"out of GPU memory at step {self.state.step + 1} (batch {batch}, --seq-len {self.cfg.seq_len}): "
+                f"{str(err).splitlines()[0]}. Lower memory with --batch-size {max(1, batch // 2)} "
+                f"--grad-accum {self.cfg.grad_accum * 2} (same effective batch) or a shorter --seq-len; "
+                "keep gradient checkpointing on. Checkpoints written so far are intact; add --resume to continue",
+                exit_code=3) from None
+
+    def _postfix(self, record: dict) -> dict:
+        post = {"loss": f"{record['loss']:.4f}" if record["loss"] is not None else "nan",
+                "lr": f"{record['lr']:.2e}", "tok/s": f"{record['tokens_per_s']:,.0f}"}
+        if self.device.type == "cuda":
+            post["mem"] = f"{record['peak_mem_mb'] / 1024:.1f}G"
+        return post
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines from after the checkpoint being resumed (they will be written again)."""
+    from .atomic import atomic_write_text
+
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -1,0 +1,41 @@
+"""Causal-LM loss on the response tokens, without materialising the full logits.
+
+The backbone gives hidden states (B, T, H). Only positions whose next token is a target are kept,
+and the vocabulary projection + cross-entropy run over them in chunks, each under non-reentrant
+checkpointing: no more than one chunk of logits exists at a time, in forward or backward. For
+Phi-3 (vocab 32064) full fp32 logits cost 128 KB per token; prompt tokens never need them at all.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .batching import IGNORE_INDEX, Batch
+
+CHUNK_ROWS = 2048  # rows of logits alive at once: 2048 x 32064 x 4 bytes = 263 MB in fp32
+
+
+def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    logits = head(hidden).float()  # (n, V): cross-entropy in fp32 whatever the compute dtype
+    return F.cross_entropy(logits, targets, reduction="sum")
+
+
+def loss_sum(model: nn.Module, batch: Batch, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the batch's target tokens (a 0-dim fp32 tensor)."""
+    device = model.get_input_embeddings().weight.device
+    inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.model_inputs().items()}
+    hidden = model.base_model(**inputs).last_hidden_state  # (B, T, H)
+    labels = batch.labels.to(device)[:, 1:]  # (B, T-1): token t+1 is predicted at position t
+    keep = labels != IGNORE_INDEX
+    hidden = hidden[:, :-1][keep]  # (n, H)
+    targets = labels[keep]  # (n,)
+    head = model.get_output_embeddings()
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, targets.numel(), chunk_rows):
+        h, t = hidden[start:start + chunk_rows], targets[start:start + chunk_rows]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss_sum, h, t, head, use_reentrant=False)
+        else:
+            total = total + _chunk_loss_sum(h, t, head)
+    return total

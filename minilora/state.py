@@ -1,0 +1,123 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+    <output>/checkpoints/step-N/
+        adapter_config.json, adapter_model.safetensors   the adapter at step N (PEFT-loadable)
+        training_state.pt    optimizer, grad scaler, RNG states (Python, NumPy, torch, CUDA), step,
+                             data position, the held-out loss before training
+        manifest.json        the run's fingerprint and a sha256 of each file above
+
+A checkpoint is built in a temporary folder and renamed into place (minilora.atomic), so after a
+`kill -9` every `step-N` folder is complete; the manifest also catches a folder damaged later.
+"""
+
+import hashlib
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .adapter import save_adapter
+from .atomic import atomic_replace_dir
+
+STATE_NAME = "training_state.pt"
+MANIFEST_NAME = "manifest.json"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoints_dir(output: str | Path) -> Path:
+    return Path(output) / "checkpoints"
+
+
+def save_checkpoint(output: str | Path, step: int, model, optimizer, scaler, extra: dict,
+                    fingerprint: dict, keep: int) -> Path:
+    """Write checkpoints/step-<step>/ atomically and keep only the newest `keep` checkpoints."""
+    target = checkpoints_dir(output) / f"step-{step}"
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+             "rng": rng_states(), **extra}
+
+    def build(folder: Path) -> None:
+        save_adapter(model, folder, fingerprint.get("model"))
+        torch.save(state, folder / STATE_NAME)
+        files = {p.name: _sha256(p) for p in sorted(folder.iterdir())}
+        (folder / MANIFEST_NAME).write_text(json.dumps({"step": step, "fingerprint": fingerprint,
+                                                        "sha256": files}, indent=2))
+
+    atomic_replace_dir(build, target)
+    for old in list_checkpoints(output)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def list_checkpoints(output: str | Path) -> list[Path]:
+    """Complete-looking `step-N` folders, oldest first (temporary `.step-N.*.tmp` folders never match)."""
+    folder = checkpoints_dir(output)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def verify_checkpoint(folder: Path) -> str | None:
+    """None if the folder is intact, else what is wrong with it."""
+    manifest = folder / MANIFEST_NAME
+    if not manifest.is_file():
+        return "no manifest.json (written last)"
+    try:
+        files = json.loads(manifest.read_text())["sha256"]
+    except (ValueError, KeyError) as err:
+        return f"unreadable manifest ({err})"
+    for name, digest in files.items():
+        if not (folder / name).is_file():
+            return f"{name} is missing"
+        if _sha256(folder / name) != digest:
+            return f"{name} does not match its checksum (truncated or changed)"
+    return None
+
+
+def newest_intact_checkpoint(output: str | Path) -> tuple[Path | None, list[str]]:
+    """The newest intact checkpoint and a note for each newer one that was passed over."""
+    notes = []
+    for folder in reversed(list_checkpoints(output)):
+        problem = verify_checkpoint(folder)
+        if problem is None:
+            return folder, notes
+        notes.append(f"{folder}: skipped, {problem}")
+    leftovers = [p for p in checkpoints_dir(output).glob(".step-*.tmp")] if checkpoints_dir(output).is_dir() else []
+    notes += [f"{p}: an unfinished checkpoint write, ignored" for p in leftovers]
+    return None, notes
+
+
+def read_manifest(folder: Path) -> dict:
+    return json.loads((folder / MANIFEST_NAME).read_text())
+
+
+def load_training_state(folder: Path) -> dict:
+    # Our own file, written by save_checkpoint: it holds Python RNG tuples and NumPy arrays.
+    return torch.load(folder / STATE_NAME, map_location="cpu", weights_only=False)
