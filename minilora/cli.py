@@ -3,7 +3,6 @@ and the rule that a user's mistake is one `error:` line and exit code 2, never a
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -102,19 +101,25 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 
 def run_cli(entry: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run `entry`, turning UserError into `error: <message>` on stderr and exit code 2."""
+    """Run `entry`, turning UserError into `error: <message>` on stderr and exit code 2, and a
+    second Ctrl-C (the first one stops training cleanly) into a one-line notice."""
     try:
         return entry(argv) or 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("\ninterrupted: quit at once; checkpoints already written are intact (--resume continues from "
+              "the newest)", file=sys.stderr)
+        return 130
+
+
+def run(argv: list[str] | None = None) -> int:
+    """train.py's whole command line; returns the exit code."""
+    from .train import train_from_config
+
+    return run_cli(lambda a: train_from_config(parse_config(a)), argv)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from .train import train_from_config
-
-    sys.exit(run_cli(lambda a: train_from_config(parse_config(a)), argv))
-
-
-def dump_config(cfg: TrainConfig) -> str:
-    return json.dumps(cfg.to_dict(), indent=2)
+    sys.exit(run(argv))

@@ -29,8 +29,8 @@ from .loss import loss_sum
 from .schedule import lr_at
 from .state import load_training_state, save_checkpoint, set_rng_states
 
-# Test hook: optimizer steps (0-based, comma-separated) whose loss is replaced by NaN, to exercise
-# the non-finite-step handling end to end. Never set in normal use.
+# Test hook: optimizer steps (numbered from 1 as in metrics.jsonl, comma-separated) whose loss is
+# replaced by NaN, to exercise the non-finite-step handling end to end. Never set in normal use.
 FAULT_NAN_STEPS_ENV = "MINILORA_FAULT_NAN_STEPS"
 
 
@@ -196,7 +196,7 @@ class Trainer:
         for batch in micro:
             with self.autocast():
                 micro_loss = loss_sum(self.model, batch)
-            if state.step in self.fault_steps:
+            if state.step + 1 in self.fault_steps:
                 micro_loss = micro_loss * float("nan")
             self.scaler.scale(micro_loss / n_targets).backward()
             loss_total += micro_loss.detach()

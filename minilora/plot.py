@@ -30,7 +30,8 @@ def plot_losses(metrics: list[dict], path: str | Path, title: str = "") -> None:
     ax.set_ylabel("loss (nats per target token)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if train or evals:
+        ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

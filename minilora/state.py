@@ -103,14 +103,13 @@ def verify_checkpoint(folder: Path) -> str | None:
 
 def newest_intact_checkpoint(output: str | Path) -> tuple[Path | None, list[str]]:
     """The newest intact checkpoint and a note for each newer one that was passed over."""
-    notes = []
+    leftovers = sorted(checkpoints_dir(output).glob(".step-*.tmp")) if checkpoints_dir(output).is_dir() else []
+    notes = [f"{p}: an unfinished checkpoint write, ignored" for p in leftovers]
     for folder in reversed(list_checkpoints(output)):
         problem = verify_checkpoint(folder)
         if problem is None:
             return folder, notes
         notes.append(f"{folder}: skipped, {problem}")
-    leftovers = [p for p in checkpoints_dir(output).glob(".step-*.tmp")] if checkpoints_dir(output).is_dir() else []
-    notes += [f"{p}: an unfinished checkpoint write, ignored" for p in leftovers]
     return None, notes
 
 

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one run of under 8 minutes: device info, the GPU tests, the kernel
+# benchmark. Run from the repository root on a CUDA machine:
+#
+#     bash benchmarks/gpu_suite.sh            # results in benchmarks/results/gpu-<date>/
+#     OUT=/tmp/run bash benchmarks/gpu_suite.sh
+#
+# Every step has its own timeout and a failed step does not stop the next one; the summary at the end
+# (also in $OUT/summary.txt) lists each step's status. The exit code is 0 when every step passed.
+set -uo pipefail
+
+cd "$(dirname "$0")/.."
+OUT="${OUT:-benchmarks/results/gpu-$(date +%F)}"
+mkdir -p "$OUT"
+SUITE_START=$SECONDS
+declare -a SUMMARY=()
+FAILED=0
+
+# bitsandbytes may only be there as a local wheel (the machine has no network).
+if ! python3 -c "import bitsandbytes" >/dev/null 2>&1 && compgen -G ".whl/*.whl" >/dev/null; then
+    echo "== installing bitsandbytes from .whl/ into .site/"
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site .whl/*.whl
+    export PYTHONPATH="$PWD:$PWD/.site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+# An uninstalled checkout: minilora (and through it minilora.kernels) from the working tree.
+if ! python3 -c "import minilora" >/dev/null 2>&1; then
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+# step NAME TIMEOUT_S LOGFILE COMMAND...: run with a timeout, log stdout+stderr, record the status.
+step() {
+    local name=$1 limit=$2 log=$3
+    shift 3
+    local t0=$SECONDS
+    echo "== $name (timeout ${limit}s) -> $log"
+    timeout -k 10 "$limit" "$@" >"$log" 2>&1
+    local rc=$?
+    local status="ok"
+    if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+        status="TIMEOUT"
+        FAILED=1
+    elif [ "$rc" -ne 0 ]; then
+        status="FAIL (rc $rc)"
+        FAILED=1
+    fi
+    tail -n 3 "$log" | sed 's/^/   /'
+    SUMMARY+=("$(printf '%-34s %-12s %4ss  %s' "$name" "$status" "$((SECONDS - t0))" "$log")")
+    return 0
+}
+
+# 1. The device and the software stack (written first: the rest is read against it).
+step "nvidia-smi" 15 "$OUT/nvidia-smi.txt" nvidia-smi
+step "versions" 30 "$OUT/versions.txt" python3 -c "
+import platform, torch, triton, bitsandbytes
+print('python', platform.python_version())
+print('torch', torch.__version__, 'cuda', torch.version.cuda,
+      'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+print('triton', triton.__version__)
+print('bitsandbytes', bitsandbytes.__version__)
+"
+git rev-parse HEAD >"$OUT/commit.txt" 2>/dev/null || echo unknown >"$OUT/commit.txt"
+git status --porcelain >>"$OUT/commit.txt" 2>/dev/null || true
+
+# 2. Kernel tests on the GPU: bf16 dequant bit-exactness and the fused layer at Phi-3-mini shapes;
+#    then the CPU kernel suite (fp16/fp32, odd shapes, tile configs, checkpointing) on CUDA tensors.
+step "pytest kernels (GPU)" 150 "$OUT/pytest_kernels_gpu.txt" \
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels_gpu.py
+step "pytest kernels (CPU suite on GPU)" 75 "$OUT/pytest_kernels_on_gpu.txt" \
+    python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py
+
+# 3. Every other test marked gpu (the kernel tests above are not run twice).
+#    pytest exits 5 when it collects nothing: "if present" makes that a pass.
+step "pytest -m gpu (others)" 45 "$OUT/pytest_gpu_others.txt" bash -c \
+    'python3 -m pytest "$@"; rc=$?; if [ $rc -eq 5 ]; then echo "(no tests collected)"; exit 0; fi; exit $rc' \
+    _ -q -p no:cacheprovider -m gpu tests --ignore=tests/test_kernels_gpu.py
+
+# 4. Kernel benchmark: ours vs bnb + LoRA vs the bf16 floor, then the dispatch crossovers. It stops
+#    starting measurements after --budget-s and writes what it has (kernels.json, kernels.md).
+step "kernel benchmark" 140 "$OUT/bench_kernels.txt" \
+    python3 benchmarks/bench_kernels.py --out "$OUT/kernels" --budget-s 100
+
+# 5. ---- Training benchmark: the lead adds this step. -------------------------------------------
+#    Keep the total under 8 minutes: steps 1-4 take up to ~7.6 minutes at their timeouts (usually
+#    far less), so give it the time it needs and take as much from the kernel benchmark's timeout
+#    and --budget-s (keep the timeout ~40s above the budget: setup and the last measurement). Template:
+#    step "training benchmark" 120 "$OUT/bench_train.txt" python3 benchmarks/<script>.py --out "$OUT/train"
+# --------------------------------------------------------------------------------------------------
+
+{
+    echo "GPU suite: $(date -Iseconds), $((SECONDS - SUITE_START))s, commit $(head -n 1 "$OUT/commit.txt")"
+    grep -E '^(torch|triton|bitsandbytes) ' "$OUT/versions.txt" 2>/dev/null
+    echo
+    printf '%s\n' "${SUMMARY[@]}"
+    echo
+    for f in "$OUT/pytest_kernels_gpu.txt" "$OUT/pytest_kernels_on_gpu.txt" "$OUT/pytest_gpu_others.txt"; do
+        [ -f "$f" ] && echo "$(basename "$f"): $(grep -E '(passed|failed|error|skipped|no tests)' "$f" | tail -n 1)"
+    done
+    echo
+    sed -n '/^GOALS:/,$p' "$OUT/bench_kernels.txt" 2>/dev/null
+} | tee "$OUT/summary.txt"
+
+exit "$FAILED"
