@@ -189,8 +189,7 @@ class Trainer:
             group["lr"] = lr
         micro = [self.stream.next() for _ in range(cfg.grad_accum)]
         n_targets = max(1, sum(b.n_target_tokens for b in micro))
-        n_tokens = sum(int(b.attention_mask.sum()) if b.attention_mask is not None else b.input_ids.numel()
-                       for b in micro)
+        n_tokens = sum(b.n_tokens for b in micro)
         started = time.perf_counter()
         loss_total = torch.zeros((), device=self.device)
         for batch in micro:

@@ -1,0 +1,87 @@
+"""LoRALinear's choice between the Triton kernels and the PyTorch path, and their agreement.
+
+On a CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET=1): the same code
+path as on a GPU, in fp32 here (the interpreter's bf16 dot is broken; bf16 is tested on GPUs).
+"""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from train_utils import run_quick
+
+import minilora
+import minilora.dispatch
+from minilora.plot import read_metrics
+
+TOL = dict(atol=2e-5, rtol=1e-4)  # fp32, different summation order (tiled GEMM vs bnb dequant + mm)
+
+
+@pytest.fixture(autouse=True)
+def reset_mode():
+    yield
+    minilora.set_kernel_mode(None)
+
+
+def lora_4bit_layer(k=128, n=96, dropout=0.1):
+    base = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=torch.float32, quant_type="nf4",
+                             compress_statistics=True)
+    torch.manual_seed(0)
+    base.weight = bnb.nn.Params4bit(torch.randn(n, k) * 0.05, requires_grad=False, quant_type="nf4",
+                                    compress_statistics=True)
+    base.bias = torch.nn.Parameter(torch.randn(n) * 0.1, requires_grad=False)
+    base = base.to("cpu")  # the move quantizes the weight
+    base.weight = base.weight._quantize("cpu") if not base.weight.bnb_quantized else base.weight
+    layer = minilora.LoRALinear(base, r=8, alpha=16, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B.normal_(0, 0.1)
+    return layer
+
+
+def run_layer(layer, x, mode):
+    minilora.set_kernel_mode(mode)
+    layer.zero_grad(set_to_none=True)
+    x = x.detach().clone().requires_grad_(True)
+    torch.manual_seed(7)  # same dropout mask on both paths
+    y = layer(x)
+    (y * torch.linspace(-1, 1, y.shape[-1])).sum().backward()
+    return y.detach(), x.grad, layer.lora_A.grad.clone(), layer.lora_B.grad.clone()
+
+
+@pytest.mark.parametrize("rows", [1, 17, 130])
+def test_triton_path_matches_the_torch_path_with_dropout(rows):
+    layer = lora_4bit_layer()
+    layer.train()
+    x = torch.randn(rows, 128)
+    assert minilora.dispatch.use_triton(x, layer.base_layer.weight) is False  # auto on CPU: PyTorch
+    torch_out = run_layer(layer, x, "torch")
+    triton_out = run_layer(layer, x, "triton")
+    for a, b in zip(torch_out, triton_out, strict=True):
+        torch.testing.assert_close(b, a, **TOL)
+
+
+def test_auto_mode_never_imports_the_kernels_on_cpu(monkeypatch):
+    def fail():
+        raise AssertionError("kernels loaded on CPU in auto mode")
+
+    monkeypatch.setattr("minilora._kernel_loader.load_kernels", fail)
+    layer = lora_4bit_layer()
+    layer(torch.randn(3, 128))
+
+
+def test_environment_variable_chooses_the_mode(monkeypatch):
+    monkeypatch.setenv("MINILORA_KERNELS", "torch")
+    assert minilora.dispatch.kernel_mode() == "torch"
+    monkeypatch.setenv("MINILORA_KERNELS", "fast")
+    with pytest.raises(minilora.UserError, match="MINILORA_KERNELS='fast'"):
+        minilora.dispatch.kernel_mode()
+
+
+def test_triton_training_run_tracks_the_torch_run(tmp_path):
+    quick = dict(max_steps=3, batch_size=2, grad_accum=1, seq_len=48, eval_every=0, save_every=0,
+                 eval_fraction=0.0, grad_checkpointing=False)
+    assert run_quick(tmp_path / "torch", kernels="torch", **quick) == 0
+    assert run_quick(tmp_path / "triton", kernels="triton", **quick) == 0
+    losses = [[m["loss"] for m in read_metrics(tmp_path / run / "metrics.jsonl") if m["kind"] == "train"]
+              for run in ("torch", "triton")]
+    assert len(losses[0]) == 3
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)

@@ -1,0 +1,237 @@
+"""Bad input, interruptions and numerical faults: a clear message, the right exit code, nothing lost."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_utils import DEMO, QUICK, ROOT, run_quick
+
+import minilora.loop
+from minilora.cli import run
+from minilora.plot import read_metrics
+
+GOOD = json.dumps({"instruction": "Say hi", "output": "hi"})
+
+
+def argv_for(output, data, *extra):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items() if k != "data"]
+    return ["--data", str(data), "--output", str(output), *flags, *extra]
+
+
+def snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def existing_output(tmp_path):
+    """An --output folder that already holds something (which must survive every failed run)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    return out
+
+
+BAD_FILES = {
+    "empty": (b"", None, "the file is empty"),
+    "not_utf8": (GOOD.encode() + b"\n" + b'{"text": "caf\xe9"}\n', 2, "not UTF-8"),
+    "not_json": (f"{GOOD}\n{GOOD}\n{{oops\n".encode(), 3, "expected JSON"),
+    "not_object": (f"{GOOD}\n[1, 2]\n".encode(), 2, "expected a JSON object, got a list"),
+    "unknown_fields": (f"{GOOD}\n{json.dumps({'question': 'q'})}\n".encode(), 2, "no known fields"),
+    "wrong_type": (json.dumps({"instruction": "x", "output": 5}).encode(), 1,
+                   "field 'output' must be a string, got int"),
+    "messages_not_list": (json.dumps({"messages": "hi"}).encode(), 1, "field 'messages' must be a list"),
+    "bad_role": (json.dumps({"messages": [{"role": "bot", "content": "x"}]}).encode(), 1,
+                 'role "bot" is not one of'),
+    "mixed_formats": (f"{GOOD}\n{json.dumps({'text': 'hello'})}\n".encode(), 2, "but the file started as alpaca"),
+    "only_blank": (b"\n\n  \n", None, "only blank lines"),
+    "all_too_long": (json.dumps({"instruction": "x" * 400, "output": "y"}).encode(), None,
+                     "no example has a response token within --seq-len 128"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_data_is_one_line_exit_2_and_output_untouched(case, tmp_path, existing_output, capsys):
+    content, line, fragment = BAD_FILES[case]
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(content)
+    before = snapshot(existing_output)
+    assert run(argv_for(existing_output, data, "--overwrite")) == 2
+    err = capsys.readouterr().err.strip()
+    where = f"{data}:{line}: " if line else f"{data}: "
+    assert err.startswith(f"error: {where}") and fragment in err, err
+    assert "\n" not in err and "Traceback" not in err
+    assert snapshot(existing_output) == before
+
+
+def test_missing_data_file(tmp_path, existing_output, capsys):
+    assert run(argv_for(existing_output, tmp_path / "nope.jsonl")) == 2
+    assert capsys.readouterr().err.strip() == f"error: {tmp_path / 'nope.jsonl'}: no such file (--data)"
+
+
+@pytest.mark.parametrize("flags,fragment", [
+    (["--lr=-1"], "--lr -1.0: the learning rate must be positive"),
+    (["--r=0"], "--r 0: the LoRA rank must be at least 1"),
+    (["--eval-fraction=1.5"], "--eval-fraction 1.5: the held-out share must be in [0, 1)"),
+    (["--dropout=1"], "--dropout 1.0: must be in [0, 1)"),
+    (["--targets", "qkv_proj", "nonexistent_proj"], "--targets nonexistent_proj: no such module in Phi3ForCausalLM"),
+    (["--resume", "--overwrite"], "give one of them"),
+    (["--eval-file", str(DEMO), "--eval-fraction=0.1"], "--eval-file and --eval-fraction"),
+    (["--precision=fp16"], "--precision fp16 needs a CUDA GPU"),
+    (["--kernels=triton"], "--kernels triton needs a CUDA GPU"),
+])
+def test_bad_flags_are_caught_before_the_model_loads(flags, fragment, tmp_path, existing_output, capsys,
+                                                      monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    loaded = []
+    monkeypatch.setattr("minilora.train.load_base", lambda *a, **k: loaded.append(1))
+    assert run(argv_for(existing_output, DEMO, *flags)) == 2
+    assert fragment in capsys.readouterr().err
+    assert not loaded
+
+
+def test_output_holding_another_run_needs_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_quick(out, max_steps=2) == 0
+    before = snapshot(out)
+    assert run(argv_for(out, DEMO)) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert snapshot(out) == before
+
+
+def test_resume_with_changed_flags_lists_the_differences(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_quick(out, max_steps=3) == 0
+    other = tmp_path / "other.jsonl"
+    other.write_text("\n".join(DEMO.read_text().splitlines()[:300]) + "\n")
+    assert run(argv_for(out, other, "--resume", "--r=16")) == 2
+    err = capsys.readouterr().err
+    assert "differs from the run" in err and "r: 8 -> 16" in err and "data_sha256" in err
+
+
+def test_skip_bad_lines_continues_and_reports(tmp_path, capsys):
+    data = tmp_path / "some_bad.jsonl"
+    lines = DEMO.read_text().splitlines()[:80]
+    lines[4], lines[9] = "{oops", "[1]"
+    data.write_text("\n".join(lines) + "\n")
+    assert run(argv_for(tmp_path / "out", data, "--skip-bad-lines", "--max-steps=2")) == 0
+    out = capsys.readouterr().out
+    assert "skipped 2 bad lines (--skip-bad-lines): 5, 10" in out
+    assert json.loads((tmp_path / "out" / "run.json").read_text())["data"]["skipped_lines"] == [5, 10]
+
+
+# --- numerical faults ------------------------------------------------------------------------------
+
+def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
+    monkeypatch.setenv(minilora.loop.FAULT_NAN_STEPS_ENV, "2")
+    assert run_quick(tmp_path / "out", max_steps=4) == 0
+    steps = [m for m in read_metrics(tmp_path / "out" / "metrics.jsonl") if m["kind"] == "train"]
+    assert steps[1]["skipped"] == "non-finite loss" and steps[1]["loss"] is None
+    assert all("skipped" not in m for i, m in enumerate(steps) if i != 1)
+    adapter = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+
+
+def test_consecutive_nan_steps_stop_with_a_checkpoint_and_no_nan_weights(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv(minilora.loop.FAULT_NAN_STEPS_ENV, "3,4,5")
+    code = run(argv_for(tmp_path / "out", DEMO, "--max-bad-steps=3", "--max-steps=8"))
+    assert code == 1
+    assert "3 optimizer steps in a row had a non-finite loss" in capsys.readouterr().err
+    ckpt = tmp_path / "out" / "checkpoints" / "step-5"
+    adapter = load_file(ckpt / "adapter_model.safetensors")
+    assert all(torch.isfinite(t).all() for t in adapter.values())
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+def test_out_of_memory_reports_the_step_and_the_flags_that_help(tmp_path, monkeypatch, capsys):
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(minilora.loop, "loss_sum", oom)
+    assert run(argv_for(tmp_path / "out", DEMO, "--eval-fraction=0")) == 3
+    err = capsys.readouterr().err
+    assert "out of GPU memory at step 1 (batch 4, --seq-len 128)" in err
+    assert "--batch-size 2 --grad-accum 4" in err and "Traceback" not in err
+
+
+# --- interruptions (real subprocesses) -------------------------------------------------------------
+
+def start(output, *extra, env=None):
+    cmd = [sys.executable, str(ROOT / "train.py"), *argv_for(output, DEMO, *extra)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+
+def wait_for(predicate, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def train_steps_logged(output):
+    return sum(m["kind"] == "train" for m in read_metrics(output / "metrics.jsonl"))
+
+
+def adapter_tensors(folder):
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def same_adapter(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "out"
+    assert run_quick(out, max_steps=24, save_every=3, eval_every=0) == 0
+    return adapter_tensors(out)
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_stops_cleanly_with_checkpoint_and_resume_finishes_identically(sig, code, tmp_path, uninterrupted):
+    out = tmp_path / "out"
+    proc = start(out, "--max-steps=24", "--save-every=3", "--eval-every=0")
+    wait_for(lambda: train_steps_logged(out) >= 2, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "--resume" in err and "Traceback" not in err
+    stopped_at = train_steps_logged(out)
+    assert stopped_at < 24 and (out / "checkpoints" / f"step-{stopped_at}").is_dir()
+    assert (out / "adapter_model.safetensors").is_file()
+    assert run_quick(out, max_steps=24, save_every=3, eval_every=0, resume=True) == 0
+    assert same_adapter(adapter_tensors(out), uninterrupted)
+
+
+def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tmp_path, uninterrupted, capsys):
+    out = tmp_path / "out"
+    proc = start(out, "--max-steps=24", "--save-every=3", "--eval-every=0")
+    wait_for(lambda: (out / "checkpoints" / "step-3").is_dir(), proc)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert run_quick(out, max_steps=24, save_every=3, eval_every=0, resume=True) == 0
+    assert "resume: continuing from" in capsys.readouterr().out
+    assert same_adapter(adapter_tensors(out), uninterrupted)
+
+
+def test_a_damaged_checkpoint_is_skipped_and_reported(tmp_path, uninterrupted, capsys):
+    out = tmp_path / "out"
+    assert run_quick(out, max_steps=24, save_every=3, eval_every=0) == 0
+    state = out / "checkpoints" / "step-24" / "training_state.pt"
+    state.write_bytes(state.read_bytes()[:100])  # truncated mid-write
+    (out / "checkpoints" / ".step-27.abc.tmp").mkdir()  # an unfinished checkpoint folder
+    assert run_quick(out, max_steps=24, save_every=3, eval_every=0, resume=True) == 0
+    printed = capsys.readouterr().out
+    assert "step-24: skipped, training_state.pt does not match its checksum" in printed
+    assert "continuing from" in printed and "step-21" in printed
+    assert same_adapter(adapter_tensors(out), uninterrupted)
