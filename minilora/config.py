@@ -56,8 +56,11 @@ class TrainConfig:
     seed: int = _f(42, "seed for LoRA init, data order, dropout")
     precision: str = _f("auto", "auto: bf16 on GPUs that support it, else fp16 (with a grad scaler); fp32 on CPU",
                         choices=("auto", "bf16", "fp16", "fp32"))
-    grad_checkpointing: bool = _f(True, "recompute each decoder layer in backward (saves activation memory)",
+    grad_checkpointing: bool = _f(True, "recompute decoder layers in backward (saves activation memory)",
                                   flag="--no-grad-checkpointing")
+    checkpoint_every: int = _f(1, "recompute every K-th decoder layer only (1: all; larger: faster, more memory)")
+    optim: str = _f("adamw", "optimizer: adamw, or bitsandbytes' adamw8bit / paged_adamw8bit (less state memory)",
+                    choices=("adamw", "adamw8bit", "paged_adamw8bit"))
     kernels: str = _f("auto", "LoRA layer path: auto (Triton on CUDA where supported), triton, torch",
                       choices=("auto", "triton", "torch"))
     skip_bad_lines: bool = _f(False, "skip (and report) malformed data lines instead of stopping")
@@ -87,7 +90,7 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> None:
         bad("lr", "the learning rate must be positive")
     if not cfg.epochs > 0:
         bad("epochs", "must be positive")
-    for name in ("batch_size", "grad_accum", "keep_checkpoints", "max_bad_steps"):
+    for name in ("batch_size", "grad_accum", "keep_checkpoints", "max_bad_steps", "checkpoint_every"):
         if getattr(cfg, name) < 1:
             bad(name, "must be at least 1")
     for name in ("max_steps", "warmup_steps", "eval_every", "save_every"):

@@ -7,21 +7,32 @@ import torch
 from torch import nn
 
 from .batching import Batch
+from .distributed import DistInfo, all_reduce_sum, shard
 from .loss import loss_sum
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[Batch], autocast=contextlib.nullcontext) -> dict:
-    """{'loss', 'ppl', 'tokens'} over `batches` (eval mode: no dropout; training mode restored)."""
+def evaluate(model: nn.Module, batches: list[Batch], autocast=contextlib.nullcontext,
+             dist: DistInfo | None = None) -> dict:
+    """{'loss', 'ppl', 'tokens'} over `batches` (eval mode: no dropout; training mode restored).
+
+    With several ranks each evaluates its rows of every batch and the sums are reduced."""
+    dist = dist or DistInfo()
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
+    device = model.get_input_embeddings().weight.device
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # (loss sum, target tokens)
     try:
         for batch in batches:
+            part = shard(batch, dist)
+            if part.n_target_tokens == 0:
+                continue
             with autocast():
-                total += loss_sum(model, batch).item()
-            tokens += batch.n_target_tokens
+                sums[0] += loss_sum(model, part).double()
+            sums[1] += part.n_target_tokens
     finally:
         model.train(was_training)
+    total, tokens = all_reduce_sum(sums, dist).tolist()
+    tokens = int(tokens)
     loss = total / max(tokens, 1)
     return {"loss": loss, "ppl": math.exp(min(loss, 700.0)), "tokens": tokens}

@@ -23,11 +23,12 @@ from tqdm.auto import tqdm
 from .adapter import save_adapter
 from .batching import Batch, make_batches
 from .config import TrainConfig
+from .distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, shard, wrap
 from .evaluate import evaluate
 from .inject import lora_parameters
-from .loss import loss_sum
+from .optim import make_optimizer
 from .schedule import lr_at
-from .state import load_training_state, save_checkpoint, set_rng_states
+from .state import load_training_state, rng_states, save_checkpoint, set_rng_states
 
 # Test hook: optimizer steps (numbered from 1 as in metrics.jsonl, comma-separated) whose loss is
 # replaced by NaN, to exercise the non-finite-step handling end to end. Never set in normal use.
@@ -43,17 +44,18 @@ class TrainingStopped(Exception):
 
 
 class BatchStream:
-    """Micro-batches in training order across epochs; the position is (epoch, index)."""
+    """Global micro-batches (`rows` examples: batch_size x world) in training order across epochs;
+    the position is (epoch, index)."""
 
-    def __init__(self, examples, cfg: TrainConfig, pad_id: int, epoch: int = 0, index: int = 0):
-        self.examples, self.cfg, self.pad_id = examples, cfg, pad_id
-        self.epoch, self.index = epoch, index
+    def __init__(self, examples, cfg: TrainConfig, pad_id: int, rows: int):
+        self.examples, self.cfg, self.pad_id, self.rows = examples, cfg, pad_id, rows
+        self.epoch, self.index = 0, 0
         self._cache: tuple[int, list[Batch]] | None = None
 
     def batches(self, epoch: int) -> list[Batch]:
         if self._cache is None or self._cache[0] != epoch:
             c = self.cfg
-            self._cache = (epoch, make_batches(self.examples, c.batch_size, epoch, c.seed, self.pad_id,
+            self._cache = (epoch, make_batches(self.examples, self.rows, epoch, c.seed, self.pad_id,
                                                packing=c.packing, seq_len=c.seq_len))
         return self._cache[1]
 
@@ -125,16 +127,16 @@ class Trainer:
     """Holds what the steps share; `run()` is the loop."""
 
     def __init__(self, model, cfg: TrainConfig, train_examples, eval_batches: list[Batch], pad_id: int,
-                 device: torch.device, precision: str, fingerprint: dict):
-        self.model, self.cfg, self.device, self.precision = model, cfg, device, precision
+                 device: torch.device, precision: str, fingerprint: dict, dist: DistInfo | None = None):
+        dist = dist or DistInfo()
+        self.model, self.cfg, self.device, self.precision, self.dist = model, cfg, device, precision, dist
         self.eval_batches, self.fingerprint = eval_batches, fingerprint
         self.output = Path(cfg.output)
         self.params = lora_parameters(model)
-        fused = device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           fused=fused or None, foreach=None if fused else True)
+        self.loss_module = wrap(model, self.params, dist)  # DDP over the LoRA parameters when world > 1
+        self.optimizer = make_optimizer(cfg.optim, self.params, cfg.lr, cfg.weight_decay, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.stream = BatchStream(train_examples, cfg, pad_id)
+        self.stream = BatchStream(train_examples, cfg, pad_id, rows=cfg.batch_size * dist.world)
         self.total = total_steps(cfg, len(self.stream.batches(0)))
         # Warm-up longer than half the run would leave no decay: cap it (the card reports the value used).
         self.warmup = min(cfg.warmup_steps, self.total // 2)
@@ -148,10 +150,15 @@ class Trainer:
 
     # --- checkpoints ------------------------------------------------------------------------------
     def save(self) -> Path:
+        """Collective: every rank contributes its RNG states; rank 0 writes."""
         extra = {"data_position": self.stream.position(), "tokens_seen": self.state.tokens_seen,
-                 "eval_before": self.state.eval_before, "eval_last": self.state.eval_last}
-        return save_checkpoint(self.output, self.state.step, self.model, self.optimizer, self.scaler, extra,
-                               self.fingerprint, self.cfg.keep_checkpoints)
+                 "eval_before": self.state.eval_before, "eval_last": self.state.eval_last,
+                 "rng_per_rank": gather_objects(rng_states(), self.dist)}
+        path = self.output / "checkpoints" / f"step-{self.state.step}"
+        if self.dist.main:
+            save_checkpoint(self.output, self.state.step, self.model, self.optimizer, self.scaler, extra,
+                            self.fingerprint, self.cfg.keep_checkpoints)
+        return path
 
     def restore(self, folder: Path) -> None:
         from .adapter import load_adapter
@@ -160,7 +167,7 @@ class Trainer:
         saved = load_training_state(folder)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scaler.load_state_dict(saved["scaler"])
-        set_rng_states(saved["rng"])
+        set_rng_states(saved["rng_per_rank"][self.dist.rank])
         self.stream.epoch, self.stream.index = saved["data_position"]["epoch"], saved["data_position"]["index"]
         self.state.step, self.state.tokens_seen = saved["step"], saved["tokens_seen"]
         self.state.eval_before, self.state.eval_last = saved["eval_before"], saved["eval_last"]
@@ -168,17 +175,19 @@ class Trainer:
 
     # --- logging ----------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
+        if not self.dist.main:
+            return
         with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
 
     def run_eval(self, label: str) -> dict | None:
         if not self.eval_batches:
             return None
-        result = evaluate(self.model, self.eval_batches, self.autocast)
+        result = evaluate(self.model, self.eval_batches, self.autocast, self.dist)
         self.state.eval_last = result
         self.log({"kind": "eval", "step": self.state.step, "loss": result["loss"], "ppl": result["ppl"],
                   "tokens": result["tokens"], "when": label})
-        tqdm.write(f"eval {label:>6} step {self.state.step}: loss {result['loss']:.4f}  ppl {result['ppl']:.2f}")
+        self.say(f"eval {label:>6} step {self.state.step}: loss {result['loss']:.4f}  ppl {result['ppl']:.2f}")
         return result
 
     # --- one optimizer step -----------------------------------------------------------------------
@@ -188,17 +197,22 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         micro = [self.stream.next() for _ in range(cfg.grad_accum)]
-        n_targets = max(1, sum(b.n_target_tokens for b in micro))
+        n_targets = max(1, sum(b.n_target_tokens for b in micro))  # over the global batch, all ranks
         n_tokens = sum(b.n_tokens for b in micro)
         started = time.perf_counter()
         loss_total = torch.zeros((), device=self.device)
-        for batch in micro:
-            with self.autocast():
-                micro_loss = loss_sum(self.model, batch)
-            if state.step + 1 in self.fault_steps:
-                micro_loss = micro_loss * float("nan")
-            self.scaler.scale(micro_loss / n_targets).backward()
+        for i, batch in enumerate(micro):
+            last_micro = i == len(micro) - 1
+            # DDP averages gradients over ranks; scaling by world turns that average into the sum.
+            sync = contextlib.nullcontext() if last_micro or not self.dist.enabled else self.loss_module.no_sync()
+            with sync:
+                with self.autocast():
+                    micro_loss = self.loss_module(shard(batch, self.dist))
+                if state.step + 1 in self.fault_steps:
+                    micro_loss = micro_loss * float("nan")
+                self.scaler.scale(micro_loss * (self.dist.world / n_targets)).backward()
             loss_total += micro_loss.detach()
+        all_reduce_sum(loss_total, self.dist)
         self.scaler.unscale_(self.optimizer)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
@@ -233,7 +247,7 @@ class Trainer:
         else:
             state.bad_steps = 0
         if "skipped" in record:
-            tqdm.write(f"step {state.step}: {record['skipped']}; optimizer step skipped")
+            self.say(f"step {state.step}: {record['skipped']}; optimizer step skipped")
         self.log(record)
         return record
 
@@ -243,7 +257,8 @@ class Trainer:
         self.model.train()
         if state.step == 0 and state.eval_before is None:
             state.eval_before = self.run_eval("before")
-        bar = tqdm(total=self.total, initial=state.step, desc="training", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=self.total, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
+                   disable=not self.dist.main)
         try:
             with StopRequest() as stop:
                 while state.step < self.total:
@@ -262,12 +277,14 @@ class Trainer:
                         self.run_eval("during")
                     if (cfg.save_every and state.step % cfg.save_every == 0) or last:
                         self.save()
-                    if stop.signal_name and not last:
+                    if any_rank(stop.signal_name is not None, self.dist, self.device) and not last:
                         path = self.save()
-                        save_adapter(self.model, self.output, self.cfg.model)
-                        code = 130 if stop.signal_name == "SIGINT" else 143
+                        if self.dist.main:
+                            save_adapter(self.model, self.output, self.cfg.model)
+                        code = 143 if stop.signal_name == "SIGTERM" else 130
+                        name = stop.signal_name or "a signal on another rank"
                         raise TrainingStopped(
-                            f"{stop.signal_name}: stopped at step {state.step}/{self.total}; checkpoint {path}. "
+                            f"{name}: stopped at step {state.step}/{self.total}; checkpoint {path}. "
                             f"Continue with the same command plus --resume", exit_code=code)
         finally:
             bar.close()
@@ -287,6 +304,10 @@ class Trainer:
                 f"--grad-accum {self.cfg.grad_accum * 2} (same effective batch) or a shorter --seq-len; "
                 "keep gradient checkpointing on. Checkpoints written so far are intact; add --resume to continue",
                 exit_code=3) from None
+
+    def say(self, text: str) -> None:
+        if self.dist.main:
+            tqdm.write(text)
 
     def _postfix(self, record: dict) -> dict:
         post = {"loss": f"{record['loss']:.4f}" if record["loss"] is not None else "nan",

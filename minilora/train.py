@@ -23,6 +23,7 @@ from .card import render_card
 from .config import TrainConfig
 from .data import Dataset, load_dataset, split_eval
 from .dispatch import check_kernel_mode, set_kernel_mode
+from .distributed import DistInfo, barrier, init_distributed, shutdown
 from .errors import UserError
 from .inject import add_lora, count_parameters, linear_layer_kinds, matched_target_names, trainable_summary
 from .loop import Trainer, TrainingStopped
@@ -33,7 +34,7 @@ from .state import newest_intact_checkpoint, read_manifest
 
 # Settings that may differ on --resume without changing what the run computes.
 RESUME_MAY_CHANGE = {"output", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints",
-                     "kernels", "max_bad_steps", "skip_bad_lines"}
+                     "kernels", "max_bad_steps", "skip_bad_lines", "grad_checkpointing", "checkpoint_every"}
 RUN_FILES = ("run.json", "metrics.jsonl", "eval.json", "loss.png", "README.md", CONFIG_NAME, WEIGHTS_NAME)
 
 
@@ -104,10 +105,11 @@ def report_data(data: RunData, cfg: TrainConfig) -> None:
             print(f"  {d.path}:{line}: {reason}")
 
 
-def fingerprint(cfg: TrainConfig, data: RunData, precision: str) -> dict:
+def fingerprint(cfg: TrainConfig, data: RunData, precision: str, world: int) -> dict:
     """What defines the run: a resume must match it exactly."""
     values = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE}
-    values.update(data_sha256=data.train.sha256, eval_sha256=data.eval_sha256, precision=precision)
+    values.update(data_sha256=data.train.sha256, eval_sha256=data.eval_sha256, precision=precision,
+                  world_size=world)
     return values
 
 
@@ -161,36 +163,51 @@ def hardware(device: torch.device) -> str:
 
 
 def train_from_config(cfg: TrainConfig) -> int:
+    dist = init_distributed()
+    try:
+        return _train(cfg, dist)
+    finally:
+        shutdown(dist)
+
+
+def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     started = time.time()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
+    say = print if dist.main else (lambda *a, **k: None)
     precision = resolve_precision(cfg.precision, device)
     check_kernel_mode(cfg.kernels, device)
     set_kernel_mode(cfg.kernels)
     check_output(cfg)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer)
-    fp = fingerprint(cfg, data, precision)
+    fp = fingerprint(cfg, data, precision, dist.world)
     resume_from = resume_point(cfg, fp) if cfg.resume else None
     check_targets(cfg)
-    report_data(data, cfg)
+    barrier(dist)  # every rank has checked the output folder before rank 0 changes it
+    if dist.main:
+        report_data(data, cfg)
 
     out = Path(cfg.output)
-    if cfg.overwrite:
-        clear_previous_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
+    if dist.main:
+        if cfg.overwrite:
+            clear_previous_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)  # the same LoRA init on every rank
     model = load_base(cfg.model, quant=cfg.quant, compute_dtype=COMPUTE_DTYPE[precision], device=device)
     add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora)
+    if dist.enabled:
+        torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # but different dropout masks per rank
     if cfg.grad_checkpointing:
-        enable_recompute(model)
-    print(f"model: {cfg.model} ({cfg.quant}, {precision}) on {hardware(device)}; {trainable_summary(model)}")
+        enable_recompute(model, every=cfg.checkpoint_every)
+    say(f"model: {cfg.model} ({cfg.quant}, {precision}) on {hardware(device)}; {trainable_summary(model)}")
 
     pad_id = tokenizer.pad_token_id
-    eval_batches = make_batches(data.eval_examples, cfg.batch_size, 0, cfg.seed, pad_id, cfg.packing, cfg.seq_len)
-    trainer = Trainer(model, cfg, data.train_examples, eval_batches, pad_id, device, precision, fp)
+    eval_batches = make_batches(data.eval_examples, cfg.batch_size * dist.world, 0, cfg.seed, pad_id, cfg.packing,
+                                cfg.seq_len)
+    trainer = Trainer(model, cfg, data.train_examples, eval_batches, pad_id, device, precision, fp, dist)
     run = {"config": cfg.to_dict(), "precision": precision, "compute_dtype": str(COMPUTE_DTYPE[precision]),
            "double_quant": True, "device": str(device), "hardware": hardware(device), "versions": versions(),
-           "architecture": type(model).__name__, "command": " ".join(sys.argv),
+           "architecture": type(model).__name__, "command": " ".join(sys.argv), "world_size": dist.world,
            "data": {"format": data.train.fmt, "n_lines": data.train.n_lines, "sha256": data.train.sha256,
                     "n_train": len(data.train_examples), "n_eval": len(data.eval_examples),
                     "n_train_tokens": sum(len(e.input_ids) for e in data.train_examples),
@@ -199,17 +216,21 @@ def train_from_config(cfg: TrainConfig) -> int:
                     "skipped_lines": [line for line, _ in data.train.skipped], "eval_source": data.eval_source}}
     if resume_from is not None:
         trainer.restore(resume_from)
-        print(f"resume: continuing from {resume_from} (step {trainer.state.step}/{trainer.total})")
-    atomic_write_json(out / "run.json", run)
+        say(f"resume: continuing from {resume_from} (step {trainer.state.step}/{trainer.total})")
+    if dist.main:
+        atomic_write_json(out / "run.json", run)
 
     try:
         state = trainer.run()
     except TrainingStopped as stop:
-        plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png", f"{cfg.model} (stopped)")
-        print(f"stopped: {stop}", file=sys.stderr)
+        if dist.main:
+            plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png", f"{cfg.model} (stopped)")
+            print(f"stopped: {stop}", file=sys.stderr)
         return stop.exit_code
 
-    eval_after = trainer.run_eval("after")
+    eval_after = trainer.run_eval("after")  # collective: every rank evaluates its share
+    if not dist.main:
+        return 0
     save_adapter(model, out, cfg.model)
     trainable, total = count_parameters(model)
     times, tokens = trainer.state.step_times[1:] or trainer.state.step_times, trainer.state.step_tokens

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 from train_utils import DEMO, QUICK, ROOT, run_quick
 
+import minilora.distributed
 import minilora.loop
 from minilora.cli import run
 from minilora.plot import read_metrics
@@ -152,7 +153,7 @@ def test_out_of_memory_reports_the_step_and_the_flags_that_help(tmp_path, monkey
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(minilora.loop, "loss_sum", oom)
+    monkeypatch.setattr(minilora.distributed, "loss_sum", oom)
     assert run(argv_for(tmp_path / "out", DEMO, "--eval-fraction=0")) == 3
     err = capsys.readouterr().err
     assert "out of GPU memory at step 1 (batch 4, --seq-len 128)" in err

@@ -1,0 +1,120 @@
+"""Data parallel training with torch.distributed: `torchrun --nproc_per_node N train.py ...`.
+
+Every rank holds the whole (4-bit) base and the same initial LoRA weights. Each global micro-batch
+of `batch_size * world` rows is built identically on every rank and split by rows, so rank r trains
+on its shard; LoRA gradients are averaged by DistributedDataParallel once per optimizer step (its
+`no_sync` skips the all-reduce on accumulation micro-steps). Rank 0 alone writes files and shows
+the progress bar. NCCL on GPUs, gloo on CPUs.
+"""
+
+import os
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .batching import Batch
+from .loss import loss_sum
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group torchrun set up (WORLD_SIZE > 1), else a single-process DistInfo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return DistInfo(rank, world, local_rank)
+
+
+def shutdown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard(batch: Batch, info: DistInfo) -> Batch:
+    """Rank `info.rank`'s rows of a global batch (rows split as evenly as torch.tensor_split does)."""
+    if not info.enabled:
+        return batch
+    rows = torch.tensor_split(torch.arange(batch.input_ids.shape[0]), info.world)[info.rank]
+    take = lambda t: None if t is None else t[rows]
+    labels = batch.labels[rows]
+    return replace(batch, input_ids=batch.input_ids[rows], labels=labels,
+                   attention_mask=take(batch.attention_mask), position_ids=batch.position_ids[rows],
+                   n_target_tokens=int((labels[:, 1:] != -100).sum()),
+                   n_tokens=int(batch.attention_mask[rows].sum()) if batch.attention_mask is not None
+                   else labels.numel(),
+                   lines=tuple(batch.lines[i] for i in rows.tolist()))
+
+
+class LossModule(nn.Module):
+    """`forward(batch)` = summed loss over the batch's target tokens: the unit DDP wraps."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]):
+        super().__init__()
+        self.model = model
+        self._params = params
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        if batch.input_ids.shape[0] == 0:
+            # An empty shard (a short last batch) still joins the gradient all-reduce, with zeros.
+            return sum(p.sum() for p in self._params) * 0.0
+        return loss_sum(self.model, batch)
+
+
+def wrap(model: nn.Module, params: list[nn.Parameter], info: DistInfo) -> nn.Module:
+    module = LossModule(model, params)
+    if not info.enabled:
+        return module
+    device_ids = [info.local_rank] if torch.cuda.is_available() else None
+    # Every rank loaded the same base and seeded the same LoRA init: no start-up broadcast of the
+    # (large) base weights is needed, and the rotary buffers are constants.
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, init_sync=False,
+                                               broadcast_buffers=False)
+
+
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    if info.enabled:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
+    """True on every rank if `flag` is true on any (a stop decision all ranks must share)."""
+    if not info.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    if not info.enabled:
+        return [obj]
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
