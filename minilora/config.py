@@ -59,6 +59,7 @@ class TrainConfig:
     grad_checkpointing: bool = _f(True, "recompute decoder layers in backward (saves activation memory)",
                                   flag="--no-grad-checkpointing")
     checkpoint_every: int = _f(1, "recompute every K-th decoder layer only (1: all; larger: faster, more memory)")
+    offload_activations: bool = _f(False, "keep checkpointed layer inputs in pinned CPU memory (CUDA)")
     optim: str = _f("adamw", "optimizer: adamw, or bitsandbytes' adamw8bit / paged_adamw8bit (less state memory)",
                     choices=("adamw", "adamw8bit", "paged_adamw8bit"))
     kernels: str = _f("auto", "LoRA layer path: auto (Triton on CUDA where supported), triton, torch",

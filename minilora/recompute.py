@@ -9,22 +9,32 @@ The wrapper adds one level to module paths (`layers.0.inner.self_attn...`); `can
 removes it, so adapter keys and checkpoints never see it.
 """
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from .offload import OffloadSaved
 
 INNER = "inner"
 
 
 class Recomputed(nn.Module):
-    def __init__(self, layer: nn.Module):
+    """`offload`: the layer input that checkpointing keeps goes to pinned host memory (offload.py)."""
+
+    def __init__(self, layer: nn.Module, offload: OffloadSaved | None = None):
         super().__init__()
         self.inner = layer
+        self.offload = offload
 
     def forward(self, *args, **kwargs):
         if not (self.training and torch.is_grad_enabled()):
             return self.inner(*args, **kwargs)
-        return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
+        # checkpoint saves the layer's inputs as autograd saved tensors, outside its own hooks: an
+        # enclosing saved-tensor hook (the offload) sees exactly those, not the layer's internals.
+        with self.offload if self.offload is not None else contextlib.nullcontext():
+            return checkpoint(self.inner, *args, use_reentrant=False, **kwargs)
 
 
 def canonical_name(name: str) -> str:
@@ -41,13 +51,13 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
-def enable_recompute(model: nn.Module, every: int = 1) -> int:
+def enable_recompute(model: nn.Module, every: int = 1, offload: OffloadSaved | None = None) -> int:
     """Wrap every `every`-th decoder layer; returns how many were wrapped. Idempotent."""
     layers = decoder_layers(model)
     wrapped = 0
     for i, layer in enumerate(layers):
         if i % every == 0 and not isinstance(layer, Recomputed):
-            layers[i] = Recomputed(layer)
+            layers[i] = Recomputed(layer, offload)
         wrapped += isinstance(layers[i], Recomputed)
     return wrapped
 

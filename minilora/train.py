@@ -27,6 +27,7 @@ from .distributed import DistInfo, barrier, init_distributed, shutdown
 from .errors import UserError
 from .inject import add_lora, count_parameters, linear_layer_kinds, matched_target_names, trainable_summary
 from .loop import Trainer, TrainingStopped
+from .offload import OffloadSaved
 from .plot import plot_losses, read_metrics
 from .quant import load_base, load_tokenizer, resolve_model_path
 from .recompute import enable_recompute
@@ -34,7 +35,8 @@ from .state import newest_intact_checkpoint, read_manifest
 
 # Settings that may differ on --resume without changing what the run computes.
 RESUME_MAY_CHANGE = {"output", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints",
-                     "kernels", "max_bad_steps", "skip_bad_lines", "grad_checkpointing", "checkpoint_every"}
+                     "kernels", "max_bad_steps", "skip_bad_lines", "grad_checkpointing", "checkpoint_every",
+                     "offload_activations"}
 RUN_FILES = ("run.json", "metrics.jsonl", "eval.json", "loss.png", "README.md", CONFIG_NAME, WEIGHTS_NAME)
 
 
@@ -198,7 +200,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     if dist.enabled:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # but different dropout masks per rank
     if cfg.grad_checkpointing:
-        enable_recompute(model, every=cfg.checkpoint_every)
+        offload = OffloadSaved() if cfg.offload_activations else None
+        enable_recompute(model, every=cfg.checkpoint_every, offload=offload)
     say(f"model: {cfg.model} ({cfg.quant}, {precision}) on {hardware(device)}; {trainable_summary(model)}")
 
     pad_id = tokenizer.pad_token_id

@@ -15,6 +15,7 @@ from minilora.batching import make_batches
 from minilora.builtin import build_tokenizer
 from minilora.data import load_dataset
 from minilora.loss import loss_sum
+from minilora.offload import OffloadSaved
 from minilora.optim import make_optimizer
 from minilora.recompute import Recomputed, enable_recompute
 
@@ -50,14 +51,14 @@ def demo_batch(n=4):
     return make_batches(load_dataset(DEMO, tokenizer, 128).examples[:n], n, 0, 0, tokenizer.pad_token_id)[0]
 
 
-def lora_grads(batch, every=None, chunk_rows=2048):
+def lora_grads(batch, every=None, chunk_rows=2048, offload=None):
     torch.manual_seed(0)
     model = minilora.load_base("builtin:tiny-phi3")
     minilora.add_lora(model, dropout=0.05)
     with torch.no_grad():
         for p in minilora.lora_parameters(model):
             p.normal_(0, 0.05)
-    wrapped = enable_recompute(model, every=every) if every else 0
+    wrapped = enable_recompute(model, every=every, offload=offload) if every else 0
     model.train()
     torch.manual_seed(1)
     loss = loss_sum(model, batch, chunk_rows=chunk_rows)
@@ -65,13 +66,43 @@ def lora_grads(batch, every=None, chunk_rows=2048):
     return wrapped, [loss.detach()] + [p.grad for p in minilora.lora_parameters(model)]
 
 
-def test_selective_recompute_gives_the_same_loss_and_gradients():
+@pytest.mark.parametrize("every,wrapped", [(1, 4), (2, 2)])  # all 4 layers; layers 0 and 2
+def test_recompute_gives_the_same_loss_and_gradients(every, wrapped):
+    """Checkpointing replays the RNG state on recompute: same dropout masks, same numbers."""
     batch = demo_batch()
     _, plain = lora_grads(batch)
-    wrapped, selective = lora_grads(batch, every=2)
-    assert wrapped == 2  # layers 0 and 2 of 4
-    for a, b in zip(plain, selective, strict=True):
+    n, recomputed = lora_grads(batch, every=every)
+    assert n == wrapped
+    for a, b in zip(plain, recomputed, strict=True):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_offloaded_checkpoint_inputs_give_the_same_gradients():
+    batch = demo_batch()
+    _, plain = lora_grads(batch)
+
+    class CountingOffload(OffloadSaved):
+        def __init__(self):
+            self.packed = []
+            super().__init__(devices=("cpu",), min_numel=1)  # CPU stands in for CUDA here
+
+        def _pack(self, t):
+            self.packed.append(tuple(t.shape))
+            return super()._pack(t)
+
+    offload = CountingOffload()
+    _, offloaded = lora_grads(batch, every=1, offload=offload)
+    assert offload.packed.count((4, batch.input_ids.shape[1], 256)) >= 4  # each layer's input went through
+    for a, b in zip(plain, offloaded, strict=True):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
+def test_adapter_names_never_show_the_recompute_wrapper():
+    model = minilora.load_base("builtin:tiny-phi3")
+    minilora.add_lora(model)
+    enable_recompute(model)
+    assert isinstance(model.model.layers[0], Recomputed)
+    assert next(iter(minilora.lora_layers(model))) == "model.layers.0.self_attn.o_proj"
 
 
 def test_chunked_cross_entropy_equals_one_chunk():
