@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+from transformers.utils import logging as hf_logging
 
 from minilora.atomic import atomic_replace_dir
 from minilora.errors import UserError
@@ -132,8 +133,16 @@ def save_builtin(path: str | os.PathLike, seed: int = 0) -> Path:
         eos_token_id=_stop_token_ids(tokenizer),
         pad_token_id=tokenizer.pad_token_id,
     )
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    # A few MB written in a blink: transformers' progress bar would only clutter the output (and the
+    # one-line errors of a first run whose data turns out to be bad).
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     return path
 
 
