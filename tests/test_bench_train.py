@@ -1,0 +1,92 @@
+"""The training benchmark's machinery at a tiny size, in process: the three systems train, their losses are
+compared step by step (and a difference is caught), and the results file, report and plot are written."""
+
+import copy
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS, WARMUP, SEQ, BATCH = 4, 1, 32, 2
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+bt = load_script("bench_train")
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    """One run of all three systems on the tiny Phi-3 (fp32, CPU), recorded the way main() records them."""
+    model_dir = tiny_model_dir("phi3")
+    config = AutoConfig.from_pretrained(model_dir)
+    work = tmp_path_factory.mktemp("bench-work")
+    spec = bt.make_spec(Path(model_dir), torch.device("cpu"), SEQ, BATCH, STEPS, config.vocab_size, work)
+    run = bt.new_run("tiny-phi3", config, spec, "cpu")
+    for system in bt.SYSTEMS:  # ours first: the references start from its initial LoRA weights
+        bt.record(run, {**bt.run_system(system, spec), "round": 1}, WARMUP)
+    return run
+
+
+def test_three_systems_train_and_their_losses_agree_step_by_step(tiny_run):
+    losses = {name: tiny_run["systems"][name]["losses"] for name in bt.SYSTEMS}
+    for name, values in losses.items():
+        assert tiny_run["systems"][name]["status"] == "ok", name
+        assert len(values) == STEPS, name
+    # The adapters really trained (the parity below is about updates, not only the first forward).
+    assert losses["ours"][-1] < losses["ours"][0] - 0.01
+    rtol = bt.PARITY_RTOL["fp32"]
+    for ref in bt.REFERENCES:
+        parity = tiny_run["parity"][ref]
+        assert parity["steps"] == [STEPS, STEPS]
+        assert parity["rtol"] == rtol
+        assert parity["ok"], parity
+        worst = max(abs(a - b) / abs(b) for a, b in zip(losses["ours"], losses[ref], strict=True))
+        assert parity["max_rel_diff"] == pytest.approx(worst)
+        assert worst <= rtol
+
+
+def test_parity_check_catches_a_diverging_or_missing_loss(tiny_run):
+    diverged = copy.deepcopy(tiny_run)
+    ref = diverged["systems"]["ref_loop"]
+    ref["losses"][-1] *= 1 + 10 * bt.PARITY_RTOL["fp32"]
+    bt.compare(diverged)
+    assert not diverged["parity"]["ref_loop"]["ok"]
+    assert diverged["parity"]["trainer"]["ok"]
+
+    short = copy.deepcopy(tiny_run)
+    short["systems"]["trainer"]["losses"].pop()
+    bt.compare(short)
+    assert short["parity"]["trainer"]["steps"] == [STEPS, STEPS - 1]
+    assert not short["parity"]["trainer"]["ok"]
+
+
+def test_results_file_report_and_plot_are_written(tiny_run, tmp_path):
+    env = bt.environment(torch.device("cpu"), torch.get_num_threads())
+    results = {"env": env, "settings": {"steps": STEPS, "warmup": WARMUP, "rounds": 1, "lr": bt.LR,
+                                        "targets": ["qkv_proj"]},
+               "flops_formula": bt.FLOPS_FORMULA, "notes": bt.NOTES, "runs": [tiny_run]}
+    path = bt.write(results, tmp_path, "tiny-cpu-train")
+    saved = json.loads(path.read_text())
+    assert {"env", "settings", "runs", "goals", "flops_formula", "notes"} <= saved.keys()
+    assert {"device_name", "commit", "date", "torch", "transformers", "bitsandbytes", "peft"} <= saved["env"].keys()
+    run = saved["runs"][0]
+    for name in bt.SYSTEMS:
+        assert {"tokens_per_s", "peak_rss_mib", "time_to_first_step_s", "losses"} <= run["systems"][name].keys()
+    for ref in bt.REFERENCES:
+        assert {"tokens_per_s", "peak_memory", "time_to_first_step"} <= run["ratios"][ref].keys()
+    assert any(g["goal"].startswith("seq 32: losses ours vs ref_loop") and g["status"] == "PASS"
+               for g in saved["goals"])
+    assert "| ours |" in path.with_suffix(".md").read_text()
+
+    png = load_script("plot").plot(saved, tmp_path / "tiny.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
