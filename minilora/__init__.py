@@ -16,6 +16,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from .adapter import load_adapter, read_adapter_config, save_adapter
 from .dispatch import set_kernel_mode
 from .errors import AdapterError, DataError, UserError
+from .generate import generate
 from .inject import (
     DEFAULT_TARGETS,
     LoRAConfig,
@@ -31,13 +32,15 @@ from .inject import (
     unmerge_lora,
 )
 from .lora import LoRALinear
+from .merge import merge_adapter
 from .quant import load_base, load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TARGETS", "AdapterError", "DataError", "LoRAConfig", "LoRALinear", "UserError",
-    "add_lora", "count_parameters", "disable_adapter", "load_adapter", "load_base", "load_tokenizer",
+    "add_lora", "count_parameters", "disable_adapter", "generate", "load_adapter", "load_base", "load_tokenizer",
+    "merge_adapter",
     "lora_layers", "lora_parameters", "merge_lora", "print_trainable", "read_adapter_config",
     "save_adapter", "set_adapter_enabled", "set_kernel_mode", "trainable_summary", "unmerge_lora",
 ]

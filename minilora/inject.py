@@ -131,9 +131,13 @@ def merge_lora(model: nn.Module, dequantize: bool = False, dtype: torch.dtype = 
                 f"full-precision copy of the base ({len(quantized)} layers)"
             )
     for layer in layers.values():
-        if dequantize:
-            layer.dequantize_base(dtype)
-        layer.merge()
+        if dequantize and is_4bit(layer.base_layer):
+            # Sum in fp32 and round once to `dtype`: adding a rounded update to a rounded weight rounds twice.
+            layer.dequantize_base(torch.float32)
+            layer.merge()
+            layer.base_layer.to(dtype)
+        else:
+            layer.merge()
 
 
 def unmerge_lora(model: nn.Module) -> None:

@@ -34,6 +34,17 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     return layer.weight
 
 
+def plain_linear(layer: nn.Module, dtype: torch.dtype) -> nn.Linear:
+    """A frozen nn.Linear of `dtype` holding `layer`'s (dequantized, if 4-bit) weight and bias."""
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                       device=layer.weight.device, dtype=dtype)
+    with torch.no_grad():
+        linear.weight.copy_(dequantize_weight(layer).to(dtype))
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias.to(dtype))
+    return linear.requires_grad_(False)
+
+
 class LoRALinear(nn.Module):
     """`base_layer(x) + scale * B(A(dropout(x)))` over a frozen linear layer."""
 
@@ -126,17 +137,8 @@ class LoRALinear(nn.Module):
 
     def dequantize_base(self, dtype: torch.dtype) -> None:
         """Replace a 4-bit base layer with an nn.Linear holding its dequantized weight."""
-        if not is_4bit(self.base_layer):
-            return
-        old = self.base_layer
-        linear = nn.Linear(self.in_features, self.out_features, bias=old.bias is not None,
-                           device=old.weight.device, dtype=dtype)
-        with torch.no_grad():
-            linear.weight.copy_(dequantize_weight(old).to(dtype))
-            if old.bias is not None:
-                linear.bias.copy_(old.bias.to(dtype))
-        linear.requires_grad_(False)
-        self.base_layer = linear
+        if is_4bit(self.base_layer):
+            self.base_layer = plain_linear(self.base_layer, dtype)
 
     def extra_repr(self) -> str:
         state4 = getattr(self.base_layer.weight, "quant_state", None)

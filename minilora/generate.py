@@ -1,0 +1,200 @@
+"""Generate text from a base model with a LoRA adapter: minilora's LoRA layers over the 4-bit base,
+decoded by transformers' `generate` with the KV cache.
+
+    prompt ─► tokens (plain, or the chat template with --chat) ─► model.generate(use_cache=True)
+           ─► each step: LoRALinear ─► dispatch.py ─► fused NF4+LoRA Triton kernel on CUDA, PyTorch on CPU
+           ─► new tokens until eos / <|end|> / --max-new-tokens ─► decoded text
+
+Greedy unless --temperature > 0. PEFT's path (the seed card's snippet) reads the same adapter folder;
+tests/test_generate.py checks both paths give the same tokens.
+
+    python -m minilora.generate --adapter out/ --prompt "The weather is good today." [--chat]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import load_adapter, read_adapter_config
+from .cli import run_cli
+from .errors import UserError
+from .merge import trained_base_settings
+from .quant import QUANT_TYPES, load_base, load_tokenizer
+
+DEFAULT_MAX_NEW_TOKENS = 256
+CHAT_END = "<|end|>"  # Phi-3's end of a chat turn; a reply stops there as at eos
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
+    """Prompt token ids: plain text (with bos, as `tokenizer(prompt)` gives), or one user turn rendered by
+    the chat template and followed by the assistant's generation prompt."""
+    if not chat:
+        return tokenizer(prompt)["input_ids"]
+    if not getattr(tokenizer, "chat_template", None):
+        raise UserError("--chat: the tokenizer has no chat template; leave out --chat for plain text")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                         tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes bos itself
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """The model's own stop ids (Phi-3 lists eos and <|end|>), plus eos and <|end|> where the tokenizer has
+    them, so a chat reply stops at the end of its turn even when generation_config names only eos."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [configured] if isinstance(configured, int) else list(configured or [])
+    for extra in (tokenizer.eos_token_id, tokenizer.get_vocab().get(CHAT_END)):
+        if extra is not None and extra not in ids:
+            ids.append(extra)
+    return ids
+
+
+def prepare_for_generation(model: nn.Module) -> nn.Module:
+    """Eval mode (no LoRA dropout) and the KV cache back on: load_base switches it off for training."""
+    model.eval()
+    model.config.use_cache = True
+    return model
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
+    if temperature < 0:
+        raise UserError(f"--temperature {temperature}: must be >= 0 (0 is greedy)")
+    if not 0 < top_p <= 1:
+        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+
+
+@torch.no_grad()
+def generate_ids(
+    model: nn.Module,
+    tokenizer,
+    prompt_ids: list[int],
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    use_cache: bool = True,
+) -> list[int]:
+    """The new token ids (stop token included when one ended the reply)."""
+    _check_sampling(max_new_tokens, temperature, top_p)
+    input_ids = torch.tensor([prompt_ids], device=model.device)  # (1, T)
+    if temperature > 0:
+        # top_k=0: only temperature and top-p shape the distribution (transformers would add top-k 50).
+        sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p, "top_k": 0}
+    else:
+        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=torch.ones_like(input_ids),
+        max_new_tokens=max_new_tokens,
+        use_cache=use_cache,
+        eos_token_id=stop_token_ids(model, tokenizer),
+        pad_token_id=pad_id,
+        **sampling,
+    )  # (1, T + new)
+    return out[0, len(prompt_ids):].tolist()
+
+
+def generate(
+    model: nn.Module,
+    tokenizer,
+    prompt: str,
+    chat: bool = False,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+) -> str:
+    """The model's continuation of `prompt` (only the new text, special tokens dropped)."""
+    ids = generate_ids(model, tokenizer, encode_prompt(tokenizer, prompt, chat), max_new_tokens, temperature, top_p)
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def load_for_generation(
+    adapter: str | Path | None = None,
+    model: str | None = None,
+    quant: str | None = None,
+    device: torch.device | str | None = None,
+):
+    """(model, tokenizer): the base (`model`, default the adapter's base_model_name_or_path) loaded as the
+    adapter was trained (quant from its run.json, else nf4; `quant` overrides), with the adapter on it."""
+    config = read_adapter_config(adapter) if adapter is not None else {}
+    base = model or config.get("base_model_name_or_path")
+    if not base:
+        raise UserError("--model is required: no --adapter, or its config names no base model")
+    if quant is not None and quant not in QUANT_TYPES:
+        raise UserError(f"--quant {quant!r}: expected one of {', '.join(QUANT_TYPES)}")
+    trained = trained_base_settings(adapter) if adapter is not None else {"quant": "nf4", "double_quant": True}
+    tokenizer = load_tokenizer(base)
+    net = load_base(base, quant=quant or trained["quant"], double_quant=trained["double_quant"], device=device)
+    if adapter is not None:
+        load_adapter(net, adapter)
+    return prepare_for_generation(net), tokenizer
+
+
+def read_prompts(path: str) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: no such prompt file (--prompt-file)")
+    try:
+        prompts = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError as err:
+        raise UserError(f"{path}: not UTF-8 text ({err})") from err
+    if not prompts:
+        raise UserError(f"{path}: no prompts (one per line)")
+    return prompts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m minilora.generate",
+        description="Generate text with a base model and a LoRA adapter (greedy unless --temperature > 0).",
+    )
+    parser.add_argument("--adapter", help="adapter folder (adapter_config.json + safetensors); omit for the base")
+    parser.add_argument("--model", help="base model (default: base_model_name_or_path of the adapter config)")
+    prompt = parser.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="the prompt text")
+    prompt.add_argument("--prompt-file", help="one prompt per line; prints one JSON line per prompt")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template as a user turn")
+    parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                        help=f"longest reply in tokens (default: {DEFAULT_MAX_NEW_TOKENS})")
+    parser.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    parser.add_argument("--top-p", type=float, default=1.0,
+                        help="nucleus sampling mass, with --temperature > 0 (default: 1.0)")
+    parser.add_argument("--seed", type=int, help="seed for sampling")
+    parser.add_argument("--quant", help="base weights: nf4, fp4 or none (default: as trained per run.json, else nf4)")
+    parser.add_argument("--show-prompt", action="store_true", help="print the prompt (as the model saw it) first")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _check_sampling(args.max_new_tokens, args.temperature, args.top_p)  # before the model is loaded
+    prompts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt]
+    model, tokenizer = load_for_generation(args.adapter, args.model, args.quant)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
+    for prompt in prompts:
+        ids = encode_prompt(tokenizer, prompt, args.chat)
+        new = generate_ids(model, tokenizer, ids, args.max_new_tokens, args.temperature, args.top_p)
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        if args.prompt_file:
+            print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False), flush=True)
+            continue
+        if args.show_prompt:
+            # Chat prompts are shown with their template markers: that is what the model continued.
+            print(tokenizer.decode(ids, skip_special_tokens=not args.chat), end="" if not args.chat else "\n")
+        print(text, flush=True)
+    return 0
+
+
+def cli() -> None:
+    """Console entry point: user errors become one `error:` line and exit code 2."""
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

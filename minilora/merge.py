@@ -1,0 +1,275 @@
+"""Fold a LoRA adapter into its base and export a plain Hugging Face model (no PEFT, no 4-bit).
+
+    adapter folder ─► base loaded as it was trained (run.json: nf4 / fp4 / none) ─► adapter (strict)
+      ─► per LoRA layer: 4-bit W dequantized to fp32, W + scale·B@A in fp32, rounded once to --dtype
+      ─► every other 4-bit layer dequantized to --dtype, everything else cast to --dtype
+      ─► LoRALinear replaced by its merged nn.Linear, so keys are the base's own (`...qkv_proj.weight`)
+      ─► quantization markers removed from model and config ─► save_pretrained + tokenizer, atomically
+
+The update goes into a dequantized copy, never back into 4-bit: re-quantizing rounds an r=8 update
+away almost entirely (../shared/ANCHORS.md). The output loads with `AutoModelForCausalLM.from_pretrained`
+and so with vLLM and other servers that read Hugging Face folders.
+
+    python -m minilora.merge --adapter out/ --output merged/ [--model NAME] [--dtype bf16|fp16|fp32]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer
+
+from .adapter import load_adapter, read_adapter_config
+from .atomic import atomic_replace_dir
+from .cli import run_cli
+from .errors import UserError
+from .lora import LoRALinear, is_4bit, plain_linear
+from .quant import QUANT_TYPES, default_device, is_local_model, load_base, resolve_model_path
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+RUN_FILE = "run.json"
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise UserError(f"dtype {dtype}: expected bf16, fp16 or fp32")
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: expected one of bf16, fp16, fp32")
+    return DTYPES[dtype]
+
+
+# --- how the base was trained ---------------------------------------------------------------------
+
+
+def find_run_file(adapter_dir: str | Path) -> Path | None:
+    """run.json of the training run that wrote `adapter_dir`: the final adapter sits next to it,
+    a checkpoint's adapter two levels below it (`<run>/checkpoints/step-N/`)."""
+    folder = Path(adapter_dir)
+    candidates = [folder / RUN_FILE]
+    if folder.parent.name == "checkpoints":
+        candidates.append(folder.parent.parent / RUN_FILE)
+    return next((p for p in candidates if p.is_file()), None)
+
+
+def trained_base_settings(adapter_dir: str | Path) -> dict:
+    """{"quant", "double_quant", "compute_dtype", "source"} the adapter was trained on.
+
+    Both the quantization and the dtype the base was loaded in decide the dequantized weights the
+    adapter learned against (bf16 loading rounds W before its absmax is taken, and rounds the
+    dequantized values), so reloading with the training run's settings reproduces them exactly.
+    Without a run.json: QLoRA's nf4 + double quant, and the device's default compute dtype.
+    """
+    settings = {"quant": "nf4", "double_quant": True, "compute_dtype": None, "source": "default"}
+    path = find_run_file(adapter_dir)
+    if path is None:
+        return settings
+    try:
+        run = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{path}: not readable as JSON ({err}); pass --quant to say how the base was loaded") from err
+    quant = run.get("config", {}).get("quant") if isinstance(run, dict) else None
+    if quant not in QUANT_TYPES:
+        return settings
+    dtype_name = str(run.get("compute_dtype", "")).removeprefix("torch.")
+    settings.update(quant=quant, double_quant=bool(run.get("double_quant", True)), source=str(path),
+                    compute_dtype=getattr(torch, dtype_name) if dtype_name in ("bfloat16", "float16", "float32")
+                    else None)
+    return settings
+
+
+# --- folding ----------------------------------------------------------------------------------------
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name), child, new)
+
+
+def fold_lora(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
+    """Replace every LoRALinear by one nn.Linear holding W + scale·B@A and every other 4-bit layer by
+    its dequantized nn.Linear, all in `dtype`; cast the rest of the model to `dtype`. In place.
+
+    The sum is formed in fp32 and rounded once: adding a bf16-rounded update to a bf16 weight would
+    round twice. Only one layer at a time is held in fp32, so the peak is the output model plus one
+    matrix. Returns (LoRA layers merged, other 4-bit layers dequantized).
+    """
+    lora = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+    for name, layer in lora:
+        if is_4bit(layer.base_layer):
+            layer.dequantize_base(torch.float32)
+        else:
+            layer.base_layer.float()
+        layer.merge()  # refuses a 4-bit base by itself: no path here re-quantizes
+        _replace(model, name, layer.base_layer.to(dtype))
+    quantized = [(name, m) for name, m in model.named_modules() if is_4bit(m)]
+    for name, layer in quantized:
+        _replace(model, name, plain_linear(layer, dtype))
+    strip_quantization(model)  # no 4-bit layer is left; transformers refuses to cast a model it marks quantized
+    model.to(dtype)
+    return len(lora), len(quantized)
+
+
+def strip_quantization(model: nn.Module) -> None:
+    """Remove what transformers attaches to a model it quantized on load, so that save_pretrained
+    writes a plain checkpoint and a config.json without `quantization_config` (which would make
+    from_pretrained quantize again, or expect packed 4-bit tensors)."""
+    for attr in ("hf_quantizer", "quantization_method", "is_loaded_in_4bit", "_weight_conversions"):
+        if attr in model.__dict__:
+            delattr(model, attr)
+    model.is_quantized = False
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "quantization_config"):
+            del config.quantization_config
+        if config is not None and getattr(config, "_is_quantized", False):
+            config._is_quantized = False
+
+
+def check_plain(model: nn.Module) -> None:
+    """The invariant the export rests on; a failure here is a bug in this module, not the user's."""
+    leftover = [name for name, m in model.named_modules() if isinstance(m, LoRALinear) or is_4bit(m)]
+    bad_keys = [k for k in model.state_dict() if "lora_" in k or "base_layer" in k]
+    if leftover or bad_keys or hasattr(model.config, "quantization_config"):
+        raise RuntimeError(f"merge left LoRA/4-bit traces: modules {leftover[:3]}, keys {bad_keys[:3]}")
+
+
+# --- the whole job ----------------------------------------------------------------------------------
+
+
+def _check_output(output: Path, adapter_dir: Path, base: str, overwrite: bool) -> None:
+    resolved = output.resolve()
+    protected = [adapter_dir.resolve()]
+    if is_local_model(base):
+        protected.append(Path(resolve_model_path(base)).resolve())
+    for folder in protected:
+        if resolved == folder or resolved in folder.parents:
+            raise UserError(f"--output {output} would replace {folder}, which the merge reads; choose another folder")
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file, not a folder")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UserError(f"--output {output} exists and is not empty; pass --overwrite to replace it")
+
+
+def _base_tokenizer(base: str):
+    """The base's own tokenizer, unchanged (load_tokenizer would add a pad token); None if it has none."""
+    try:
+        return AutoTokenizer.from_pretrained(resolve_model_path(base))
+    except (OSError, ValueError):
+        return None
+
+
+def merge_adapter(
+    adapter_dir: str | Path,
+    output_dir: str | Path,
+    model: str | None = None,
+    dtype: torch.dtype | str = torch.bfloat16,
+    quant: str | None = None,
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    device: torch.device | str | None = None,
+) -> Path:
+    """Write `output_dir`: the base with the adapter folded in, as a plain HF model in `dtype`.
+
+    `model` overrides the adapter config's `base_model_name_or_path`; `quant` overrides how the base is
+    loaded (default: as in the training run's run.json, else nf4). Returns `output_dir`.
+    """
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    dtype = parse_dtype(dtype)
+    config = read_adapter_config(adapter_dir)
+    base = model or config.get("base_model_name_or_path")
+    if not base:
+        raise UserError(f"{adapter_dir}: the adapter config names no base model; pass --model")
+    trained = trained_base_settings(adapter_dir)
+    if quant is not None and quant not in QUANT_TYPES:
+        raise UserError(f"--quant {quant!r}: expected one of {', '.join(QUANT_TYPES)}")
+    quant_source = "as given" if quant else ("from " + trained["source"] if trained["source"] != "default"
+                                               else "default, no run.json found")
+    quant = quant or trained["quant"]
+    _check_output(output_dir, adapter_dir, base, overwrite)
+    tokenizer = _base_tokenizer(base)
+
+    try:
+        device = torch.device(device) if device is not None else default_device()
+    except RuntimeError as err:
+        raise UserError(f"--device {device!r}: {err}") from err
+    net = load_base(base, quant=quant, double_quant=trained["double_quant"],
+                    compute_dtype=trained["compute_dtype"], device=device)
+    load_adapter(net, adapter_dir)
+    n_lora, n_other = fold_lora(net, dtype)
+    check_plain(net)
+    net.config.dtype = dtype
+    # load_base switches the KV cache off for training; the export carries the base's own setting.
+    net.config.use_cache = getattr(AutoConfig.from_pretrained(resolve_model_path(base)), "use_cache", True)
+
+    def build(folder: Path) -> None:
+        net.save_pretrained(folder, max_shard_size=max_shard_size)  # transformers 5 writes safetensors only
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+
+    atomic_replace_dir(build, output_dir)
+    _print_summary(output_dir, base, quant, quant_source, dtype, n_lora, n_other, config, tokenizer)
+    return output_dir
+
+
+def _human(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
+
+
+def _print_summary(output: Path, base: str, quant: str, quant_source: str, dtype: torch.dtype, n_lora: int,
+                   n_other: int, config: dict, tokenizer) -> None:
+    shards = sorted(output.glob("*.safetensors"))
+    size = sum(p.stat().st_size for p in shards)
+    base_kind = "full precision" if quant == "none" else f"{quant} dequantized"
+    print(f"merged: {n_lora} LoRA layers (r={config['r']}, alpha={config['lora_alpha']:g}) into {base} "
+          f"[{base_kind}; quant {quant_source}]; {n_other} other 4-bit layers dequantized")
+    print(f"wrote {output}/: {str(dtype).removeprefix('torch.')}, {_human(size)} in {len(shards)} "
+          f"safetensors file{'s' if len(shards) != 1 else ''} + config.json"
+          + (" + tokenizer" if tokenizer is not None else ""))
+    if tokenizer is None:
+        print(f"note: no tokenizer found for {base}; copy one into {output}/ before serving", file=sys.stderr)
+    print("load it with (no PEFT, no bitsandbytes needed):")
+    print(f"  model = AutoModelForCausalLM.from_pretrained({str(output)!r})")
+    print(f"  vllm serve {output}")
+
+
+# --- command line -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m minilora.merge",
+        description="Fold a LoRA adapter into its (dequantized) base and write a plain Hugging Face model.",
+    )
+    parser.add_argument("--adapter", required=True, help="adapter folder (adapter_config.json + safetensors)")
+    parser.add_argument("--output", required=True, help="folder for the merged model (written atomically)")
+    parser.add_argument("--model", help="base model (default: base_model_name_or_path of the adapter config)")
+    parser.add_argument("--dtype", default="bf16", help="dtype of the merged weights: bf16 (default), fp16 or fp32")
+    parser.add_argument("--quant", help="how the base was quantized in training: nf4, fp4 or none "
+                                        "(default: from the run's run.json, else nf4)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default: 5GB)")
+    parser.add_argument("--device", help="where to merge (default: cuda if available, else cpu)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    dtype = parse_dtype(args.dtype)  # before any model is loaded
+    merge_adapter(args.adapter, args.output, model=args.model, dtype=dtype, quant=args.quant,
+                  overwrite=args.overwrite, max_shard_size=args.max_shard_size, device=args.device)
+    return 0
+
+
+def cli() -> None:
+    """Console entry point: user errors become one `error:` line and exit code 2."""
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

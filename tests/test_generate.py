@@ -1,0 +1,159 @@
+"""Generation: our LoRA model decodes the same tokens as PEFT on the same adapter folder, with or
+without the KV cache, and the seed card's "How to Get Started" snippet runs on a minilora adapter."""
+
+import json
+import runpy
+import sys
+
+import pytest
+import torch
+from lora_utils import randomize_lora
+from peft import PeftModel
+from torch import nn
+
+import minilora
+from minilora.cli import run_cli
+from minilora.generate import encode_prompt, generate, generate_ids, load_for_generation, main, stop_token_ids
+from minilora.quant import resolve_model_path
+
+BASE = "builtin:tiny-phi3"
+PROMPT = "The weather is good today."  # the seed card's prompt
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A minilora adapter for the builtin model whose update changes the greedy continuation."""
+    model = minilora.load_base(BASE)
+    minilora.add_lora(model)
+    randomize_lora(model, std=0.5)
+    return minilora.save_adapter(model, tmp_path_factory.mktemp("gen") / "adapter")
+
+
+@pytest.fixture(scope="module")
+def ours(adapter):
+    return load_for_generation(adapter)  # nf4 base, as train.py's default
+
+
+def test_greedy_tokens_equal_peft_on_the_same_4bit_base_and_adapter(adapter, ours):
+    model, tokenizer = ours
+    ids = encode_prompt(tokenizer, PROMPT)
+    tokens = generate_ids(model, tokenizer, ids, max_new_tokens=10)
+    peft_model = PeftModel.from_pretrained(minilora.load_base(BASE), str(adapter)).eval()
+    assert generate_ids(peft_model, tokenizer, ids, max_new_tokens=10) == tokens
+    with minilora.disable_adapter(model):
+        assert generate_ids(model, tokenizer, ids, max_new_tokens=10) != tokens  # the adapter is in play
+
+
+def test_kv_cache_on_and_off_give_identical_greedy_tokens(ours):
+    model, tokenizer = ours
+    ids = encode_prompt(tokenizer, "hi", chat=True)
+    with_cache = generate_ids(model, tokenizer, ids, max_new_tokens=12, use_cache=True)
+    assert generate_ids(model, tokenizer, ids, max_new_tokens=12, use_cache=False) == with_cache
+    assert model.config.use_cache  # load_base turned it off for training; generation turns it back on
+
+
+# The verbatim snippet sets no length, so transformers warns that it falls back to 20 new tokens.
+@pytest.mark.filterwarnings("ignore:Using the model-agnostic default:UserWarning")
+def test_seed_card_snippet_runs_on_our_adapter_and_matches_our_generate(adapter):
+    base_model, lora_adapter = resolve_model_path(BASE), str(adapter)
+    # ---- the seed card's "How to Get Started" snippet, verbatim but for the two names above ----
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    model = PeftModel.from_pretrained(model, lora_adapter)
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+
+    prompt = "The weather is good today."
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    outputs = model.generate(**inputs)
+    printed = tokenizer.decode(outputs[0], skip_special_tokens=True)
+    # ---- end of snippet ----
+    snippet_new = outputs[0, inputs["input_ids"].shape[1]:].tolist()
+    assert len(snippet_new) > 0
+    ours_model, ours_tokenizer = load_for_generation(adapter, quant="none")  # the snippet's fp32 base
+    ids = encode_prompt(ours_tokenizer, prompt)
+    assert ids == inputs["input_ids"][0].tolist()
+    assert generate_ids(ours_model, ours_tokenizer, ids, max_new_tokens=len(snippet_new)) == snippet_new
+    assert printed == prompt + generate(ours_model, ours_tokenizer, prompt, max_new_tokens=len(snippet_new))
+
+
+def test_chat_prompt_is_one_user_turn_and_the_assistant_prompt(ours):
+    _, tokenizer = ours
+    byte_ids = [3 + b for b in b"hi"]  # the builtin tokenizer: id = 3 + byte
+    newline, bos, user, end, assistant = 3 + 10, 1, 263, 262, 260
+    expected = [bos, user, newline, *byte_ids, end, newline, assistant, newline]
+    assert encode_prompt(tokenizer, "hi", chat=True) == expected
+    assert encode_prompt(tokenizer, "hi") == [bos, *byte_ids]
+
+
+def test_reply_stops_at_end_of_turn_even_if_generation_config_names_only_eos(ours):
+    model, tokenizer = ours
+    head, configured = model.lm_head, model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    try:
+        # A head that always prefers <|end|> (262): the reply must be that one token, then stop.
+        model.lm_head = nn.Linear(head.in_features, head.out_features, bias=True)
+        with torch.no_grad():
+            model.lm_head.weight.zero_()
+            model.lm_head.bias.zero_()
+            model.lm_head.bias[262] = 10.0
+        assert stop_token_ids(model, tokenizer) == [2, 262]
+        assert generate_ids(model, tokenizer, [1, 3 + ord("a")], max_new_tokens=8) == [262]
+        assert generate(model, tokenizer, "a", max_new_tokens=8) == ""  # special tokens are not printed
+    finally:
+        model.lm_head = head
+        model.generation_config.eos_token_id = configured
+
+
+def test_sampling_is_reproducible_with_a_seed(ours):
+    model, tokenizer = ours
+    ids = encode_prompt(tokenizer, PROMPT)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        runs.append(generate_ids(model, tokenizer, ids, max_new_tokens=8, temperature=1.0, top_p=0.9))
+    assert runs[0] == runs[1] and len(runs[0]) > 0
+
+
+def cli(argv, capsys):
+    capsys.readouterr()
+    code = run_cli(main, argv)
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.replace("\r", "\n").splitlines() if line.startswith("error")]
+    return code, captured.out, errors
+
+
+def test_cli_missing_adapter_is_one_error_line(tmp_path, capsys):
+    code, out, errors = cli(["--adapter", str(tmp_path / "nope"), "--prompt", "hi"], capsys)
+    assert code == 2 and out == ""
+    assert errors == [f"error: {tmp_path / 'nope'}: no such adapter folder"]
+
+
+def test_cli_bad_sampling_values_are_one_error_line(adapter, capsys):
+    code, _, errors = cli(["--adapter", str(adapter), "--prompt", "hi", "--top-p", "0"], capsys)
+    assert code == 2 and errors == ["error: --top-p 0.0: must be in (0, 1]"]
+
+
+def test_cli_prompt_file_prints_one_json_line_per_prompt(adapter, ours, tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\n\nThe weather is good today.\n")
+    code, out, _ = cli(["--adapter", str(adapter), "--prompt-file", str(prompts), "--max-new-tokens", "6"], capsys)
+    assert code == 0
+    rows = [json.loads(line) for line in out.splitlines()]
+    model, tokenizer = ours
+    assert rows == [{"prompt": p, "completion": generate(model, tokenizer, p, max_new_tokens=6)}
+                    for p in ("hello", PROMPT)]
+
+
+# runpy warns that the module it runs as __main__ was imported already (by this file): expected here.
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")
+def test_module_cli_generates_text(adapter, capsys, monkeypatch):
+    # `python -m minilora.generate ...`, run in this process (a fresh interpreter costs ~10 s here).
+    argv = ["--adapter", str(adapter), "--prompt", PROMPT, "--max-new-tokens", "5", "--show-prompt"]
+    monkeypatch.setattr(sys, "argv", ["minilora.generate", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_module("minilora.generate", run_name="__main__")
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(PROMPT) and len(out) > len(PROMPT) + 1
