@@ -171,7 +171,8 @@ class Trainer:
         self.stream.epoch, self.stream.index = saved["data_position"]["epoch"], saved["data_position"]["index"]
         self.state.step, self.state.tokens_seen = saved["step"], saved["tokens_seen"]
         self.state.eval_before, self.state.eval_last = saved["eval_before"], saved["eval_last"]
-        _truncate_metrics(self.output / "metrics.jsonl", self.state.step)
+        if self.dist.main:
+            _truncate_metrics(self.output / "metrics.jsonl", self.state.step)
 
     # --- logging ----------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
