@@ -19,7 +19,6 @@ tables, goal checks, crossovers), rewritten after each shape so a timeout still 
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
 from functools import partial
@@ -27,7 +26,12 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+# benchmarks/ is sys.path[0] when this runs as a script; loaded from its file path, it puts the folder there.
+HERE = str(Path(__file__).resolve().parent)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+from common import ROOT, device_name, git_commit, now, use_checkout, versions  # noqa: E402
+
 # (N out, K in) of the four Phi-3-mini linears LoRA targets (ANCHORS.md).
 PHI3 = {"qkv_proj": (9216, 3072), "o_proj": (3072, 3072), "gate_up_proj": (16384, 3072),
         "down_proj": (3072, 8192)}
@@ -56,17 +60,6 @@ def parse_args(argv=None):
                    help="stop starting new measurements after this many seconds (results are kept)")
     p.add_argument("--no-sweeps", action="store_true", help="only ours/bnb/floor, no branch or tile sweeps")
     return p.parse_args(argv)
-
-
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             timeout=10).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
-                               timeout=10).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 class Bench:
@@ -306,20 +299,15 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA: skipped (bench_kernels.py measures GPU kernels)")
         return 0
-    if str(ROOT) not in sys.path:
-        sys.path.append(str(ROOT))  # an uninstalled checkout
-    import bitsandbytes
-    import triton
-
+    use_checkout()  # an uninstalled checkout: minilora from the working tree
     from minilora._kernel_loader import load_kernels
 
     K = load_kernels()
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu-{datetime.date.today()}")
     shapes = args.shapes or (QUICK_SHAPES if args.quick else list(PHI3))
     ms = args.ms or (QUICK_MS if args.quick else MS)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "bitsandbytes": bitsandbytes.__version__, "commit": git_commit(),
-            "date": datetime.datetime.now().isoformat(timespec="seconds"), "dropout": args.dropout,
+    meta = {"device": device_name(torch.device(DEVICE)), **versions("torch", "triton", "bitsandbytes"),
+            "commit": git_commit(), "date": now(), "dropout": args.dropout,
             "rank": RANK, "scale": SCALE, "quick": args.quick, "argv": sys.argv,
             "thresholds": {"SMALL_M_MAX": K.fused_lora.SMALL_M_MAX, "LARGE_M_MIN": K.fused_lora.LARGE_M_MIN}}
     bench = Bench(args)

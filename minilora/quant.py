@@ -2,15 +2,18 @@
 
 NF4 with double quantization and a bf16 compute dtype is QLoRA's recipe (Dettmers et al. 2023);
 bitsandbytes and transformers default to fp4, no double quant and fp32 compute, so all three are
-set explicitly. Norms, embeddings and lm_head stay in the compute dtype: unlike PEFT's
-`prepare_model_for_kbit_training` we do not upcast them to fp32, which costs memory and speed.
+set explicitly. The quantization is ours (quantize_linears): transformers loads the checkpoint, and
+bitsandbytes packs each linear layer's weight as it moves to the device. Norms, embeddings and
+lm_head stay in the compute dtype: unlike PEFT's `prepare_model_for_kbit_training` we do not upcast
+them to fp32, which costs memory and speed.
 """
 
 from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .errors import UserError
 
@@ -38,6 +41,37 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def quantize_linears(model: nn.Module, quant: str, double_quant: bool, compute_dtype: torch.dtype,
+                     device: torch.device) -> int:
+    """Replace every nn.Linear except the output head by a bnb Linear4bit on `device`, one layer at a
+    time (only one full-precision layer is ever on the device). Returns how many were replaced.
+
+    The head stays in full precision, as in QLoRA and transformers' 4-bit loading: it is small next to
+    the decoder, and 4-bit logits would cost accuracy for little memory.
+    """
+    head = model.get_output_embeddings()
+    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and m is not head]
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        linear = getattr(parent, child)
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant,
+                                  quant_storage=torch.uint8, device="meta")
+        # bitsandbytes quantizes a Params4bit when it first moves to a device (blocks of 64 weights).
+        weight = bnb.nn.Params4bit(linear.weight.data.to(compute_dtype), requires_grad=False, blocksize=64,
+                                   compress_statistics=double_quant, quant_type=quant, quant_storage=torch.uint8)
+        layer.weight = weight.to(device)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.data.to(device, compute_dtype), requires_grad=False)
+        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place during a no-grad eval
+        # forward into a CPU-only layout with bf16 absmax. That changes the numbers between eval and
+        # training and the bytes our kernels read; keep the standard layout.
+        layer.support_avx512bf16_for_cpu = False
+        setattr(parent, child, layer)
+    return len(names)
+
+
 def load_base(
     name_or_path: str,
     quant: str = "nf4",
@@ -45,34 +79,25 @@ def load_base(
     compute_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
 ) -> torch.nn.Module:
-    """A frozen causal LM whose linear layers (all but lm_head) are bnb `Linear4bit` (or plain, with
-    quant="none"). `name_or_path`: a hub id, a local folder, or `builtin:tiny-phi3`."""
+    """A frozen causal LM whose linear layers (all but the output head) are bnb `Linear4bit` (or plain,
+    with quant="none"). `name_or_path`: a hub id, a local folder, or `builtin:tiny-phi3`."""
     if quant not in QUANT_TYPES:
         raise UserError(f"quant={quant!r}: expected one of {', '.join(QUANT_TYPES)}")
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = compute_dtype or default_compute_dtype(device)
     path = resolve_model_path(name_or_path)
-    kwargs = {"dtype": compute_dtype, "device_map": {"": device}}
-    if quant != "none":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=quant,
-            bnb_4bit_use_double_quant=double_quant,
-            bnb_4bit_compute_dtype=compute_dtype,
-            bnb_4bit_quant_storage=torch.uint8,
-        )
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        # Loaded on the CPU, then quantized layer by layer onto the device: the full-precision model
+        # never sits in GPU memory, and no device_map (Accelerate) is involved.
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype)
     except OSError as err:
         raise UserError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from err
     if name_or_path.startswith(BUILTIN_PREFIX):
         model.config._name_or_path = name_or_path
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place during a no-grad
-            # eval forward into a CPU-only layout with bf16 absmax. That changes the numbers between
-            # eval and training and the bytes our kernels read; keep the standard layout.
-            module.support_avx512bf16_for_cpu = False
+    if quant != "none":
+        quantize_linears(model, quant, double_quant, compute_dtype, device)
+        model.is_loaded_in_4bit = True  # how transformers marks 4-bit models; PEFT reads it too
+    model.to(device)
     model.requires_grad_(False)
     model.config.use_cache = False  # training never decodes; the KV cache only costs memory
     return model

@@ -1,9 +1,11 @@
 """The training benchmark's machinery at a tiny size, in process: the three systems train, their losses are
-compared step by step (and a difference is caught), and the results file, report and plot are written."""
+compared step by step (and a difference is caught), and the results file, report and plot are written; both
+benchmarks record the commit with the same helper."""
 
 import copy
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,8 @@ def load_script(name: str):
     return module
 
 
-bt = load_script("bench_train")
+bt = load_script("bench_train")  # the orchestrator; it puts benchmarks/ on sys.path for the modules below
+setup, systems, report = (importlib.import_module(m) for m in ("train_setup", "train_systems", "train_report"))
 
 
 @pytest.fixture(scope="module")
@@ -32,20 +35,20 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("bench-work")
     spec = bt.make_spec(Path(model_dir), torch.device("cpu"), SEQ, BATCH, STEPS, config.vocab_size, work)
     run = bt.new_run("tiny-phi3", config, spec, "cpu")
-    for system in bt.SYSTEMS:  # ours first: the references start from its initial LoRA weights
-        bt.record(run, {**bt.run_system(system, spec), "round": 1}, WARMUP)
+    for system in setup.SYSTEMS:  # ours first: the references start from its initial LoRA weights
+        bt.record(run, {**systems.run_system(system, spec), "round": 1}, WARMUP)
     return run
 
 
 def test_three_systems_train_and_their_losses_agree_step_by_step(tiny_run):
-    losses = {name: tiny_run["systems"][name]["losses"] for name in bt.SYSTEMS}
+    losses = {name: tiny_run["systems"][name]["losses"] for name in setup.SYSTEMS}
     for name, values in losses.items():
         assert tiny_run["systems"][name]["status"] == "ok", name
         assert len(values) == STEPS, name
     # The adapters really trained (the parity below is about updates, not only the first forward).
     assert losses["ours"][-1] < losses["ours"][0] - 0.01
-    rtol = bt.PARITY_RTOL["fp32"]
-    for ref in bt.REFERENCES:
+    rtol = report.PARITY_RTOL["fp32"]
+    for ref in setup.REFERENCES:
         parity = tiny_run["parity"][ref]
         assert parity["steps"] == [STEPS, STEPS]
         assert parity["rtol"] == rtol
@@ -58,31 +61,31 @@ def test_three_systems_train_and_their_losses_agree_step_by_step(tiny_run):
 def test_parity_check_catches_a_diverging_or_missing_loss(tiny_run):
     diverged = copy.deepcopy(tiny_run)
     ref = diverged["systems"]["ref_loop"]
-    ref["losses"][-1] *= 1 + 10 * bt.PARITY_RTOL["fp32"]
-    bt.compare(diverged)
+    ref["losses"][-1] *= 1 + 10 * report.PARITY_RTOL["fp32"]
+    report.compare(diverged)
     assert not diverged["parity"]["ref_loop"]["ok"]
     assert diverged["parity"]["trainer"]["ok"]
 
     short = copy.deepcopy(tiny_run)
     short["systems"]["trainer"]["losses"].pop()
-    bt.compare(short)
+    report.compare(short)
     assert short["parity"]["trainer"]["steps"] == [STEPS, STEPS - 1]
     assert not short["parity"]["trainer"]["ok"]
 
 
 def test_results_file_report_and_plot_are_written(tiny_run, tmp_path):
     env = bt.environment(torch.device("cpu"), torch.get_num_threads())
-    results = {"env": env, "settings": {"steps": STEPS, "warmup": WARMUP, "rounds": 1, "lr": bt.LR,
+    results = {"env": env, "settings": {"steps": STEPS, "warmup": WARMUP, "rounds": 1, "lr": setup.LR,
                                         "targets": ["qkv_proj"]},
-               "flops_formula": bt.FLOPS_FORMULA, "notes": bt.NOTES, "runs": [tiny_run]}
-    path = bt.write(results, tmp_path, "tiny-cpu-train")
+               "flops_formula": setup.FLOPS_FORMULA, "notes": report.NOTES, "runs": [tiny_run]}
+    path = report.write(results, tmp_path, "tiny-cpu-train")
     saved = json.loads(path.read_text())
     assert {"env", "settings", "runs", "goals", "flops_formula", "notes"} <= saved.keys()
     assert {"device_name", "commit", "date", "torch", "transformers", "bitsandbytes", "peft"} <= saved["env"].keys()
     run = saved["runs"][0]
-    for name in bt.SYSTEMS:
+    for name in setup.SYSTEMS:
         assert {"tokens_per_s", "peak_rss_mib", "time_to_first_step_s", "losses"} <= run["systems"][name].keys()
-    for ref in bt.REFERENCES:
+    for ref in setup.REFERENCES:
         assert {"tokens_per_s", "peak_memory", "time_to_first_step"} <= run["ratios"][ref].keys()
     assert any(g["goal"].startswith("seq 32: losses ours vs ref_loop") and g["status"] == "PASS"
                for g in saved["goals"])
@@ -90,3 +93,15 @@ def test_results_file_report_and_plot_are_written(tiny_run, tmp_path):
 
     png = load_script("plot").plot(saved, tmp_path / "tiny.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_both_benchmarks_record_the_commit_the_same_way(monkeypatch):
+    common = importlib.import_module("common")
+    assert load_script("bench_kernels").git_commit is common.git_commit is bt.git_commit
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", common.git_commit())
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(common.subprocess, "run", no_git)
+    assert common.git_commit() == "unknown"

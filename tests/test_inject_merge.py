@@ -113,3 +113,22 @@ def test_merging_into_4bit_is_refused_unless_dequantized(tiny_model_dir):
         layer = model.model.layers[0].self_attn.qkv_proj
         assert type(layer.base_layer) is torch.nn.Linear and layer.merged
         torch.testing.assert_close(model(x).logits, unmerged, atol=1e-5, rtol=1e-4)
+
+
+def test_our_4bit_quantization_equals_transformers_bitsandbytes_loading(tiny_model_dir):
+    """load_base quantizes by itself (no Accelerate); the packed bytes and statistics must be exactly
+    what transformers' BitsAndBytesConfig loading produces from the same checkpoint."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    path = tiny_model_dir("phi3")
+    ours = minilora.load_base(path, quant="nf4", double_quant=True, compute_dtype=torch.float32, device="cpu")
+    cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(path, quantization_config=cfg, dtype=torch.float32, device_map="cpu")
+    ours_state, ref_state = dict(ours.named_parameters()), dict(ref.named_parameters())
+    assert ours_state.keys() == ref_state.keys()
+    qkv, ref_qkv = ours.model.layers[1].self_attn.qkv_proj.weight, ref.model.layers[1].self_attn.qkv_proj.weight
+    assert torch.equal(qkv.data, ref_qkv.data)
+    assert torch.equal(qkv.quant_state.absmax, ref_qkv.quant_state.absmax)
+    assert torch.equal(qkv.quant_state.state2.absmax, ref_qkv.quant_state.state2.absmax)
+    assert type(ours.lm_head) is torch.nn.Linear and ours.is_loaded_in_4bit
