@@ -5,6 +5,10 @@
     minilora.print_trainable(model)
     ...
     minilora.save_adapter(model, "out/")                             # PEFT's format
+
+Generation and merging live in their modules (also command lines: `python -m minilora.generate`,
+`python -m minilora.merge`): `from minilora.generate import generate`, `from minilora.merge import
+merge_adapter`.
 """
 
 import logging
@@ -16,7 +20,6 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 from .adapter import load_adapter, read_adapter_config, save_adapter
 from .dispatch import set_kernel_mode
 from .errors import AdapterError, DataError, UserError
-from .generate import generate
 from .inject import (
     DEFAULT_TARGETS,
     LoRAConfig,
@@ -32,15 +35,13 @@ from .inject import (
     unmerge_lora,
 )
 from .lora import LoRALinear
-from .merge import merge_adapter
 from .quant import load_base, load_tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_TARGETS", "AdapterError", "DataError", "LoRAConfig", "LoRALinear", "UserError",
-    "add_lora", "count_parameters", "disable_adapter", "generate", "load_adapter", "load_base", "load_tokenizer",
-    "merge_adapter",
+    "add_lora", "count_parameters", "disable_adapter", "load_adapter", "load_base", "load_tokenizer",
     "lora_layers", "lora_parameters", "merge_lora", "print_trainable", "read_adapter_config",
     "save_adapter", "set_adapter_enabled", "set_kernel_mode", "trainable_summary", "unmerge_lora",
 ]
