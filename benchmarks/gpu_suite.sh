@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run of under 8 minutes: device info, the GPU tests, the kernel
-# benchmark. Run from the repository root on a CUDA machine:
+# benchmark, the training benchmark against the reference stack, the memory-levers benchmark. Run
+# from the repository root on a CUDA machine:
 #
 #     bash benchmarks/gpu_suite.sh            # results in benchmarks/results/gpu-<date>/
-#     OUT=/tmp/run bash benchmarks/gpu_suite.sh
+#     OUT=/tmp/run bash benchmarks/gpu_suite.sh   # $OUT/summary.txt + $OUT/gpu_suite_results.tar.gz
+#
+# On a lent GPU machine with no network (the device tool: at most 8 files come back from $OUT, hence
+# the archive), after ../shared/gpu/bnb-wheel.sh has put the bitsandbytes wheel in .whl/ here:
+#     run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=540)
+# then unpack the archive into benchmarks/results/gpu-<date>-<gpu>/ and commit it with the summary.
 #
 # Every step has its own timeout and a failed step does not stop the next one; the summary at the end
 # (also in $OUT/summary.txt) lists each step's status. The exit code is 0 when every step passed.
 set -uo pipefail
 
 cd "$(dirname "$0")/.."
+OUT_FROM_CALLER="${OUT:-}"
 OUT="${OUT:-benchmarks/results/gpu-$(date +%F)}"
 mkdir -p "$OUT"
 SUITE_START=$SECONDS
@@ -70,7 +77,7 @@ step "pytest kernels (CPU suite on GPU)" 75 "$OUT/pytest_kernels_on_gpu.txt" \
 
 # 3. Every other test marked gpu (the kernel tests above are not run twice).
 #    pytest exits 5 when it collects nothing: "if present" makes that a pass.
-step "pytest -m gpu (others)" 45 "$OUT/pytest_gpu_others.txt" bash -c \
+step "pytest -m gpu (others)" 90 "$OUT/pytest_gpu_others.txt" bash -c \
     'python3 -m pytest "$@"; rc=$?; if [ $rc -eq 5 ]; then echo "(no tests collected)"; exit 0; fi; exit $rc' \
     _ -q -p no:cacheprovider -m gpu tests --ignore=tests/test_kernels_gpu.py
 
@@ -85,7 +92,7 @@ step "kernel benchmark" 100 "$OUT/bench_kernels.txt" \
 #    chart. It gets what is left of the 8 minutes (steps 1-4 usually end far below their timeouts), less
 #    the plot, the summary and kill grace; bench_train.py starts no system that would outlast --budget-s
 #    and keeps what finished. Step 4's timeout (140 -> 100s, --budget-s 100 -> 60) was cut to make room.
-TRAIN_LIMIT=$((420 - (SECONDS - SUITE_START)))
+TRAIN_LIMIT=$((380 - (SECONDS - SUITE_START)))
 if [ "$TRAIN_LIMIT" -ge 90 ]; then
     step "training benchmark" "$TRAIN_LIMIT" "$OUT/bench_train.txt" \
         python3 benchmarks/bench_train.py --seqs 2048 --out "$OUT/train" --budget-s "$((TRAIN_LIMIT - 20))"
@@ -94,6 +101,17 @@ if [ "$TRAIN_LIMIT" -ge 90 ]; then
 else
     SUMMARY+=("$(printf '%-34s %-12s %4ss  %s' "training benchmark" "SKIPPED" 0 "only ${TRAIN_LIMIT}s of 8 min left")")
     FAILED=1
+fi
+
+# 6. Memory levers (recompute off / every 2nd layer, activation offload, 8-bit AdamW, full-logits loss):
+#    minilora alone on Phi-3-mini at sequence 1024, tokens/s and peak memory against the baseline.
+LEVERS_LIMIT=$((455 - (SECONDS - SUITE_START)))
+if [ "$LEVERS_LIMIT" -ge 45 ]; then
+    step "levers benchmark" "$LEVERS_LIMIT" "$OUT/bench_levers.txt" \
+        python3 benchmarks/bench_levers.py --seq 1024 --batch 2 --steps 5 --out "$OUT/levers" \
+        --budget-s "$((LEVERS_LIMIT - 35))"
+else
+    SUMMARY+=("$(printf '%-34s %-12s %4ss  %s' "levers benchmark" "SKIPPED" 0 "only ${LEVERS_LIMIT}s left")")
 fi
 
 {
@@ -108,5 +126,14 @@ fi
     echo
     sed -n '/^GOALS:/,$p' "$OUT/bench_kernels.txt" 2>/dev/null
 } | tee "$OUT/summary.txt"
+
+# The device tool brings back at most 8 files from $OUT: when the caller chose $OUT, pack everything
+# but the summary into one archive (unpack with: tar xzf gpu_suite_results.tar.gz).
+if [ -n "$OUT_FROM_CALLER" ]; then
+    archive=$(mktemp /tmp/gpu_suite_results.XXXXXX)
+    tar czf "$archive" -C "$OUT" --exclude ./summary.txt . &&
+        find "$OUT" -mindepth 1 ! -name summary.txt -delete &&
+        mv "$archive" "$OUT/gpu_suite_results.tar.gz"
+fi
 
 exit "$FAILED"
