@@ -22,7 +22,6 @@ from .dispatch import set_kernel_mode
 from .errors import AdapterError, DataError, UserError
 from .inject import (
     DEFAULT_TARGETS,
-    LoRAConfig,
     add_lora,
     count_parameters,
     disable_adapter,
@@ -40,7 +39,7 @@ from .quant import load_base, load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_TARGETS", "AdapterError", "DataError", "LoRAConfig", "LoRALinear", "UserError",
+    "DEFAULT_TARGETS", "AdapterError", "DataError", "LoRALinear", "UserError",
     "add_lora", "count_parameters", "disable_adapter", "load_adapter", "load_base", "load_tokenizer",
     "lora_layers", "lora_parameters", "merge_lora", "print_trainable", "read_adapter_config",
     "save_adapter", "set_adapter_enabled", "set_kernel_mode", "trainable_summary", "unmerge_lora",

@@ -2,7 +2,6 @@
 
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -14,18 +13,6 @@ from .recompute import canonical_name
 # The seed card's list (../shared/seed/): Phi-3's fused projections, Llama/Mistral/Qwen2's o_proj
 # and down_proj, and GPT-NeoX's fused attention input. Names a model lacks are skipped.
 DEFAULT_TARGETS = ("query_key_value", "o_proj", "qkv_proj", "gate_up_proj", "down_proj")
-
-
-@dataclass
-class LoRAConfig:
-    r: int = 8  # the seed card's rank
-    alpha: float = 16  # scale = alpha / r = 2, as in the seed card
-    dropout: float = 0.05  # on the LoRA input only
-    targets: list[str] | str = field(default_factory=lambda: list(DEFAULT_TARGETS))
-    use_rslora: bool = False  # scale = alpha / sqrt(r) (Kalajdzievski 2023), for large ranks
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _matches(name: str, targets: Sequence[str] | str) -> bool:
@@ -76,8 +63,6 @@ def add_lora(
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora))
-    model.lora_config = LoRAConfig(r, alpha, dropout, targets if isinstance(targets, str) else list(targets),
-                                   use_rslora)
     return names
 
 
@@ -166,18 +151,13 @@ class disable_adapter:
         return False
 
 
-def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """`<module path>.lora_A` / `.lora_B` -> tensor, for every LoRA layer (training checkpoints)."""
-    return {f"{name}.{k}": p for name, m in lora_layers(model).items() for k, p in m.adapter_params().items()}
-
-
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_layers(model).values() for p in m.adapter_params().values()]
 
 
 __all__ = [
-    "DEFAULT_TARGETS", "LoRAConfig", "add_lora", "count_parameters",
-    "disable_adapter", "linear_layer_kinds", "lora_layers", "lora_parameters", "lora_state_dict",
+    "DEFAULT_TARGETS", "add_lora", "count_parameters",
+    "disable_adapter", "linear_layer_kinds", "lora_layers", "lora_parameters",
     "matched_target_names", "merge_lora", "print_trainable", "set_adapter_enabled",
     "trainable_summary", "unmerge_lora",
 ]

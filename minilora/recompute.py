@@ -60,10 +60,3 @@ def enable_recompute(model: nn.Module, every: int = 1, offload: OffloadSaved | N
             layers[i] = Recomputed(layer, offload)
         wrapped += isinstance(layers[i], Recomputed)
     return wrapped
-
-
-def disable_recompute(model: nn.Module) -> None:
-    layers = decoder_layers(model)
-    for i, layer in enumerate(layers):
-        if isinstance(layer, Recomputed):
-            layers[i] = layer.inner
