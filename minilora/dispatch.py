@@ -2,12 +2,14 @@
 
 Chosen per call from the mode (`auto`, `triton`, `torch`): set by `set_kernel_mode` (train.py's
 `--kernels`), else the `MINILORA_KERNELS` environment variable, else `auto`. `auto` uses Triton on
-CUDA when the layer's shape is supported and PyTorch otherwise; `triton` insists, and on a CPU it
+CUDA when the layer's shape is supported and the kernels pass a one-time self-check against PyTorch
+on that device and dtype, and PyTorch otherwise; `triton` insists, and on a CPU it
 runs only inside Triton's interpreter (`TRITON_INTERPRET=1`), which is how CPU tests exercise it.
 """
 
 import os
 import warnings
+from functools import cache
 
 import torch
 
@@ -56,6 +58,52 @@ def set_kernel_mode(mode: str | None) -> None:
     _mode = mode
 
 
+# Relative max error the fused path may show against PyTorch in the self-check, per compute dtype.
+SELF_CHECK_TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
+
+
+@cache
+def self_check(device: str, dtype: torch.dtype) -> str | None:
+    """None if the fused kernels reproduce the PyTorch path on this device and dtype, else why not.
+
+    Run once per (device, dtype) before `auto` mode trusts the kernels: a small NF4 layer with LoRA,
+    at a decoding-size and a mid-size M (the split-K and tiled branches), forward and input gradient.
+    """
+    import bitsandbytes as bnb
+
+    from ._kernel_loader import load_kernels
+
+    try:
+        kernels = load_kernels()
+        g = torch.Generator().manual_seed(0)
+        n, k, r = 96, 128, 8
+        base = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=dtype, quant_type="nf4", device="meta")
+        base.weight = bnb.nn.Params4bit(torch.randn(n, k, generator=g) * 0.05, requires_grad=False,
+                                        quant_type="nf4", compress_statistics=True).to(device)
+        base.bias = torch.nn.Parameter((torch.randn(n, generator=g) * 0.1).to(device, dtype), requires_grad=False)
+        base.support_avx512bf16_for_cpu = False
+        lora_a = (torch.randn(r, k, generator=g) * 0.1).to(device)
+        lora_b = (torch.randn(n, r, generator=g) * 0.1).to(device)
+        for m in (5, 130):
+            x = torch.randn(m, k, generator=g).to(device, dtype)
+            outputs = []
+            for fused in (True, False):
+                xi = x.clone().requires_grad_(True)
+                if fused:
+                    y = kernels.lora_linear_4bit(xi, base.weight, base.bias, lora_a, lora_b, 2.0, 0.0, False)
+                else:
+                    y = base(xi) + ((xi.float() @ lora_a.T) @ lora_b.T * 2.0).to(dtype)
+                y.float().square().sum().backward()
+                outputs.append((y.detach().float(), xi.grad.float()))
+            for got, want in zip(*outputs, strict=True):
+                err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+                if not err <= SELF_CHECK_TOL.get(dtype, 1e-4):
+                    return f"differs from PyTorch by {err:.1e} (relative) at M={m}"
+    except Exception as err:  # a kernel that fails to compile or launch here must not stop training
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    return None
+
+
 def use_triton(x: torch.Tensor, weight) -> bool:
     """True when this call should take the fused Triton path (`weight` is a bnb Params4bit)."""
     mode = kernel_mode()
@@ -69,6 +117,12 @@ def use_triton(x: torch.Tensor, weight) -> bool:
     from ._kernel_loader import load_kernels
 
     reason = load_kernels().unsupported_reason(x, weight)
+    if reason is None and mode == "auto":
+        failed = self_check(str(x.device), x.dtype)
+        reason = f"self-check failed on {x.device} in {x.dtype}: {failed}" if failed else None
+        if failed and reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"minilora: Triton kernels disabled ({reason}); using PyTorch", stacklevel=3)
     if reason is not None:
         if mode == "triton" and reason not in _warned:
             _warned.add(reason)

@@ -39,3 +39,9 @@ def test_offload_on_cuda_keeps_gradients(tmp_path):
     assert run_quick(tmp_path / "plain", **quick) == 0
     assert run_quick(tmp_path / "offload", offload_activations=True, **quick) == 0
     assert train_losses(tmp_path / "offload") == pytest.approx(train_losses(tmp_path / "plain"), rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_kernels_pass_the_auto_mode_self_check_on_this_gpu(dtype):
+    minilora.dispatch.self_check.cache_clear()
+    assert minilora.dispatch.self_check("cuda:0", dtype) is None

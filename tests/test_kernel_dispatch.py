@@ -85,3 +85,30 @@ def test_triton_training_run_tracks_the_torch_run(tmp_path):
               for run in ("torch", "triton")]
     assert len(losses[0]) == 3
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_self_check_passes_for_the_real_kernels_and_catches_broken_ones(monkeypatch):
+    """`auto` trusts the kernels on a device only after they reproduce PyTorch there (run here in
+    the interpreter, in fp32); a kernel that computes something else, or raises, is turned off."""
+    check = minilora.dispatch.self_check
+    check.cache_clear()
+    assert check("cpu", torch.float32) is None
+
+    class Broken:
+        @staticmethod
+        def lora_linear_4bit(x, weight, bias, a, b, scale, p, training):
+            return torch.zeros(*x.shape[:-1], b.shape[0], dtype=x.dtype) + x.sum() * 0
+
+    monkeypatch.setattr("minilora._kernel_loader.load_kernels", lambda: Broken)
+    check.cache_clear()
+    assert "differs from PyTorch" in check("cpu", torch.float32)
+
+    class Raising:
+        @staticmethod
+        def lora_linear_4bit(*args):
+            raise RuntimeError("PTX compilation failed")
+
+    monkeypatch.setattr("minilora._kernel_loader.load_kernels", lambda: Raising)
+    check.cache_clear()
+    assert check("cpu", torch.float32) == "RuntimeError: PTX compilation failed"
+    check.cache_clear()
