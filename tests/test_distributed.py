@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,15 +23,21 @@ from minilora.recompute import Recomputed, enable_recompute
 STEPS = dict(max_steps=3, dropout=0.0, eval_every=0, save_every=0)
 
 
-def test_two_gloo_ranks_match_one_process_over_the_same_global_batches(tmp_path):
-    """2 ranks x batch 2 == 1 process x batch 4: same examples per step, gradients all-reduced once."""
-    assert run_quick(tmp_path / "single", batch_size=4, grad_accum=2, **STEPS) == 0
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**QUICK, **STEPS, "batch_size": 2}.items()]
+def torchrun(output, *extra, **overrides):
+    """train.py on 2 gloo ranks (CPU), QUICK settings with `overrides`; returns the finished process."""
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in {**QUICK, **overrides}.items()]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train.py"), *flags, f"--output={tmp_path / 'ddp'}"]
+           str(ROOT / "train.py"), *flags, f"--output={output}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_two_gloo_ranks_match_one_process_over_the_same_global_batches(tmp_path):
+    """2 ranks x batch 2 == 1 process x batch 4: same examples per step, gradients all-reduced once."""
+    assert run_quick(tmp_path / "single", batch_size=4, grad_accum=2, **STEPS) == 0
+    done = torchrun(tmp_path / "ddp", **STEPS, batch_size=2)
     single = load_file(tmp_path / "single" / "adapter_model.safetensors")
     ddp = load_file(tmp_path / "ddp" / "adapter_model.safetensors")
     assert single.keys() == ddp.keys()
@@ -44,6 +51,20 @@ def test_two_gloo_ranks_match_one_process_over_the_same_global_batches(tmp_path)
     run = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert run["world_size"] == 2
     assert done.stdout.count("held-out perplexity") == 1  # only rank 0 reports
+
+
+def test_two_rank_resume_is_identical_to_an_uninterrupted_two_rank_run(tmp_path):
+    """Dropout on: each rank's RNG state is checkpointed and restored to that rank."""
+    run = dict(batch_size=2, max_steps=4, save_every=2, eval_every=0)
+    torchrun(tmp_path / "a", **run)
+    torchrun(tmp_path / "b", **run)
+    (tmp_path / "b" / "adapter_model.safetensors").unlink()
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-4")
+    done = torchrun(tmp_path / "b", "--resume", **run)
+    assert "continuing from" in done.stdout and "step-2" in done.stdout
+    a = load_file(tmp_path / "a" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "adapter_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def demo_batch(n=4):
