@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .batching import Batch
+from .batching import IGNORE_INDEX, Batch
 from .loss import loss_sum
 
 
@@ -60,7 +60,7 @@ def shard(batch: Batch, info: DistInfo) -> Batch:
     labels = batch.labels[rows]
     return replace(batch, input_ids=batch.input_ids[rows], labels=labels,
                    attention_mask=take(batch.attention_mask), position_ids=batch.position_ids[rows],
-                   n_target_tokens=int((labels[:, 1:] != -100).sum()),
+                   n_target_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
                    n_tokens=int(batch.attention_mask[rows].sum()) if batch.attention_mask is not None
                    else labels.numel(),
                    lines=tuple(batch.lines[i] for i in rows.tolist()))

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import save_adapter
+from .adapter import load_adapter, save_adapter
+from .atomic import atomic_write_text
 from .batching import Batch, make_batches
 from .config import TrainConfig
 from .distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, shard, wrap
@@ -161,8 +162,6 @@ class Trainer:
         return path
 
     def restore(self, folder: Path) -> None:
-        from .adapter import load_adapter
-
         load_adapter(self.model, folder)
         saved = load_training_state(folder)
         self.optimizer.load_state_dict(saved["optimizer"])
@@ -320,8 +319,6 @@ class Trainer:
 
 def _truncate_metrics(path: Path, step: int) -> None:
     """Drop metric lines from after the checkpoint being resumed (they will be written again)."""
-    from .atomic import atomic_write_text
-
     if not path.is_file():
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()

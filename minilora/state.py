@@ -2,7 +2,7 @@
 
     <output>/checkpoints/step-N/
         adapter_config.json, adapter_model.safetensors   the adapter at step N (PEFT-loadable)
-        training_state.pt    optimizer, grad scaler, RNG states (Python, NumPy, torch, CUDA), step,
+        training_state.pt    optimizer, grad scaler, RNG states per rank (Python, NumPy, torch, CUDA), step,
                              data position, the held-out loss before training
         manifest.json        the run's fingerprint and a sha256 of each file above
 
@@ -59,8 +59,7 @@ def save_checkpoint(output: str | Path, step: int, model, optimizer, scaler, ext
                     fingerprint: dict, keep: int) -> Path:
     """Write checkpoints/step-<step>/ atomically and keep only the newest `keep` checkpoints."""
     target = checkpoints_dir(output) / f"step-{step}"
-    state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-             "rng": rng_states(), **extra}
+    state = {"step": step, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), **extra}
 
     def build(folder: Path) -> None:
         save_adapter(model, folder, fingerprint.get("model"))
