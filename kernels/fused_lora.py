@@ -15,6 +15,9 @@ The GEMMs dispatch on M, the number of rows:
     SMALL_M_MAX < M < LARGE_M_MIN     tiled GEMM with in-loop dequant, one program per output tile
     M >= LARGE_M_MIN                  dequant W to a temporary buffer + cuBLAS (faster once the
                                       dequant is amortised over enough rows)
+    fp32 on a GPU, any M              dequant + cuBLAS: an IEEE fp32 tl.dot has no tensor cores, and at
+                                      these tiles its FMA loops spill registers (kernel_compile.py);
+                                      the interpreter keeps the M rule, so the CPU tests reach every branch
 
 Dropout runs on the host as `F.dropout` outside the autograd Function, drawn as the PyTorch path
 draws it (same RNG stream, same masks), and its backward is PyTorch's. Without dropout, dX is one fused
@@ -54,7 +57,9 @@ class TileConfig:
     group_m: int = 8
 
 
-def branch_for(m: int) -> str:
+def branch_for(m: int, dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not interpreted():
+        return "dequant"
     if m <= SMALL_M_MAX:
         return "splitk"
     if m >= LARGE_M_MIN:
@@ -78,14 +83,20 @@ def _splitk_bm(m: int) -> int:
     return min(64, max(16, triton.next_power_of_2(m)))  # tl.dot needs >= 16 rows
 
 
+def _splitk_warps(bm: int) -> int:
+    return 8 if bm >= 64 else 4  # 64x64 tiles with 4 warps spill on sm_80 under triton 3.6
+
+
+# The tiled configs use 8 warps: the fp32 W tile being dequantized and the accumulator share the
+# registers, and with 4 warps the forward's 64x128 tile needs 255 registers per thread on sm_90 and
+# spills on sm_80 (benchmarks/kernel_compile.py; with 8 warps: 128 and 174, no spills).
 def fwd_config(branch: str, m: int, n: int, k: int, device: torch.device) -> TileConfig:
     """Tiles for Y (m, n) = X (m, k) @ W^T. Untuned defaults: tests and the benchmark replace this."""
     if branch == "splitk":
         bm = _splitk_bm(m)
         tiles = triton.cdiv(m, bm) * triton.cdiv(n, 64)
-        return TileConfig(bm, 64, 64, _split(tiles, triton.cdiv(k, 64), device), 4, 4)
-    bm = 64 if m <= 256 else 128
-    return TileConfig(bm, 128, 64, 1, 4 if bm == 64 else 8, 3)
+        return TileConfig(bm, 64, 64, _split(tiles, triton.cdiv(k, 64), device), _splitk_warps(bm), 4)
+    return TileConfig(64 if m <= 256 else 128, 128, 64, 1, 8, 3)
 
 
 def dx_config(branch: str, m: int, n: int, k: int, device: torch.device) -> TileConfig:
@@ -93,9 +104,8 @@ def dx_config(branch: str, m: int, n: int, k: int, device: torch.device) -> Tile
     if branch == "splitk":
         bm = _splitk_bm(m)
         tiles = triton.cdiv(m, bm) * triton.cdiv(k, 64)
-        return TileConfig(bm, 64, 64, _split(tiles, triton.cdiv(n, 64), device), 4, 4)
-    bm = 64 if m <= 256 else 128
-    return TileConfig(bm, 64, 128, 1, 4 if bm == 64 else 8, 3)
+        return TileConfig(bm, 64, 64, _split(tiles, triton.cdiv(n, 64), device), _splitk_warps(bm), 4)
+    return TileConfig(64, 64, 128, 1, 8, 3)  # bm 128 spills on sm_80
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,7 +275,7 @@ def base_lora_forward(x: torch.Tensor, pk: Packed4bit, s: torch.Tensor | None, l
     """
     m, k = x.shape
     n = pk.n
-    branch = branch or branch_for(m)
+    branch = branch or branch_for(m, x.dtype)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
@@ -305,7 +315,7 @@ def base_lora_dx(dy: torch.Tensor, pk: Packed4bit, g: torch.Tensor | None, lora_
     """dX (M, K) = dy (M, N) @ W + g (M, r) @ lora_A (r, K), in dy's dtype (`g` None: base only)."""
     m, n = dy.shape
     k = pk.k
-    branch = branch or branch_for(m)
+    branch = branch or branch_for(m, dy.dtype)
     out = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
     if m == 0:
         return out
