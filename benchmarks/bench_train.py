@@ -16,6 +16,8 @@ Per system: training tokens/s (median over the steps after warm-up), peak memory
 and reserved; CPU: peak RSS while training), time to first step (from the start of loading to the end
 of optimizer step 1) and the loss at every step. The losses must agree within a tolerance, or the
 speed means nothing. On GPU also the model FLOPs utilisation (formula in train_setup.FLOPS_FORMULA).
+For ours and ref_loop, one extra step (after the timed ones) runs under torch.profiler: where the time
+goes, summed by category (GEMMs, NF4 dequant, attention, dropout, ...; step_profile.py).
 
 Each system runs in its own process (clean peak memory; an OOM or crash costs only that system);
 the parent writes <out>/<date>-<device>-train.json and .md after each one, so a timeout keeps data.
@@ -27,8 +29,8 @@ the parent writes <out>/<date>-<device>-train.json and .md after each one, so a 
 
 This file plans the runs, starts each system's process and writes the files. The rest lives beside it:
 train_setup.py (the models, recipe, synthetic data and FLOP formula all systems share), train_systems.py
-(one system built, trained and measured: the child process), train_report.py (rounds merged, ratios, loss
-parity, goals, the JSON and Markdown), common.py (commit, device, versions, date: shared with
+(one system built, trained and measured: the child process), step_profile.py (the profiled step),
+train_report.py (rounds merged, ratios, loss parity, goals, the JSON and Markdown), common.py (commit, device, versions, date: shared with
 bench_kernels.py).
 """
 
@@ -97,6 +99,8 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float,
                    help="start no system that would end after this many seconds; results so far are kept "
                         f"(default {QUICK_BUDGET_S}s with --quick, none otherwise)")
+    p.add_argument("--no-profile", dest="profile", action="store_false",
+                   help="skip the extra profiled step of ours and ref_loop (where the time goes, by category)")
     p.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "minilora-bench-models"),
                    help="where the random-weight base models are saved (reused across runs)")
     p.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)
@@ -120,9 +124,9 @@ def device_slug(env: dict) -> str:
 
 
 def make_spec(model_dir: Path, device: torch.device, seq: int, batch: int, steps: int, vocab: int,
-              work: Path) -> dict:
+              work: Path, profile: bool = False) -> dict:
     """Everything a system's process needs, JSON-serialisable."""
-    return {"model_dir": str(model_dir), "device": str(device),
+    return {"model_dir": str(model_dir), "device": str(device), "profile": profile,
             "precision": "bf16" if device.type == "cuda" else "fp32", "seq": seq, "batch": batch, "steps": steps,
             "lr": LR, "seed": SEED, "vocab": vocab, "threads": torch.get_num_threads(),
             "init_dir": str(work / "init_adapter"), "work_dir": str(work)}
@@ -209,7 +213,7 @@ def main(argv=None) -> int:
             work = work_root / f"seq{seq}"
             work.mkdir()
             spec = make_spec(model_dir, device, seq, args.batch or BATCH_FOR_SEQ.get(seq, max(1, 8192 // seq)),
-                             steps, config.vocab_size, work)
+                             steps, config.vocab_size, work, args.profile)
             run = new_run(model_name, config, spec, env["device_name"])
             results["runs"].append(run)
             for rnd in range(rounds):

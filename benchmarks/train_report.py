@@ -9,6 +9,7 @@ import math
 import statistics
 from pathlib import Path
 
+from step_profile import markdown as profile_table
 from train_setup import FLOPS_FORMULA, LORA, MAX_GRAD_NORM, REFERENCES, SYSTEMS
 
 # Loss agreement between ours and each reference, relative. fp32 (CPU): only summation order and the
@@ -200,6 +201,7 @@ def markdown(results: dict) -> str:
                       f"after each run: {', '.join(f'{x:.1f}' for x in loads)}): step times are noisy, and ratios "
                       "within the p20-p80 spread are not a measured difference."]
         lines.append("")
+        lines += profile_table(run, ["ours", "ref_loop"])
         if run["device"] == "cuda":
             lines += [f"MFU: {run['flops_per_token'] / 1e9:.2f} GFLOP/token against "
                       f"{show(run.get('peak_flops') and run['peak_flops'] / 1e12, '{:.0f}', 'unknown')} TFLOP/s "

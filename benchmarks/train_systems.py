@@ -56,7 +56,13 @@ class Meter:
             Path("/proc/self/clear_refs").write_text("5")
         return {"rss_after_load_mib": after, "peak_rss_load_mib": _proc_status_mib("VmHWM")}
 
+    def freeze_peak_memory(self) -> None:
+        """Later peak_memory() calls return the peaks as they are now (before an extra, profiled step)."""
+        self._frozen_peak = self.peak_memory()
+
     def peak_memory(self) -> dict:
+        if getattr(self, "_frozen_peak", None) is not None:
+            return self._frozen_peak
         if self.device.type == "cuda":
             return {"peak_allocated_mib": torch.cuda.max_memory_allocated(self.device) / 2**20,
                     "peak_reserved_mib": torch.cuda.max_memory_reserved(self.device) / 2**20}
@@ -81,23 +87,39 @@ def autocast(spec: dict):
     return torch.autocast(spec["device"].split(":")[0], dtype=torch.bfloat16)
 
 
-def hand_loop(spec: dict, params: list, loss_fn, batches: list, meter: Meter) -> None:
+def hand_loop(spec: dict, params: list, loss_fn, batches: list, meter: Meter) -> dict | None:
     """The step `ours` and `ref_loop` share: AdamW (fused on CUDA, foreach on CPU, as minilora.loop),
-    constant lr, grad clipping at 1.0. Dropout is re-seeded per step, so all systems draw the same masks."""
+    constant lr, grad clipping at 1.0. Dropout is re-seeded per step, so all systems draw the same masks.
+    With spec["profile"], one more step (not timed, loss not kept) runs under the profiler: returned."""
     cuda = meter.device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0, fused=cuda or None,
                             foreach=None if cuda else True)
-    for step, batch in enumerate(batches):
-        torch.manual_seed(spec["seed"] + step)
-        meter.begin()
+
+    def step(batch):
         with autocast(spec):
             loss = loss_fn(batch)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+
+    for i, batch in enumerate(batches):
+        torch.manual_seed(spec["seed"] + i)
+        meter.begin()
+        loss = step(batch)
         meter.end()
         meter.losses.append(loss.item())
+    if not (spec.get("profile") and batches):
+        return None
+    from step_profile import profile_step
+
+    meter.freeze_peak_memory()  # the profiler's own buffers are not the system's memory
+    torch.manual_seed(spec["seed"] + len(batches))
+    try:
+        return profile_step(lambda: step(batches[-1]), meter.device)
+    except Exception as err:  # noqa: BLE001 - the profile is extra: it must not cost the measured steps
+        return {"error": f"{type(err).__name__}: {err}"[:300]}
 
 
 def device_batches(spec: dict, device: torch.device) -> list[dict]:
@@ -130,8 +152,8 @@ def run_ours(spec: dict, meter: Meter) -> dict:
     positions = torch.arange(seq, device=device).expand(spec["batch"], seq)
     batches = [Batch(b["input_ids"], b["labels"], b["attention_mask"], positions, spec["batch"] * (seq - 1),
                      spec["batch"] * seq, ()) for b in device_batches(spec, device)]
-    hand_loop(spec, params, lambda b: loss_sum(model, b) / b.n_target_tokens, batches, meter)
-    return {"load_s": load_s, **mem, "trainable": sum(p.numel() for p in params),
+    profile = hand_loop(spec, params, lambda b: loss_sum(model, b) / b.n_target_tokens, batches, meter)
+    return {"load_s": load_s, **mem, "trainable": sum(p.numel() for p in params), "profile": profile,
             "loss_path": f"minilora.loss.loss_sum: target rows of the hidden states -> lm_head + CE in "
                          f"{CHUNK_ROWS}-row chunks under checkpointing, never the full logits"}
 
@@ -190,8 +212,8 @@ def run_ref_loop(spec: dict, meter: Meter) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     load_s = time.perf_counter() - t0
     mem = meter.reset_peak_memory()
-    hand_loop(spec, params, lambda b: model(**b).loss, device_batches(spec, meter.device), meter)
-    return {"load_s": load_s, **mem, "trainable": sum(p.numel() for p in params),
+    profile = hand_loop(spec, params, lambda b: model(**b).loss, device_batches(spec, meter.device), meter)
+    return {"load_s": load_s, **mem, "trainable": sum(p.numel() for p in params), "profile": profile,
             "loss_path": "model(input_ids, attention_mask, labels).loss: full logits, mean CE"}
 
 

@@ -33,7 +33,8 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
     model_dir = tiny_model_dir("phi3")
     config = AutoConfig.from_pretrained(model_dir)
     work = tmp_path_factory.mktemp("bench-work")
-    spec = bt.make_spec(Path(model_dir), torch.device("cpu"), SEQ, BATCH, STEPS, config.vocab_size, work)
+    spec = bt.make_spec(Path(model_dir), torch.device("cpu"), SEQ, BATCH, STEPS, config.vocab_size, work,
+                        profile=True)
     run = bt.new_run("tiny-phi3", config, spec, "cpu")
     for system in setup.SYSTEMS:  # ours first: the references start from its initial LoRA weights
         bt.record(run, {**systems.run_system(system, spec), "round": 1}, WARMUP)
@@ -93,6 +94,51 @@ def test_results_file_report_and_plot_are_written(tiny_run, tmp_path):
 
     png = load_script("plot").plot(saved, tmp_path / "tiny.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_extra_profiled_step_says_where_the_time_goes(tiny_run):
+    profile_module = importlib.import_module("step_profile")
+    for name in ("ours", "ref_loop"):
+        p = tiny_run["systems"][name]["profile"]
+        assert p["total_ms"] == pytest.approx(sum(p["categories"].values()))
+        assert 0 < p["total_ms"] <= p["wall_ms"] * 1.05  # self times of one thread fit in the step
+        # The LoRA layers' matmuls and their dropout draws (0.05 on every target) are in every step.
+        assert p["categories"]["GEMM (cuBLAS / aten)"] > 0
+        assert p["categories"]["dropout"] > 0
+        assert p["top"] == sorted(p["top"], key=lambda t: -t["ms"])
+        assert all(t["category"] == profile_module.categorize(t["name"]) for t in p["top"])
+    # The profiled step is extra: the timed steps and losses are the STEPS ones, the same as the trainer's.
+    assert len(tiny_run["systems"]["ours"]["losses"]) == STEPS
+    assert tiny_run["systems"]["trainer"].get("profile") is None
+    table = "\n".join(profile_module.markdown(tiny_run, ["ours", "ref_loop"]))
+    assert "| dropout |" in table and "| **total** |" in table
+
+
+@pytest.mark.parametrize("name,category", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1_execute_segment_k_off_kernel",
+     "GEMM (cuBLAS / aten)"),
+    ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "GEMM (cuBLAS / aten)"),
+    ("_fwd_kernel", "NF4 + LoRA fused GEMM (ours)"),
+    ("_splitk_reduce_kernel", "NF4 + LoRA fused GEMM (ours)"),
+    ("_dequant_kernel", "NF4 dequant (ours)"),
+    ("void kDequantizeBlockwise<__nv_bfloat16, 512, 64, 8, 2>(float*, unsigned char*, float*, __nv_bfloat16*, int)",
+     "NF4 dequant / 4-bit GEMM (bitsandbytes)"),
+    ("void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel<Flash_bwd_kernel_traits<128, 64, 128>>",
+     "attention"),
+    ("void at::native::(anonymous namespace)::fused_dropout_kernel_vec<c10::BFloat16, float, unsigned int, 1, 4>",
+     "dropout"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
+     "elementwise and norms"),
+    ("void at::native::(anonymous namespace)::cunn_SoftMaxForward<4, float, float, float, LogSoftMaxForwardEpilogue>",
+     "loss (softmax, cross-entropy)"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamMathFunctor>", "optimizer"),
+    ("Memcpy DtoD (Device -> Device)", "copies and casts"),
+    ("aten::mm", "GEMM (cuBLAS / aten)"),
+    ("aten::bernoulli_", "dropout"),
+    ("MmBackward0", "autograd and Python"),
+])
+def test_profile_categories_of_known_kernel_and_operator_names(name, category):
+    assert importlib.import_module("step_profile").categorize(name) == category
 
 
 def test_both_benchmarks_record_the_commit_the_same_way(monkeypatch):
