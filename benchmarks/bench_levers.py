@@ -45,30 +45,16 @@ VARIANTS = {
     "paged_adamw8bit": {"optim": "paged_adamw8bit"},
     "full_logits_loss": {"full_logits": True},
 }
-# Phi-3-mini-4k-instruct (../shared/ANCHORS.md) on GPUs; a small Phi-3 on CPUs.
-PHI3_MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
-                 num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096)
-PHI3_SMALL = dict(vocab_size=4096, hidden_size=512, intermediate_size=1024, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=1024)
 
 
 def model_dir(cuda: bool, cache: Path) -> Path:
-    """A saved random-weight Phi-3 (built once per cache folder)."""
-    from transformers import AutoModelForCausalLM, Phi3Config
+    """The training benchmark's saved random-weight base (train_setup.saved_model, reused if already built):
+    Phi-3-mini (../shared/ANCHORS.md) in bf16 on GPUs, its small CPU version in fp32 otherwise."""
+    from train_setup import saved_model
 
-    name = "phi3-mini-bf16" if cuda else "phi3-small-fp32"
-    folder = cache / name
-    if (folder / "config.json").is_file():
-        return folder
-    torch.manual_seed(0)
-    config = Phi3Config(**(PHI3_MINI if cuda else PHI3_SMALL), pad_token_id=0, tie_word_embeddings=False)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    with torch.device("cuda" if cuda else "cpu"):
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    tmp = Path(tempfile.mkdtemp(dir=cache, prefix=f".{name}-"))
-    model.save_pretrained(tmp)
-    tmp.rename(folder)
-    return folder
+    if cuda:
+        return saved_model("phi3-mini", torch.bfloat16, torch.device("cuda"), cache)
+    return saved_model("cpu-small", torch.float32, torch.device("cpu"), cache)
 
 
 def peak_mb(cuda: bool) -> float:
@@ -142,7 +128,7 @@ def device_name() -> str:
     return f"CPU {platform.processor() or platform.machine()}"
 
 
-def write_report(run: dict, out: Path) -> Path:
+def write_report(run: dict, out: Path, quiet: bool = False) -> Path:
     base = next((r for r in run["rows"] if r["variant"] == "baseline" and r["status"] == "ok"), None)
     lines = [f"# Memory levers: {run['device']}, {run['date']}, commit {run['commit']}", "",
              f"seq {run['seq']} x batch {run['batch']}, {run['steps']} steps, LoRA r=8 (NF4 base). "
@@ -160,7 +146,8 @@ def write_report(run: dict, out: Path) -> Path:
     stem = out / f"{run['date']}-{'gpu' if run['cuda'] else 'cpu'}-levers"
     stem.with_suffix(".json").write_text(json.dumps(run, indent=2))
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
     return stem
 
 
@@ -188,22 +175,30 @@ def main(argv=None) -> int:
     folder = model_dir(cuda, cache)
     run = {"device": device_name(), "cuda": cuda, "date": datetime.date.today().isoformat(), "commit": git_commit(),
            "seq": args.seq, "batch": args.batch, "steps": args.steps, "model": folder.name, "rows": []}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for name in args.variants:
-        if time.time() - started > args.budget_s:
+        left = args.budget_s - (time.time() - started)
+        if left <= 0:
             run["rows"].append({"variant": name, "status": "not run (budget)"})
             continue
         cmd = [sys.executable, __file__, "--child", name, "--model-dir", str(folder), "--seq", str(args.seq),
                "--batch", str(args.batch), "--steps", str(args.steps)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode == 0:
-            run["rows"].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        try:
+            # A variant may overrun the budget by at most 30 s: the caller's own timeout stays safe.
+            done = subprocess.run(cmd, capture_output=True, text=True,
+                                  timeout=left + 30 if left != float("inf") else None)
+        except subprocess.TimeoutExpired:
+            run["rows"].append({"variant": name, "status": "TIMEOUT (budget)"})
         else:
-            oom = "OutOfMemoryError" in done.stderr
-            run["rows"].append({"variant": name, "status": "OOM" if oom else f"failed (rc {done.returncode})",
-                                "stderr_tail": done.stderr[-2000:]})
+            if done.returncode == 0:
+                run["rows"].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            else:
+                oom = "OutOfMemoryError" in done.stderr
+                run["rows"].append({"variant": name, "status": "OOM" if oom else f"failed (rc {done.returncode})",
+                                    "stderr_tail": done.stderr[-2000:]})
         print(f"{name}: {run['rows'][-1]['status']}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+        write_report(run, out, quiet=True)  # after each variant: a timeout of the whole run keeps the rest
     write_report(run, out)
     return 0
 

@@ -30,8 +30,8 @@ the parent writes <out>/<date>-<device>-train.json and .md after each one, so a 
 This file plans the runs, starts each system's process and writes the files. The rest lives beside it:
 train_setup.py (the models, recipe, synthetic data and FLOP formula all systems share), train_systems.py
 (one system built, trained and measured: the child process), step_profile.py (the profiled step),
-train_report.py (rounds merged, ratios, loss parity, goals, the JSON and Markdown), common.py (commit, device, versions, date: shared with
-bench_kernels.py).
+train_report.py (rounds merged, ratios, loss parity, goals, the JSON and Markdown), common.py (commit,
+device, versions, date: shared with bench_kernels.py).
 """
 
 import argparse

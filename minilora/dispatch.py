@@ -7,6 +7,7 @@ on that device and dtype, and PyTorch otherwise; `triton` insists, and on a CPU 
 runs only inside Triton's interpreter (`TRITON_INTERPRET=1`), which is how CPU tests exercise it.
 """
 
+import contextlib
 import os
 import warnings
 from functools import cache
@@ -62,6 +63,17 @@ def set_kernel_mode(mode: str | None) -> None:
 SELF_CHECK_TOL = {torch.float32: 1e-4, torch.float16: 4e-3, torch.bfloat16: 1.6e-2}
 
 
+@contextlib.contextmanager
+def _isolated(device_type: str):
+    """The self-check runs inside whatever the first fused call runs in: evaluation under no_grad or
+    inference_mode, bf16 autocast, a checkpointed layer (whose saved-tensor hooks would count the
+    check's tensors and break that layer's recomputation) or activation offloading. It needs none of
+    them: gradients on, autocast off, its saved tensors kept as they are."""
+    with (torch.inference_mode(False), torch.enable_grad(), torch.autocast(device_type, enabled=False),
+          torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)):
+        yield
+
+
 @cache
 def self_check(device: str, dtype: torch.dtype) -> str | None:
     """None if the fused kernels reproduce the PyTorch path on this device and dtype, else why not.
@@ -74,33 +86,38 @@ def self_check(device: str, dtype: torch.dtype) -> str | None:
     from ._kernel_loader import load_kernels
 
     try:
-        kernels = load_kernels()
-        g = torch.Generator().manual_seed(0)
-        n, k, r = 96, 128, 8
-        base = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=dtype, quant_type="nf4", device="meta")
-        base.weight = bnb.nn.Params4bit(torch.randn(n, k, generator=g) * 0.05, requires_grad=False,
-                                        quant_type="nf4", compress_statistics=True).to(device)
-        base.bias = torch.nn.Parameter((torch.randn(n, generator=g) * 0.1).to(device, dtype), requires_grad=False)
-        base.support_avx512bf16_for_cpu = False
-        lora_a = (torch.randn(r, k, generator=g) * 0.1).to(device)
-        lora_b = (torch.randn(n, r, generator=g) * 0.1).to(device)
-        for m in (5, 130):
-            x = torch.randn(m, k, generator=g).to(device, dtype)
-            outputs = []
-            for fused in (True, False):
-                xi = x.clone().requires_grad_(True)
-                if fused:
-                    y = kernels.lora_linear_4bit(xi, base.weight, base.bias, lora_a, lora_b, 2.0, 0.0, False)
-                else:
-                    y = base(xi) + ((xi.float() @ lora_a.T) @ lora_b.T * 2.0).to(dtype)
-                y.float().square().sum().backward()
-                outputs.append((y.detach().float(), xi.grad.float()))
-            for got, want in zip(*outputs, strict=True):
-                err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
-                if not err <= SELF_CHECK_TOL.get(dtype, 1e-4):
-                    return f"differs from PyTorch by {err:.1e} (relative) at M={m}"
+        with _isolated(torch.device(device).type):
+            return _compare_with_pytorch(load_kernels(), bnb, device, dtype)
     except Exception as err:  # a kernel that fails to compile or launch here must not stop training
         return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+
+
+def _compare_with_pytorch(kernels, bnb, device: str, dtype: torch.dtype) -> str | None:
+    """Forward and input gradient of the fused path and of PyTorch on one small NF4 layer with LoRA."""
+    g = torch.Generator().manual_seed(0)
+    n, k, r = 96, 128, 8
+    base = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=dtype, quant_type="nf4", device="meta")
+    base.weight = bnb.nn.Params4bit(torch.randn(n, k, generator=g) * 0.05, requires_grad=False,
+                                    quant_type="nf4", compress_statistics=True).to(device)
+    base.bias = torch.nn.Parameter((torch.randn(n, generator=g) * 0.1).to(device, dtype), requires_grad=False)
+    base.support_avx512bf16_for_cpu = False
+    lora_a = (torch.randn(r, k, generator=g) * 0.1).to(device)
+    lora_b = (torch.randn(n, r, generator=g) * 0.1).to(device)
+    for m in (5, 130):
+        x = torch.randn(m, k, generator=g).to(device, dtype)
+        outputs = []
+        for fused in (True, False):
+            xi = x.clone().requires_grad_(True)
+            if fused:
+                y = kernels.lora_linear_4bit(xi, base.weight, base.bias, lora_a, lora_b, 2.0, 0.0, False)
+            else:
+                y = base(xi) + ((xi.float() @ lora_a.T) @ lora_b.T * 2.0).to(dtype)
+            y.float().square().sum().backward()
+            outputs.append((y.detach().float(), xi.grad.float()))
+        for got, want in zip(*outputs, strict=True):
+            err = ((got - want).abs().max() / want.abs().max().clamp_min(1e-6)).item()
+            if not err <= SELF_CHECK_TOL.get(dtype, 1e-4):
+                return f"differs from PyTorch by {err:.1e} (relative) at M={m}"
     return None
 
 

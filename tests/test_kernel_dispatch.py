@@ -87,6 +87,32 @@ def test_triton_training_run_tracks_the_torch_run(tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast", "checkpointed layer"])
+def test_self_check_passes_wherever_the_first_fused_call_happens(context):
+    """The first fused call on a device runs the self-check inside whatever it is in: evaluation
+    (training evaluates before step 1), bf16 autocast, a checkpointed decoder layer. The check must
+    pass there, and the checkpointed layer must still recompute and backpropagate afterwards."""
+    check = minilora.dispatch.self_check
+    check.cache_clear()
+    if context == "checkpointed layer":
+        linear = torch.nn.Linear(8, 8)
+        seen = []
+
+        def layer(x):
+            seen.append(check("cpu", torch.float32))  # the original forward runs it; the recompute hits the cache
+            return linear(x).tanh()
+
+        x = torch.randn(3, 8, requires_grad=True)
+        torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).square().sum().backward()
+        assert seen == [None, None]
+        assert x.grad is not None and linear.weight.grad is not None
+    else:
+        with {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
+              "autocast": torch.autocast("cpu", dtype=torch.bfloat16)}[context]:
+            assert check("cpu", torch.float32) is None
+    check.cache_clear()
+
+
 def test_self_check_passes_for_the_real_kernels_and_catches_broken_ones(monkeypatch):
     """`auto` trusts the kernels on a device only after they reproduce PyTorch there (run here in
     the interpreter, in fp32); a kernel that computes something else, or raises, is turned off."""

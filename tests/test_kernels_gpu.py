@@ -5,6 +5,9 @@ for the interpreter. Tolerances (max |ours - reference| / max |reference|, per t
     bf16 output and dX   1e-2   each side rounds its outputs to bf16 (2^-8 = 3.9e-3 relative) and
                                 sums up to 16384 products in a different order
     bf16 dA, dB          1e-2   ours rounds S and G = s dY B to bf16 where the reference keeps fp32
+    odd shapes, all      2e-2   there A, B ~ 0.2 at r=4 make the LoRA term ~3x the base output, so
+                                the bf16 roundings of S, A and s B (absent from the fp32 reference)
+                                dominate: up to 1.4e-2 in an emulation over 200 seeds per M
 Dequant is exact: equal values to bitsandbytes' CUDA kernel, with and without double quant.
 """
 
@@ -20,6 +23,7 @@ pytestmark = [
 PHI3 = {"qkv_proj": (9216, 3072), "o_proj": (3072, 3072), "gate_up_proj": (16384, 3072),
         "down_proj": (3072, 8192)}
 TOL_BF16 = 1e-2
+TOL_BF16_LORA_HEAVY = 2e-2
 
 
 @pytest.fixture(scope="module")
@@ -162,4 +166,4 @@ def test_fused_bf16_odd_shapes_each_branch(K, monkeypatch, branch, m):
         results.append((y, *torch.autograd.grad(y, [xi, bias, a, b], dy)))
     for what, ours, ref in zip(["y", "dx", "dbias", "dA", "dB"], *results, strict=True):
         err = rel_err(ours, ref)
-        assert err <= TOL_BF16, f"{branch} M={m} {what}: {err:.2e}"
+        assert err <= TOL_BF16_LORA_HEAVY, f"{branch} M={m} {what}: {err:.2e}"
