@@ -6,8 +6,10 @@ For each Phi-3-mini LoRA target shape and M (rows = batch x tokens), forward and
             x cast to fp32, lora_B(lora_A(x)) * scale, cast back, added)
     floor   bf16 F.linear on an already-dequantized weight + the same separate LoRA: the cost
             without quantization, which ours should match at large M
-Then, in priority order while --budget-s lasts: the time of each dispatch branch per M (forward and
-dX) to set SMALL_M_MAX / LARGE_M_MIN from, and a small tile sweep of the split-K kernel at M <= 16.
+First (cheap, and a goal of its own) the NF4 dequant alone against bitsandbytes' CUDA kernel, at a
+few launch sizes. Then, in priority order while --budget-s lasts: the time of each dispatch branch
+per M (forward and dX) to set SMALL_M_MAX / LARGE_M_MIN from, and a small tile sweep of the split-K
+kernel at M <= 16.
 
 Times are CUDA-event medians with p20/p80 (triton.testing.do_bench, L2 flushed before each run), in
 ms. Writes <out>/kernels.json (rows + device, versions, commit, date) and <out>/kernels.md (ratio
@@ -45,6 +47,8 @@ DEVICE, DTYPE = "cuda", torch.bfloat16
 GOAL_SMALL_M, GOAL_SMALL_SPEEDUP = 16, 2.5
 GOAL_LARGE_M = 4096
 SPLITK_SWEEP = [(16, 32, 64), (16, 64, 64), (16, 64, 128), (16, 128, 64), (16, 32, 128)]  # (bm, bn, bk)
+# NF4 dequant alone: (elements per program, warps); the first is what dequantize_packed launches.
+DEQUANT_SWEEP = [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]
 
 
 def parse_args(argv=None):
@@ -105,6 +109,29 @@ def make_layer(name):
     del w
     w_bf16 = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state).to(DTYPE)
     return base, w_bf16
+
+
+def dequant(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
+    """NF4 dequant alone, to bf16: bitsandbytes' CUDA kernel vs ours at a few launch sizes."""
+    import bitsandbytes.functional as bnbf
+
+    n, k = PHI3[name]
+    base, _ = layer
+    packed, state = base.weight.data, base.weight.quant_state
+    pk = K.nf4.pack_state(packed, state)
+    if not torch.equal(K.nf4.dequantize_packed(pk, DTYPE), bnbf.dequantize_4bit(packed, state)):
+        print(f"WARNING {name}: our dequant differs from bitsandbytes'")
+    # Bytes moved: the packed codes and double-quantized absmax read, bf16 written.
+    moved = n * k // 2 + pk.absmax.numel() * pk.absmax.element_size() + n * k * 2
+    candidates = [("bnb", partial(bnbf.dequantize_4bit, packed, state))] + [
+        ("ours" if i == 0 else f"ours-block{blk}-warps{w}", partial(K.nf4.dequantize_packed, pk, DTYPE, blk, w))
+        for i, (blk, w) in enumerate(DEQUANT_SWEEP)]
+    for impl, fn in candidates:
+        if not bench.time_left():
+            return
+        t = bench.measure(fn)
+        bench.rows.append({"kind": "dequant", "shape": name, "n": n, "k": k, "m": 0, "impl": impl,
+                           "mode": "dequant", **t, "gb_per_s": moved / (t["ms"] * 1e-3) / 1e9})
 
 
 def compare(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
@@ -226,6 +253,21 @@ def markdown(meta: dict, rows: list[dict]) -> tuple[str, list[str]]:
              f"{meta['dropout']}. Median ms (CUDA events, L2 flushed). Ratios > 1: ours is faster.", ""]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     goals = []
+    dq = [r for r in rows if r["kind"] == "dequant"]
+    if dq:
+        lines += ["## NF4 dequant alone (bf16 out)", "", "| shape | bnb ms | ours ms | bnb/ours | GB/s ours | "
+                  "best launch | bnb/best |", "|---|---:|---:|---:|---:|---|---:|"]
+        for shape in dict.fromkeys(r["shape"] for r in dq):
+            b_ms, o_ms = get("dequant", shape, 0, "bnb", "dequant"), get("dequant", shape, 0, "ours", "dequant")
+            if None in (b_ms, o_ms):
+                continue
+            best = min((r for r in dq if r["shape"] == shape and r["impl"].startswith("ours")), key=lambda r: r["ms"])
+            gbs = next(r["gb_per_s"] for r in dq if r["shape"] == shape and r["impl"] == "ours")
+            lines.append(f"| {shape} | {b_ms:.4f} | {o_ms:.4f} | {b_ms / o_ms:.2f} | {gbs:,.0f} | {best['impl']} | "
+                         f"{b_ms / best['ms']:.2f} |")
+            goals.append(f"{'PASS' if o_ms <= b_ms else 'FAIL'} dequant {shape}: bnb/ours = {b_ms / o_ms:.2f} "
+                         f"(goal >= 1.00; best launch {best['impl']}: {b_ms / best['ms']:.2f})")
+        lines.append("")
     for mode in ("fwd", "fwd+bwd"):
         lines += [f"## {mode}", "", "| shape | M | ours ms | bnb+LoRA ms | floor ms | bnb/ours | floor/ours | "
                   "peak MiB ours/bnb |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -312,7 +354,7 @@ def main(argv=None) -> int:
             "thresholds": {"SMALL_M_MAX": K.fused_lora.SMALL_M_MAX, "LARGE_M_MIN": K.fused_lora.LARGE_M_MIN}}
     bench = Bench(args)
     layers = {}
-    passes = [compare] if args.no_sweeps else [compare, branches, splitk_tiles]  # by priority
+    passes = [dequant, compare] if args.no_sweeps else [dequant, compare, branches, splitk_tiles]  # by priority
     for run_pass in passes:
         for name in shapes:
             if name not in layers:

@@ -171,19 +171,25 @@ def _dequant_kernel(w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_
     tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=offs < numel)
 
 
-def dequantize_packed(pk: Packed4bit, dtype: torch.dtype) -> torch.Tensor:
-    """W as a (N, K) tensor of `dtype`, each value rounded once from its fp32 product."""
+def dequantize_packed(pk: Packed4bit, dtype: torch.dtype, block: int = 1024, num_warps: int = 4) -> torch.Tensor:
+    """W as a (N, K) tensor of `dtype`, each value rounded once from its fp32 product.
+
+    `block` elements per program (a power of two; raised to the quantization blocksize if smaller) and
+    `num_warps` are launch sizes: benchmarks/bench_kernels.py sweeps them against bitsandbytes.
+    """
     if dtype not in _OUT_DTYPES:
         raise ValueError(f"dequantize to {dtype}: expected float16, bfloat16 or float32")
+    if block & (block - 1):
+        raise ValueError(f"block {block} is not a power of two")
     out = torch.empty(pk.n, pk.k, dtype=dtype, device=pk.data.device)
     numel = out.numel()
     if numel == 0:
         return out
-    block = max(1024, pk.blocksize)
+    block = max(block, pk.blocksize)
     _dequant_kernel[(triton.cdiv(numel, block),)](
         pk.data, pk.absmax, pk.absmax2, pk.code2, pk.offset, pk.code, out, numel,
         BLOCK=block, BS=pk.blocksize, BS2=pk.blocksize2, NESTED=pk.nested,
-        OUT_BF16=dtype == torch.bfloat16, num_warps=4, **pk.launch_options,
+        OUT_BF16=dtype == torch.bfloat16, num_warps=num_warps, **pk.launch_options,
     )
     return out
 

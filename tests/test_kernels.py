@@ -116,6 +116,18 @@ def test_dequant_blocks_straddling_rows_and_odd_sizes(shape):
     assert torch.equal(K.dequantize_4bit(packed, state, torch.float32), bnbf.dequantize_4bit(packed, state))
 
 
+@pytest.mark.parametrize("block,num_warps", [(2048, 4), (8192, 8)])
+def test_dequant_launch_sizes_the_benchmark_sweeps_are_exact_too(block, num_warps):
+    # 9 x 1000 elements: a partial last program at every size, blocks straddling rows.
+    torch.manual_seed(0)
+    w = torch.randn(9, 1000, dtype=torch.float16).to(DEV)
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    ours = K.nf4.dequantize_packed(K.nf4.pack_state(packed, state), torch.float16, block, num_warps)
+    assert torch.equal(ours, bnbf.dequantize_4bit(packed, state))
+    with pytest.raises(ValueError, match="power of two"):
+        K.nf4.dequantize_packed(K.nf4.pack_state(packed, state), torch.float16, 3000)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_dequant_to_another_dtype_rounds_once_from_fp32(dtype):
     weight = make_weight(67, 128)
