@@ -113,7 +113,7 @@ fi
 #    sequence 1024 (the training benchmark's saved model is reused).
 LEFT=$((470 - (SECONDS - SUITE_START)))
 if [ "$LEFT" -ge 40 ]; then
-    step "pytest kernels fp16 (CPU suite on GPU)" "$((LEFT < 60 ? LEFT : 60))" "$OUT/pytest_kernels_fp16.txt" \
+    step "pytest kernels fp16 (on GPU)" "$((LEFT < 60 ? LEFT : 60))" "$OUT/pytest_kernels_fp16.txt" \
         python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k float16
 fi
 LEFT=$((470 - (SECONDS - SUITE_START)))
@@ -136,6 +136,8 @@ fi
     done
     echo
     sed -n '/^GOALS:/,$p' "$OUT/bench_kernels.txt" 2>/dev/null
+    grep -h -E '^- (PASS|FAIL)' "$OUT/train/"*-train.md 2>/dev/null
+    grep -h '^goals:' "$OUT/bench_train.txt" 2>/dev/null
 } | tee "$OUT/summary.txt"
 
 # The device tool brings back at most 8 files from $OUT: when the caller chose $OUT, pack everything
