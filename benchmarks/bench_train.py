@@ -16,7 +16,7 @@ Per system: training tokens/s (median over the steps after warm-up), peak memory
 and reserved; CPU: peak RSS while training), time to first step (from the start of loading to the end
 of optimizer step 1) and the loss at every step. The losses must agree within a tolerance, or the
 speed means nothing. On GPU also the model FLOPs utilisation (formula in train_setup.FLOPS_FORMULA).
-For ours and ref_loop, one extra step (after the timed ones) runs under torch.profiler: where the time
+For ours and ref_loop, two extra steps (after the timed ones) run under torch.profiler: where the time
 goes, summed by category (GEMMs, NF4 dequant, attention, dropout, ...; step_profile.py).
 
 Each system runs in its own process (clean peak memory; an OOM or crash costs only that system);

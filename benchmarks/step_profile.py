@@ -1,4 +1,4 @@
-"""Where one training step's time goes: one extra step under torch.profiler, its kernels (GPU) or
+"""Where one training step's time goes: extra steps under torch.profiler, their kernels (GPU) or
 operators (CPU) summed into a few categories, so a results file says not only how fast each system is
 but what it spends the time on.
 
@@ -51,8 +51,9 @@ def _self_device_us(event) -> float:
     return 0.0
 
 
-def profile_step(step, device: torch.device) -> dict:
-    """Runs `step()` once under the profiler and sums its time by category (milliseconds)."""
+def profile_step(step, device: torch.device, repeat: int = 2) -> dict:
+    """Runs `step()` `repeat` times under the profiler; the time per step by category (milliseconds).
+    More than one step, because on a shared CPU a single one catches one-off stalls of single ops."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -61,10 +62,11 @@ def profile_step(step, device: torch.device) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        step()
+        for _ in range(repeat):
+            step()
         if cuda:
             torch.cuda.synchronize(device)
-        wall_ms = (time.perf_counter() - t0) * 1e3
+        wall_ms = (time.perf_counter() - t0) * 1e3 / repeat
     rows = []
     for avg in prof.key_averages():
         if cuda:
@@ -73,12 +75,12 @@ def profile_step(step, device: torch.device) -> dict:
         else:
             us = float(avg.self_cpu_time_total)
         if us > 0:
-            rows.append((avg.key, categorize(avg.key), us / 1e3, int(avg.count)))
+            rows.append((avg.key, categorize(avg.key), us / 1e3 / repeat, int(avg.count) // repeat))
     categories: dict[str, float] = {}
     for _, category, ms, _ in rows:
         categories[category] = categories.get(category, 0.0) + ms
     rows.sort(key=lambda r: -r[2])
-    return {"device": device.type, "wall_ms": wall_ms, "total_ms": sum(categories.values()),
+    return {"device": device.type, "steps": repeat, "wall_ms": wall_ms, "total_ms": sum(categories.values()),
             "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
             "top": [{"name": n[:160], "category": c, "ms": ms, "count": k} for n, c, ms, k in rows[:TOP]],
             "what": "kernel device time" if cuda else "operator self CPU time"}
@@ -94,7 +96,9 @@ def markdown(run: dict, systems: list[str]) -> list[str]:
     cats = sorted({c for p in profiles.values() for c in p["categories"]},
                   key=lambda c: -max(p["categories"].get(c, 0.0) for p in profiles.values()))
     what = next(iter(profiles.values()))["what"]
-    lines = [f"Where one step's time goes ({what}, ms; one extra step after the timed ones, under torch.profiler):",
+    steps = next(iter(profiles.values())).get("steps", 1)
+    lines = [f"Where one step's time goes ({what}, ms per step; {steps} extra steps after the timed ones, "
+             "under torch.profiler):",
              "", "| category | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for c in cats:
         lines.append(f"| {c} | " + " | ".join(f"{profiles[s]['categories'].get(c, 0.0):,.1f}" for s in names) + " |")

@@ -90,7 +90,7 @@ def autocast(spec: dict):
 def hand_loop(spec: dict, params: list, loss_fn, batches: list, meter: Meter) -> dict | None:
     """The step `ours` and `ref_loop` share: AdamW (fused on CUDA, foreach on CPU, as minilora.loop),
     constant lr, grad clipping at 1.0. Dropout is re-seeded per step, so all systems draw the same masks.
-    With spec["profile"], one more step (not timed, loss not kept) runs under the profiler: returned."""
+    With spec["profile"], two more steps (not timed, losses not kept) run under the profiler: returned."""
     cuda = meter.device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0, fused=cuda or None,
                             foreach=None if cuda else True)
