@@ -119,7 +119,8 @@ def dequant(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
     base, _ = layer
     packed, state = base.weight.data, base.weight.quant_state
     pk = K.nf4.pack_state(packed, state)
-    if not torch.equal(K.nf4.dequantize_packed(pk, DTYPE), bnbf.dequantize_4bit(packed, state)):
+    exact = torch.equal(K.nf4.dequantize_packed(pk, DTYPE), bnbf.dequantize_4bit(packed, state))
+    if not exact:
         print(f"WARNING {name}: our dequant differs from bitsandbytes'")
     # Bytes moved: the packed codes and double-quantized absmax read, bf16 written.
     moved = n * k // 2 + pk.absmax.numel() * pk.absmax.element_size() + n * k * 2
@@ -131,7 +132,8 @@ def dequant(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
             return
         t = bench.measure(fn)
         bench.rows.append({"kind": "dequant", "shape": name, "n": n, "k": k, "m": 0, "impl": impl,
-                           "mode": "dequant", **t, "gb_per_s": moved / (t["ms"] * 1e-3) / 1e9})
+                           "mode": "dequant", **t, "gb_per_s": moved / (t["ms"] * 1e-3) / 1e9,
+                           "bit_exact_vs_bnb": exact})
 
 
 def compare(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
@@ -214,13 +216,13 @@ def branches(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
 
 def splitk_tiles(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
     """Split-K forward at M <= 16 over a few (bm, bn, bk, split): what the defaults should pick."""
-    fused = K.fused_lora
+    fused, tiles = K.fused_lora, K.tiles
     n, k = PHI3[name]
     base, _ = layer
     pk = K.nf4.pack_state(base.weight.data, base.weight.quant_state)
     g = torch.Generator(device=DEVICE).manual_seed(3)
     b = torch.randn(n, RANK, device=DEVICE, generator=g) * 0.02
-    orig = fused.fwd_config
+    orig = tiles.fwd_config
     try:
         for m in [v for v in ms if v <= GOAL_SMALL_M]:
             x = torch.randn(m, k, device=DEVICE, dtype=DTYPE, generator=g)
@@ -229,14 +231,14 @@ def splitk_tiles(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
                 for split in (1, 2, 4, 8):
                     if not bench.time_left():
                         return
-                    cfg = fused.TileConfig(bm, bn, bk, split=split, num_warps=4, num_stages=4)
-                    fused.fwd_config = lambda *_, cfg=cfg: cfg
+                    cfg = tiles.TileConfig(bm, bn, bk, split=split, num_warps=4, num_stages=4)
+                    tiles.fwd_config = lambda *_, cfg=cfg: cfg
                     with torch.no_grad():
                         t = bench.measure(partial(fused.base_lora_forward, x, pk, s, b, SCALE, None, "splitk"))
                     bench.rows.append({"kind": "splitk_tiles", "shape": name, "n": n, "k": k, "m": m,
                                        "impl": f"bm{bm}-bn{bn}-bk{bk}-split{split}", "mode": "fwd", **t})
     finally:
-        fused.fwd_config = orig
+        tiles.fwd_config = orig
 
 
 def markdown(meta: dict, rows: list[dict]) -> tuple[str, list[str]]:
@@ -267,6 +269,8 @@ def markdown(meta: dict, rows: list[dict]) -> tuple[str, list[str]]:
                          f"{b_ms / best['ms']:.2f} |")
             goals.append(f"{'PASS' if o_ms <= b_ms else 'FAIL'} dequant {shape}: bnb/ours = {b_ms / o_ms:.2f} "
                          f"(goal >= 1.00; best launch {best['impl']}: {b_ms / best['ms']:.2f})")
+            exact = all(r.get("bit_exact_vs_bnb") for r in dq if r["shape"] == shape)
+            goals.append(f"{'PASS' if exact else 'FAIL'} dequant {shape}: bit-exact with bitsandbytes")
         lines.append("")
     for mode in ("fwd", "fwd+bwd"):
         lines += [f"## {mode}", "", "| shape | M | ours ms | bnb+LoRA ms | floor ms | bnb/ours | floor/ours | "
@@ -313,7 +317,7 @@ def markdown(meta: dict, rows: list[dict]) -> tuple[str, list[str]]:
                     lines.append(f"| {shape} | | {mode} best | " + ", ".join(
                         f"M={m}: {b}" for m, b in best_by_m.items()) + " | | |")
         lines += ["", "Set SMALL_M_MAX to the largest M where splitk wins and LARGE_M_MIN to the smallest "
-                  "M where dequant wins (kernels/fused_lora.py).", ""]
+                  "M where dequant wins (kernels/tiles.py).", ""]
 
     tile_rows = [r for r in rows if r["kind"] == "splitk_tiles"]
     if tile_rows:
@@ -351,7 +355,7 @@ def main(argv=None) -> int:
     meta = {"device": device_name(torch.device(DEVICE)), **versions("torch", "triton", "bitsandbytes"),
             "commit": git_commit(), "date": now(), "dropout": args.dropout,
             "rank": RANK, "scale": SCALE, "quick": args.quick, "argv": sys.argv,
-            "thresholds": {"SMALL_M_MAX": K.fused_lora.SMALL_M_MAX, "LARGE_M_MIN": K.fused_lora.LARGE_M_MIN}}
+            "thresholds": {"SMALL_M_MAX": K.tiles.SMALL_M_MAX, "LARGE_M_MIN": K.tiles.LARGE_M_MIN}}
     bench = Bench(args)
     layers = {}
     passes = [dequant, compare] if args.no_sweeps else [dequant, compare, branches, splitk_tiles]  # by priority

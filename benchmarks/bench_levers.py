@@ -185,9 +185,9 @@ def main(argv=None) -> int:
         cmd = [sys.executable, __file__, "--child", name, "--model-dir", str(folder), "--seq", str(args.seq),
                "--batch", str(args.batch), "--steps", str(args.steps)]
         try:
-            # A variant may overrun the budget by at most 30 s: the caller's own timeout stays safe.
-            done = subprocess.run(cmd, capture_output=True, text=True,
-                                  timeout=left + 30 if left != float("inf") else None)
+            # A hard deadline at the end of the budget, so that a caller's timeout a little beyond
+            # --budget-s never cuts the run before its report is written.
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=left if left != float("inf") else None)
         except subprocess.TimeoutExpired:
             run["rows"].append({"variant": name, "status": "TIMEOUT (budget)"})
         else:

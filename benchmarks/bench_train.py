@@ -100,7 +100,7 @@ def parse_args(argv=None):
                    help="start no system that would end after this many seconds; results so far are kept "
                         f"(default {QUICK_BUDGET_S}s with --quick, none otherwise)")
     p.add_argument("--no-profile", dest="profile", action="store_false",
-                   help="skip the extra profiled step of ours and ref_loop (where the time goes, by category)")
+                   help="skip the two extra profiled steps of ours and ref_loop (where the time goes, by category)")
     p.add_argument("--model-cache", default=str(Path(tempfile.gettempdir()) / "minilora-bench-models"),
                    help="where the random-weight base models are saved (reused across runs)")
     p.add_argument("--child", choices=SYSTEMS, help=argparse.SUPPRESS)

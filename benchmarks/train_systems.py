@@ -30,6 +30,7 @@ class Meter:
         self.step_s, self.losses = [], []
         self.t_first_step_end = None
         self._t0 = None
+        self._frozen_peak = None
 
     def sync(self):
         if self.device.type == "cuda":
@@ -61,7 +62,7 @@ class Meter:
         self._frozen_peak = self.peak_memory()
 
     def peak_memory(self) -> dict:
-        if getattr(self, "_frozen_peak", None) is not None:
+        if self._frozen_peak is not None:
             return self._frozen_peak
         if self.device.type == "cuda":
             return {"peak_allocated_mib": torch.cuda.max_memory_allocated(self.device) / 2**20,

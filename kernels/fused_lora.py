@@ -9,15 +9,7 @@ small cuBLAS GEMMs; the big GEMMs (X W^T and dY W) read W as packed bytes and de
 in the main loop, and start their accumulator at the LoRA term instead of adding it afterwards
 (LoRAFusion's idea). No full-precision W is kept between forward and backward.
 
-The GEMMs dispatch on M, the number of rows:
-    M <= SMALL_M_MAX                  split-K: few rows, so the reduction dim is split across programs
-                                      to fill the GPU; fp32 partials are summed by a second kernel
-    SMALL_M_MAX < M < LARGE_M_MIN     tiled GEMM with in-loop dequant, one program per output tile
-    M >= LARGE_M_MIN                  dequant W to a temporary buffer + cuBLAS (faster once the
-                                      dequant is amortised over enough rows)
-    fp32 on a GPU, any M              dequant + cuBLAS: an IEEE fp32 tl.dot has no tensor cores, and at
-                                      these tiles its FMA loops spill registers (kernel_compile.py);
-                                      the interpreter keeps the M rule, so the CPU tests reach every branch
+The GEMMs dispatch on M, the number of rows, to split-K, tiled or dequant + cuBLAS: tiles.py.
 
 Dropout runs on the host as `F.dropout` outside the autograd Function, drawn as the PyTorch path
 draws it (same RNG stream, same masks), and its backward is PyTorch's. Without dropout, dX is one fused
@@ -25,87 +17,15 @@ kernel (base + LoRA); with dropout, the kernel computes the base part and the Lo
 back through dropout's own backward.
 """
 
-from dataclasses import dataclass
-from functools import cache
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import tiles
 from .nf4 import QUANT_TYPES, Packed4bit, dequantize_packed, interpreted, load_w_tile, pack_state
 
-# Dispatch thresholds on M (rows of X). Defaults reasoned from H100 numbers (bitsandbytes calibrates
-# its own fused kernel to win up to M ~ 320-512 there), not yet measured for these kernels:
-# benchmarks/bench_kernels.py sweeps every branch per M and prints the crossovers to set them from.
-SMALL_M_MAX = 64
-LARGE_M_MIN = 512
-
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@dataclass(frozen=True)
-class TileConfig:
-    """Tile sizes of one launch. W tiles are (bn, bk); `split` programs share each output tile."""
-
-    bm: int
-    bn: int
-    bk: int
-    split: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-    group_m: int = 8
-
-
-def branch_for(m: int, dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not interpreted():
-        return "dequant"
-    if m <= SMALL_M_MAX:
-        return "splitk"
-    if m >= LARGE_M_MIN:
-        return "dequant"
-    return "tiled"
-
-
-@cache
-def _sm_count(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # the interpreter: a few programs, so that CPU tests still split
-
-
-def _split(tiles: int, steps: int, device: torch.device) -> int:
-    """How many programs share one output tile's reduction: about 2 waves, at most one step each."""
-    return max(1, min(triton.cdiv(2 * _sm_count(device), tiles), steps))
-
-
-def _splitk_bm(m: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(m)))  # tl.dot needs >= 16 rows
-
-
-def _splitk_warps(bm: int) -> int:
-    return 8 if bm >= 64 else 4  # 64x64 tiles with 4 warps spill on sm_80 under triton 3.6
-
-
-# The tiled configs use 8 warps: the fp32 W tile being dequantized and the accumulator share the
-# registers, and with 4 warps the forward's 64x128 tile needs 255 registers per thread on sm_90 and
-# spills on sm_80 (benchmarks/kernel_compile.py; with 8 warps: 128 and 174, no spills).
-def fwd_config(branch: str, m: int, n: int, k: int, device: torch.device) -> TileConfig:
-    """Tiles for Y (m, n) = X (m, k) @ W^T. Untuned defaults: tests and the benchmark replace this."""
-    if branch == "splitk":
-        bm = _splitk_bm(m)
-        tiles = triton.cdiv(m, bm) * triton.cdiv(n, 64)
-        return TileConfig(bm, 64, 64, _split(tiles, triton.cdiv(k, 64), device), _splitk_warps(bm), 4)
-    return TileConfig(64 if m <= 256 else 128, 128, 64, 1, 8, 3)
-
-
-def dx_config(branch: str, m: int, n: int, k: int, device: torch.device) -> TileConfig:
-    """Tiles for dX (m, k) = dY (m, n) @ W: output tiles (bm, bk), reduction over n in steps of bn."""
-    if branch == "splitk":
-        bm = _splitk_bm(m)
-        tiles = triton.cdiv(m, bm) * triton.cdiv(k, 64)
-        return TileConfig(bm, 64, 64, _split(tiles, triton.cdiv(n, 64), device), _splitk_warps(bm), 4)
-    return TileConfig(64, 64, 128, 1, 8, 3)  # bm 128 spills on sm_80
 
 
 # ------------------------------------------------------------------------------------------------
@@ -275,7 +195,7 @@ def base_lora_forward(x: torch.Tensor, pk: Packed4bit, s: torch.Tensor | None, l
     """
     m, k = x.shape
     n = pk.n
-    branch = branch or branch_for(m, x.dtype)
+    branch = branch or tiles.branch_for(m, x.dtype)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
@@ -288,7 +208,7 @@ def base_lora_forward(x: torch.Tensor, pk: Packed4bit, s: torch.Tensor | None, l
                 seed += bias
         return torch.mm(x, w.t(), out=out) if seed is None else torch.addmm(seed, x, w.t(), out=out)
 
-    cfg = fwd_config(branch, m, n, k, x.device)
+    cfg = tiles.fwd_config(branch, m, n, k, x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.bk), cfg.split) * cfg.bk
     split = triton.cdiv(k, k_per_split)  # no empty splits
     partial = split > 1
@@ -315,7 +235,7 @@ def base_lora_dx(dy: torch.Tensor, pk: Packed4bit, g: torch.Tensor | None, lora_
     """dX (M, K) = dy (M, N) @ W + g (M, r) @ lora_A (r, K), in dy's dtype (`g` None: base only)."""
     m, n = dy.shape
     k = pk.k
-    branch = branch or branch_for(m, dy.dtype)
+    branch = branch or tiles.branch_for(m, dy.dtype)
     out = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
     if m == 0:
         return out
@@ -325,7 +245,7 @@ def base_lora_dx(dy: torch.Tensor, pk: Packed4bit, g: torch.Tensor | None, lora_
             return torch.mm(dy, w, out=out)
         return torch.addmm(g @ lora_A.to(dy.dtype), dy, w, out=out)
 
-    cfg = dx_config(branch, m, n, k, dy.device)
+    cfg = tiles.dx_config(branch, m, n, k, dy.device)
     n_per_split = triton.cdiv(triton.cdiv(n, cfg.bn), cfg.split) * cfg.bn
     split = triton.cdiv(n, n_per_split)
     partial = split > 1

@@ -100,13 +100,14 @@ def test_an_extra_profiled_step_says_where_the_time_goes(tiny_run):
     profile_module = importlib.import_module("step_profile")
     for name in ("ours", "ref_loop"):
         p = tiny_run["systems"][name]["profile"]
-        assert p["total_ms"] == pytest.approx(sum(p["categories"].values()))
         assert 0 < p["total_ms"] <= p["wall_ms"] * 1.05  # self times of one thread fit in the step
         # The LoRA layers' matmuls and their dropout draws (0.05 on every target) are in every step.
         assert p["categories"]["GEMM (cuBLAS / aten)"] > 0
         assert p["categories"]["dropout"] > 0
-        assert p["top"] == sorted(p["top"], key=lambda t: -t["ms"])
-        assert all(t["category"] == profile_module.categorize(t["name"]) for t in p["top"])
+    # Counted per step (two were profiled): one dropout draw per LoRA layer call, in the forward and in
+    # the recompute, 4 targets (qkv, o, gate_up, down) in each of the 2 layers.
+    top = {t["name"]: t["count"] for t in tiny_run["systems"]["ours"]["profile"]["top"]}
+    assert top.get("aten::bernoulli_") == 2 * 4 * 2, top
     # The profiled step is extra: the timed steps and losses are the STEPS ones, the same as the trainer's.
     assert len(tiny_run["systems"]["ours"]["losses"]) == STEPS
     assert tiny_run["systems"]["trainer"].get("profile") is None

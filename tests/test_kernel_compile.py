@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "benchmarks" / "kernel_compile.py"
 SHAPES = ["qkv_proj", "down_proj"]  # N > K and K > N
-MS = ["1", "16", "64", "256", "4096"]  # split-K at 1/16 (BM 16) and 64 (BM 64), tiled, dequant + cuBLAS
+MS = ["1", "32", "64", "256", "4096"]  # split-K with BM 16, 32 and 64, tiled, dequant + cuBLAS
 
 
 def _have_cuda_toolchain() -> bool:
@@ -87,9 +87,10 @@ def test_problems_flag_spills_shared_memory_compile_errors_and_missing_tensor_co
 
     assert kc.problems([entry()], 90) == []
     found = kc.problems([entry(stack_bytes=16), entry(shared_bytes=240 * 1024), entry(error="CompilationError: x"),
-                         entry(tensor_cores="none")], 90)
-    assert [("local memory" in p, "shared memory" in p, "does not compile" in p, "tensor-core" in p)
-            for p in found] == [(True, False, False, False), (False, True, False, False),
-                                (False, False, True, False), (False, False, False, True)]
+                         entry(tensor_cores="none"), entry(registers=255)], 90)
+    assert [("local memory" in p, "shared memory" in p, "does not compile" in p, "tensor-core" in p,
+             "all 255 registers" in p) for p in found] == [
+        (True, False, False, False, False), (False, True, False, False, False), (False, False, True, False, False),
+        (False, False, False, True, False), (False, False, False, False, True)]
     assert kc.problems([entry(shared_bytes=200 * 1024)], 90) == []  # fits 227 KiB on sm_90 ...
     assert len(kc.problems([entry(shared_bytes=200 * 1024)], 80)) == 1  # ... not 163 KiB on sm_80

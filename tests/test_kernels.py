@@ -28,6 +28,7 @@ from minilora._kernel_loader import load_kernels  # noqa: E402
 
 K = load_kernels()
 fused = K.fused_lora
+tiles = K.tiles
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
@@ -36,6 +37,13 @@ BRANCH_LIMITS = {  # (SMALL_M_MAX, LARGE_M_MIN) that send every M to one branch
     "tiled": (0, 1 << 40),
     "dequant": (0, 0),
 }
+
+
+def force_branch(monkeypatch, branch):
+    """Every M to `branch`, fp32 included (on a GPU, fp32 would otherwise always take dequant + cuBLAS)."""
+    monkeypatch.setattr(tiles, "SMALL_M_MAX", BRANCH_LIMITS[branch][0])
+    monkeypatch.setattr(tiles, "LARGE_M_MIN", BRANCH_LIMITS[branch][1])
+    monkeypatch.setattr(tiles, "FP32_TO_CUBLAS", False)
 
 
 def make_weight(n, k, *, nested=True, quant_type="nf4", blocksize=64, seed=0):
@@ -165,8 +173,7 @@ def make_x(m, k, dtype, three_d, noncontig):
 
 @pytest.mark.parametrize("branch,m,dtype,f", CASES)
 def test_fused_forward_and_gradients_match_reference(monkeypatch, branch, m, dtype, f):
-    monkeypatch.setattr(fused, "SMALL_M_MAX", BRANCH_LIMITS[branch][0])
-    monkeypatch.setattr(fused, "LARGE_M_MIN", BRANCH_LIMITS[branch][1])
+    force_branch(monkeypatch, branch)
     n, k = f["n"], f["k"]
     weight = make_weight(n, k, nested=f["nested"])
     a, b, bias = make_lora(n, k, 4, dtype, f["bias"])
@@ -191,17 +198,18 @@ def test_fused_gemms_read_exactly_the_dequantized_weight(branch, dtype, nested):
 
 
 TILE_CASES = [  # (blocksize, forward tiles, dX tiles): several blocks per tile, a tile inside a block
-    (32, fused.TileConfig(16, 32, 64, split=2), fused.TileConfig(16, 32, 64, split=3)),
-    (128, fused.TileConfig(16, 64, 64, split=3), fused.TileConfig(32, 16, 64, split=2)),
-    (64, fused.TileConfig(32, 16, 128, split=1), fused.TileConfig(16, 64, 128, split=1)),
+    (32, tiles.TileConfig(16, 32, 64, split=2), tiles.TileConfig(16, 32, 64, split=3)),
+    (128, tiles.TileConfig(16, 64, 64, split=3), tiles.TileConfig(32, 16, 64, split=2)),
+    (64, tiles.TileConfig(32, 16, 128, split=1), tiles.TileConfig(16, 64, 128, split=1)),
 ]
 
 
 @pytest.mark.parametrize("blocksize,fwd_cfg,dx_cfg", TILE_CASES)
 def test_tile_shapes_and_blocksizes(monkeypatch, blocksize, fwd_cfg, dx_cfg):
-    monkeypatch.setattr(fused, "fwd_config", lambda *_: fwd_cfg)
-    monkeypatch.setattr(fused, "dx_config", lambda *_: dx_cfg)
-    monkeypatch.setattr(fused, "SMALL_M_MAX", 64)
+    monkeypatch.setattr(tiles, "fwd_config", lambda *_: fwd_cfg)
+    monkeypatch.setattr(tiles, "dx_config", lambda *_: dx_cfg)
+    monkeypatch.setattr(tiles, "SMALL_M_MAX", 64)
+    monkeypatch.setattr(tiles, "FP32_TO_CUBLAS", False)
     weight = make_weight(100, 384, blocksize=blocksize)
     a, b, bias = make_lora(100, 384, 8, torch.float16, True)
     x = make_x(20, 384, torch.float16, False, False).requires_grad_()
@@ -289,8 +297,7 @@ def test_checkpoint_gives_the_same_gradients():
 
 @pytest.mark.parametrize("branch", list(BRANCH_LIMITS))
 def test_backward_saves_no_full_precision_weight(monkeypatch, branch):
-    monkeypatch.setattr(fused, "SMALL_M_MAX", BRANCH_LIMITS[branch][0])
-    monkeypatch.setattr(fused, "LARGE_M_MIN", BRANCH_LIMITS[branch][1])
+    force_branch(monkeypatch, branch)
     n, k = 130, 192
     weight = make_weight(n, k)
     a, b, bias = make_lora(n, k, 4, torch.float16, True)

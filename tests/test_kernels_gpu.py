@@ -5,9 +5,8 @@ for the interpreter. Tolerances (max |ours - reference| / max |reference|, per t
     bf16 output and dX   1e-2   each side rounds its outputs to bf16 (2^-8 = 3.9e-3 relative) and
                                 sums up to 16384 products in a different order
     bf16 dA, dB          1e-2   ours rounds S and G = s dY B to bf16 where the reference keeps fp32
-    odd shapes, all      2e-2   there A, B ~ 0.2 at r=4 make the LoRA term ~3x the base output, so
-                                the bf16 roundings of S, A and s B (absent from the fp32 reference)
-                                dominate: up to 1.4e-2 in an emulation over 200 seeds per M
+    odd-shape dA, dB     2e-2   at M as small as 1 and 3 no sum averages the bf16 rounding of S and G
+                                out: up to 1.2e-2 in a reviewer's bf16 emulation (not committed)
 Dequant is exact: equal values to bitsandbytes' CUDA kernel, with and without double quant.
 """
 
@@ -23,7 +22,7 @@ pytestmark = [
 PHI3 = {"qkv_proj": (9216, 3072), "o_proj": (3072, 3072), "gate_up_proj": (16384, 3072),
         "down_proj": (3072, 8192)}
 TOL_BF16 = 1e-2
-TOL_BF16_LORA_HEAVY = 2e-2
+TOL_BF16_ODD = {"y": 1e-2, "dx": 1e-2, "dbias": 1e-2, "dA": 2e-2, "dB": 2e-2}
 
 
 @pytest.fixture(scope="module")
@@ -147,14 +146,15 @@ def test_fused_bf16_odd_shapes_each_branch(K, monkeypatch, branch, m):
     import bitsandbytes as bnb
 
     limits = {"splitk": (1 << 40, 1 << 41), "tiled": (0, 1 << 40), "dequant": (0, 0)}[branch]
-    monkeypatch.setattr(K.fused_lora, "SMALL_M_MAX", limits[0])
-    monkeypatch.setattr(K.fused_lora, "LARGE_M_MIN", limits[1])
+    monkeypatch.setattr(K.tiles, "SMALL_M_MAX", limits[0])
+    monkeypatch.setattr(K.tiles, "LARGE_M_MIN", limits[1])
     n, k = 130, 320
     torch.manual_seed(0)
     weight = bnb.nn.Params4bit((torch.randn(n, k) * 0.05).to(torch.bfloat16), requires_grad=False,
                                quant_type="nf4", compress_statistics=True).to("cuda")
-    a = (torch.randn(4, k, device="cuda") * 0.2).requires_grad_()
-    b = (torch.randn(n, 4, device="cuda") * 0.2).requires_grad_()
+    # LoRA weights of a trained adapter's size: the LoRA term a fraction of the base output, as in use.
+    a = (torch.randn(4, k, device="cuda") * 0.05).requires_grad_()
+    b = (torch.randn(n, 4, device="cuda") * 0.05).requires_grad_()
     bias = (torch.randn(n, device="cuda") * 0.1).to(torch.bfloat16).requires_grad_()
     x = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)[:, ::2]  # non-contiguous
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
@@ -166,4 +166,4 @@ def test_fused_bf16_odd_shapes_each_branch(K, monkeypatch, branch, m):
         results.append((y, *torch.autograd.grad(y, [xi, bias, a, b], dy)))
     for what, ours, ref in zip(["y", "dx", "dbias", "dA", "dB"], *results, strict=True):
         err = rel_err(ours, ref)
-        assert err <= TOL_BF16_LORA_HEAVY, f"{branch} M={m} {what}: {err:.2e}"
+        assert err <= TOL_BF16_ODD[what], f"{branch} M={m} {what}: {err:.2e}"
