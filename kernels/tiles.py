@@ -89,16 +89,19 @@ def _splitk_warps(bm: int) -> int:
 def fwd_config(branch: str, m: int, n: int, k: int, device: torch.device) -> TileConfig:
     """Tiles for Y (m, n) = X (m, k) @ W^T. Untuned defaults: tests and the benchmark replace this."""
     if branch == "splitk":
-        bm = _splitk_bm(m)
-        tiles = triton.cdiv(m, bm) * triton.cdiv(n, 64)
-        return TileConfig(bm, 64, 64, _split(tiles, triton.cdiv(k, 64), device), _splitk_warps(bm), 4)
+        return _splitk_config(m, n, k, device)
     return TileConfig(64, 128, 64, 1, 8, 3)
 
 
 def dx_config(branch: str, m: int, n: int, k: int, device: torch.device) -> TileConfig:
     """Tiles for dX (m, k) = dY (m, n) @ W: output tiles (bm, bk), reduction over n in steps of bn."""
     if branch == "splitk":
-        bm = _splitk_bm(m)
-        tiles = triton.cdiv(m, bm) * triton.cdiv(k, 64)
-        return TileConfig(bm, 64, 64, _split(tiles, triton.cdiv(n, 64), device), _splitk_warps(bm), 4)
+        return _splitk_config(m, k, n, device)
     return TileConfig(64, 64, 128, 1, 8, 3)
+
+
+def _splitk_config(m: int, cols: int, depth: int, device: torch.device) -> TileConfig:
+    """64x64 W tiles; (m, cols) output, a reduction of `depth` split over programs."""
+    bm = _splitk_bm(m)
+    tiles = triton.cdiv(m, bm) * triton.cdiv(cols, 64)
+    return TileConfig(bm, 64, 64, _split(tiles, triton.cdiv(depth, 64), device), _splitk_warps(bm), 4)
