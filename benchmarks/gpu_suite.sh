@@ -88,10 +88,13 @@ step "pytest kernels (GPU)" 120 "$OUT/pytest_kernels_gpu.txt" \
 step "pytest training (GPU)" 90 "$OUT/pytest_training_gpu.txt" \
     python3 -m pytest -q -p no:cacheprovider tests/test_gpu_training.py
 
-# 4. Kernel benchmark: ours vs bnb + LoRA vs the bf16 floor, then the dispatch crossovers. It stops
-#    starting measurements after --budget-s and writes what it has (kernels.json, kernels.md).
+# 4. Kernel benchmark: NF4 dequant vs bitsandbytes, ours vs bnb + LoRA vs the bf16 floor, then the
+#    dispatch crossovers and split-K tiles. Short timing runs (--quick: 40 ms per measurement) over all
+#    four Phi-3-mini shapes and six M, so that the crossovers fit too. It stops starting measurements
+#    after --budget-s and writes what it has (kernels.json, kernels.md).
 step "kernel benchmark" 80 "$OUT/bench_kernels.txt" \
-    python3 benchmarks/bench_kernels.py --out "$OUT/kernels" --budget-s 50
+    python3 benchmarks/bench_kernels.py --out "$OUT/kernels" --budget-s 50 --quick \
+    --shapes qkv_proj o_proj gate_up_proj down_proj --ms 1 16 64 256 1024 4096
 
 # 5. Training benchmark: Phi-3-mini (random weights, built from its config) at sequence 2048, minilora vs
 #    transformers + PEFT in the same hand-written loop vs transformers.Trainer: tokens/s, peak memory, time
