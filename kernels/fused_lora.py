@@ -42,6 +42,23 @@ def _tile_coords(pid, num_m, num_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _rank_r_seed(acc, left_ptr, stride_left, rows, mask_m, right_ptr, offs_c, mask_c, stride_rr, stride_rc, R,
+                 scale, R_PAD: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc + left (BM, R) @ (scale * right) (R, C): the LoRA term a GEMM's accumulator starts from.
+
+    left is S or G in the activations' dtype (row stride `stride_left`); right is fp32 LoRA weights
+    read at right_ptr + r * stride_rr + c * stride_rc, scaled and rounded once to the left's dtype.
+    """
+    offs_r = tl.arange(0, R_PAD)
+    mask_r = offs_r < R
+    left = tl.load(left_ptr + rows[:, None] * stride_left + offs_r[None, :],
+                   mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # (BM, R_PAD)
+    right = tl.load(right_ptr + offs_r[:, None].to(tl.int64) * stride_rr + offs_c[None, :].to(tl.int64) * stride_rc,
+                    mask=mask_r[:, None] & mask_c[None, :], other=0.0)  # (R_PAD, C) fp32
+    return tl.dot(left, (right * scale).to(left_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _fwd_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, code_ptr,
                 s_ptr, b_ptr, bias_ptr, out_ptr,
                 M, N, K, R, scale, k_per_split,
@@ -68,14 +85,9 @@ def _fwd_kernel(x_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, co
 
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     if HAS_LORA:
-        if split == 0:
-            offs_r = tl.arange(0, R_PAD)
-            mask_r = offs_r < R
-            s = tl.load(s_ptr + rows[:, None] * stride_sm + offs_r[None, :],
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # (BM, R_PAD)
-            bt = tl.load(b_ptr + offs_n[None, :].to(tl.int64) * R + offs_r[:, None],
-                         mask=mask_r[:, None] & mask_n[None, :], other=0.0)  # (R_PAD, BN) fp32
-            acc = tl.dot(s, (bt * scale).to(dt), acc, input_precision=DOT_PRECISION)
+        if split == 0:  # B^T (r, n) sits at b_ptr + n * R + r
+            acc = _rank_r_seed(acc, s_ptr, stride_sm, rows, mask_m, b_ptr, offs_n, mask_n, 1, R, R, scale,
+                               R_PAD, DOT_PRECISION)
 
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
@@ -123,14 +135,9 @@ def _dx_kernel(dy_ptr, w_ptr, absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, co
 
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     if HAS_LORA:
-        if split == 0:
-            offs_r = tl.arange(0, R_PAD)
-            mask_r = offs_r < R
-            g = tl.load(g_ptr + rows[:, None] * stride_gm + offs_r[None, :],
-                        mask=mask_m[:, None] & mask_r[None, :], other=0.0)  # (BM, R_PAD)
-            a = tl.load(a_ptr + offs_r[:, None].to(tl.int64) * K + offs_k[None, :],
-                        mask=mask_r[:, None] & mask_k[None, :], other=0.0)  # (R_PAD, BK) fp32
-            acc = tl.dot(g, a.to(dt), acc, input_precision=DOT_PRECISION)
+        if split == 0:  # A (r, k) sits at a_ptr + r * K + k
+            acc = _rank_r_seed(acc, g_ptr, stride_gm, rows, mask_m, a_ptr, offs_k, mask_k, K, 1, R, 1.0,
+                               R_PAD, DOT_PRECISION)
 
     n_start = split * n_per_split
     n_end = tl.minimum(n_start + n_per_split, N)
