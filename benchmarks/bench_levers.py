@@ -68,11 +68,11 @@ def run_variant(name: str, folder: str, seq: int, batch: int, steps: int) -> dic
     import torch.nn.functional as F
 
     import minilora
-    from minilora.batching import Batch
-    from minilora.loss import loss_sum
-    from minilora.offload import OffloadSaved
-    from minilora.optim import make_optimizer
-    from minilora.recompute import enable_recompute
+    from minilora.data.batching import Batch
+    from minilora.training.loss import loss_sum
+    from minilora.training.offload import OffloadSaved
+    from minilora.training.optim import make_optimizer
+    from minilora.training.recompute import enable_recompute
 
     lever = VARIANTS[name]
     cuda = torch.cuda.is_available()

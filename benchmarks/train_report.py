@@ -24,7 +24,8 @@ NOTES = [
     "sampler, "
     "adamw_torch on CPU / adamw_torch_fused on GPU). ref_loop vs trainer isolates the loop; ours vs ref_loop "
     "isolates the model.",
-    "Loss: ours sums cross-entropy over target tokens in chunks (minilora.loss) and divides by their count; the "
+    "Loss: ours sums cross-entropy over target tokens in chunks (minilora.training.loss) and divides by their "
+    "count; the "
     "references use the model's own loss from full logits (what users run). Both are the mean over B*(T-1) tokens.",
     "Dropout 0.05 is on in all systems: torch.manual_seed(seed + step) before every step (the trainer via "
     "on_step_begin) and the same module order give identical masks, checkpoint recompute included.",

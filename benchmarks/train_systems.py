@@ -89,7 +89,7 @@ def autocast(spec: dict):
 
 
 def hand_loop(spec: dict, params: list, loss_fn, batches: list, meter: Meter) -> dict | None:
-    """The step `ours` and `ref_loop` share: AdamW (fused on CUDA, foreach on CPU, as minilora.loop),
+    """The step `ours` and `ref_loop` share: AdamW (fused on CUDA, foreach on CPU, as minilora.training.loop),
     constant lr, grad clipping at 1.0. Dropout is re-seeded per step, so all systems draw the same masks.
     With spec["profile"], two more steps (not timed, losses not kept) run under the profiler: returned."""
     cuda = meter.device.type == "cuda"
@@ -132,9 +132,9 @@ def device_batches(spec: dict, device: torch.device) -> list[dict]:
 
 def run_ours(spec: dict, meter: Meter) -> dict:
     import minilora
-    from minilora.batching import Batch
-    from minilora.loss import CHUNK_ROWS, loss_sum
-    from minilora.recompute import enable_recompute
+    from minilora.data.batching import Batch
+    from minilora.training.loss import CHUNK_ROWS, loss_sum
+    from minilora.training.recompute import enable_recompute
 
     device = meter.device
     dtype = torch.float32 if spec["precision"] == "fp32" else torch.bfloat16
@@ -155,7 +155,7 @@ def run_ours(spec: dict, meter: Meter) -> dict:
                      spec["batch"] * seq, ()) for b in device_batches(spec, device)]
     profile = hand_loop(spec, params, lambda b: loss_sum(model, b) / b.n_target_tokens, batches, meter)
     return {"load_s": load_s, **mem, "trainable": sum(p.numel() for p in params), "profile": profile,
-            "loss_path": f"minilora.loss.loss_sum: target rows of the hidden states -> lm_head + CE in "
+            "loss_path": f"minilora.training.loss.loss_sum: target rows of the hidden states -> lm_head + CE in "
                          f"{CHUNK_ROWS}-row chunks under checkpointing, never the full logits"}
 
 

@@ -17,10 +17,10 @@ import logging
 # is missing. It concerns a CPU inference path we switch off (see quant.py); keep the console clean.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from .adapter import load_adapter, read_adapter_config, save_adapter
-from .dispatch import set_kernel_mode
-from .errors import AdapterError, DataError, UserError
-from .inject import (
+from minilora.adapter import load_adapter, read_adapter_config, save_adapter
+from minilora.dispatch import set_kernel_mode
+from minilora.errors import AdapterError, DataError, UserError
+from minilora.inject import (
     DEFAULT_TARGETS,
     add_lora,
     count_parameters,
@@ -33,8 +33,8 @@ from .inject import (
     trainable_summary,
     unmerge_lora,
 )
-from .lora import LoRALinear
-from .quant import load_base, load_tokenizer
+from minilora.lora import LoRALinear
+from minilora.quant import load_base, load_tokenizer
 
 __version__ = "0.1.0"
 

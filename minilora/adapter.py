@@ -17,9 +17,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .atomic import atomic_write, atomic_write_json
-from .errors import AdapterError
-from .inject import add_lora, lora_layers, matched_target_names
+from minilora.atomic import atomic_write, atomic_write_json
+from minilora.errors import AdapterError
+from minilora.inject import add_lora, lora_layers, matched_target_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"

@@ -14,7 +14,7 @@ from functools import cache
 
 import torch
 
-from .errors import UserError
+from minilora.errors import UserError
 
 MODES = ("auto", "triton", "torch")
 _mode: str | None = None
@@ -44,7 +44,7 @@ def check_kernel_mode(mode: str, device: torch.device | str) -> None:
             "in Triton's interpreter: slow, for testing); use --kernels auto or torch"
         )
     try:
-        from ._kernel_loader import load_kernels
+        from minilora._kernel_loader import load_kernels
 
         load_kernels()
     except ImportError as err:
@@ -83,7 +83,7 @@ def self_check(device: str, dtype: torch.dtype) -> str | None:
     """
     import bitsandbytes as bnb
 
-    from ._kernel_loader import load_kernels
+    from minilora._kernel_loader import load_kernels
 
     try:
         with _isolated(torch.device(device).type):
@@ -131,7 +131,7 @@ def use_triton(x: torch.Tensor, weight) -> bool:
         if mode == "triton":
             check_kernel_mode(mode, x.device)
         return False
-    from ._kernel_loader import load_kernels
+    from minilora._kernel_loader import load_kernels
 
     reason = load_kernels().unsupported_reason(x, weight)
     if reason is None and mode == "auto":

@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import load_adapter, read_adapter_config
-from .cli import run_cli
-from .errors import UserError
-from .merge import trained_base_settings
-from .quant import QUANT_TYPES, load_base, load_tokenizer
+from minilora.adapter import load_adapter, read_adapter_config
+from minilora.errors import UserError
+from minilora.merge import trained_base_settings
+from minilora.quant import QUANT_TYPES, load_base, load_tokenizer
+from minilora.training.cli import run_cli
 
 DEFAULT_MAX_NEW_TOKENS = 256
 CHAT_END = "<|end|>"  # Phi-3's end of a chat turn; a reply stops there as at eos

@@ -6,9 +6,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .errors import UserError
-from .lora import LoRALinear, is_4bit
-from .recompute import canonical_name
+from minilora.errors import UserError
+from minilora.lora import LoRALinear, is_4bit
+from minilora.training.recompute import canonical_name
 
 # The seed card's list (../shared/seed/): Phi-3's fused projections, Llama/Mistral/Qwen2's o_proj
 # and down_proj, and GPT-NeoX's fused attention input. Names a model lacks are skipped.

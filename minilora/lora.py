@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dispatch import use_triton
+from minilora.dispatch import use_triton
 
 
 def is_4bit(layer: nn.Module) -> bool:
@@ -95,7 +95,7 @@ class LoRALinear(nn.Module):
             return self.base_layer(x)
         weight = self.base_layer.weight
         if is_4bit(self.base_layer) and use_triton(x, weight):
-            from ._kernel_loader import load_kernels
+            from minilora._kernel_loader import load_kernels
 
             return load_kernels().lora_linear_4bit(
                 x, weight, self.base_layer.bias, self.lora_A, self.lora_B,

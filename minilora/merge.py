@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 
-from .adapter import load_adapter, read_adapter_config
-from .atomic import atomic_replace_dir
-from .cli import run_cli
-from .errors import UserError
-from .lora import LoRALinear, is_4bit, plain_linear
-from .quant import QUANT_TYPES, default_device, is_local_model, load_base, resolve_model_path
+from minilora.adapter import load_adapter, read_adapter_config
+from minilora.atomic import atomic_replace_dir
+from minilora.errors import UserError
+from minilora.lora import LoRALinear, is_4bit, plain_linear
+from minilora.quant import QUANT_TYPES, default_device, is_local_model, load_base, resolve_model_path
+from minilora.training.cli import run_cli
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}

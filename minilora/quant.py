@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .errors import UserError
+from minilora.errors import UserError
 
 QUANT_TYPES = ("nf4", "fp4", "none")
 BUILTIN_PREFIX = "builtin:"
@@ -35,7 +35,7 @@ def default_compute_dtype(device: torch.device) -> torch.dtype:
 def resolve_model_path(name_or_path: str) -> str:
     """`builtin:<name>` -> the folder of the built-in demo model; anything else unchanged."""
     if name_or_path.startswith(BUILTIN_PREFIX):
-        from .builtin import resolve_builtin
+        from minilora.builtin import resolve_builtin
 
         return str(resolve_builtin(name_or_path[len(BUILTIN_PREFIX):]))
     return name_or_path

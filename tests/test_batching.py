@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from minilora.batching import IGNORE_INDEX, epoch_order, make_batches, seeded_permutation
 from minilora.builtin import build_model
-from minilora.data import Example
+from minilora.data.batching import IGNORE_INDEX, epoch_order, make_batches, seeded_permutation
+from minilora.data.dataset import Example
 
 X = IGNORE_INDEX
 PAD = 259

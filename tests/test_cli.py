@@ -3,9 +3,9 @@
 import pytest
 from train_utils import DEMO
 
-from minilora.cli import build_parser, parse_config, run
-from minilora.config import TrainConfig
 from minilora.errors import UserError
+from minilora.training.cli import build_parser, parse_config, run
+from minilora.training.config import TrainConfig
 
 ISSUE_FLAGS = ["--model", "--output", "--r", "--alpha", "--dropout", "--targets", "--rslora", "--quant", "--epochs",
                "--max-steps", "--batch-size", "--grad-accum", "--lr", "--warmup-steps", "--seq-len", "--eval-fraction",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from minilora.builtin import build_tokenizer
-from minilora.data import (
+from minilora.data.dataset import (
     IGNORE_INDEX,
     load_dataset,
     prompt_ids,

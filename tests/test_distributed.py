@@ -12,13 +12,13 @@ from safetensors.torch import load_file
 from train_utils import DEMO, QUICK, ROOT, run_quick
 
 import minilora
-from minilora.batching import make_batches
 from minilora.builtin import build_tokenizer
-from minilora.data import load_dataset
-from minilora.loss import loss_sum
-from minilora.offload import OffloadSaved
-from minilora.optim import make_optimizer
-from minilora.recompute import Recomputed, enable_recompute
+from minilora.data.batching import make_batches
+from minilora.data.dataset import load_dataset
+from minilora.training.loss import loss_sum
+from minilora.training.offload import OffloadSaved
+from minilora.training.optim import make_optimizer
+from minilora.training.recompute import Recomputed, enable_recompute
 
 STEPS = dict(max_steps=3, dropout=0.0, eval_every=0, save_every=0)
 

@@ -12,9 +12,9 @@ from peft import PeftModel
 from torch import nn
 
 import minilora
-from minilora.cli import run_cli
 from minilora.generate import encode_prompt, generate, generate_ids, load_for_generation, main, stop_token_ids
 from minilora.quant import resolve_model_path
+from minilora.training.cli import run_cli
 
 BASE = "builtin:tiny-phi3"
 PROMPT = "The weather is good today."  # the seed card's prompt

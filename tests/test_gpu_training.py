@@ -6,7 +6,7 @@ from train_utils import run_quick
 
 import minilora
 import minilora.dispatch
-from minilora.plot import read_metrics
+from minilora.training.plot import read_metrics
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

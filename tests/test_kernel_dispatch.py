@@ -11,7 +11,7 @@ from train_utils import run_quick
 
 import minilora
 import minilora.dispatch
-from minilora.plot import read_metrics
+from minilora.training.plot import read_metrics
 
 TOL = dict(atol=2e-5, rtol=1e-4)  # fp32, different summation order (tiled GEMM vs bnb dequant + mm)
 

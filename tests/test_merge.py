@@ -14,8 +14,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import minilora
-from minilora.cli import run_cli
 from minilora.merge import main, merge_adapter, trained_base_settings
+from minilora.training.cli import run_cli
 
 # fp32: the merged model runs the same math with W + s·BA pre-summed, differing only in fp32 rounding
 # (dequantized fp32 weights vs bnb's dequantize + fp32 matmul on the 4-bit base are the same numbers).

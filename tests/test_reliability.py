@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from train_utils import DEMO, QUICK, ROOT, run_quick
 
-import minilora.distributed
-import minilora.loop
-from minilora.cli import run
-from minilora.plot import read_metrics
+import minilora.training.distributed
+import minilora.training.loop
+from minilora.training.cli import run
+from minilora.training.plot import read_metrics
 
 GOOD = json.dumps({"instruction": "Say hi", "output": "hi"})
 
@@ -90,7 +90,7 @@ def test_bad_flags_are_caught_before_the_model_loads(flags, fragment, tmp_path, 
                                                       monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     loaded = []
-    monkeypatch.setattr("minilora.train.load_base", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr("minilora.training.job.load_base", lambda *a, **k: loaded.append(1))
     assert run(argv_for(existing_output, DEMO, *flags)) == 2
     assert fragment in capsys.readouterr().err
     assert not loaded
@@ -129,7 +129,7 @@ def test_skip_bad_lines_continues_and_reports(tmp_path, capsys):
 # --- numerical faults ------------------------------------------------------------------------------
 
 def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setenv(minilora.loop.FAULT_NAN_STEPS_ENV, "2")
+    monkeypatch.setenv(minilora.training.loop.FAULT_NAN_STEPS_ENV, "2")
     assert run_quick(tmp_path / "out", max_steps=4) == 0
     steps = [m for m in read_metrics(tmp_path / "out" / "metrics.jsonl") if m["kind"] == "train"]
     assert steps[1]["skipped"] == "non-finite loss" and steps[1]["loss"] is None
@@ -139,7 +139,7 @@ def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
 
 
 def test_consecutive_nan_steps_stop_with_a_checkpoint_and_no_nan_weights(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(minilora.loop.FAULT_NAN_STEPS_ENV, "3,4,5")
+    monkeypatch.setenv(minilora.training.loop.FAULT_NAN_STEPS_ENV, "3,4,5")
     code = run(argv_for(tmp_path / "out", DEMO, "--max-bad-steps=3", "--max-steps=8"))
     assert code == 1
     assert "3 optimizer steps in a row had a non-finite loss" in capsys.readouterr().err
@@ -153,7 +153,7 @@ def test_out_of_memory_reports_the_step_and_the_flags_that_help(tmp_path, monkey
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(minilora.distributed, "loss_sum", oom)
+    monkeypatch.setattr(minilora.training.distributed, "loss_sum", oom)
     assert run(argv_for(tmp_path / "out", DEMO, "--eval-fraction=0")) == 3
     err = capsys.readouterr().err
     assert "out of GPU memory at step 1 (batch 4, --seq-len 128)" in err

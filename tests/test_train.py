@@ -12,10 +12,10 @@ from train_utils import DEMO, quick_config, run_quick
 
 import minilora
 from minilora.builtin import build_tokenizer
-from minilora.data import load_dataset
-from minilora.loop import Trainer
-from minilora.plot import read_metrics
-from minilora.schedule import lr_at
+from minilora.data.dataset import load_dataset
+from minilora.training.loop import Trainer
+from minilora.training.plot import read_metrics
+from minilora.training.schedule import lr_at
 
 
 @pytest.fixture(scope="module")

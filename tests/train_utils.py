@@ -2,8 +2,8 @@
 
 from pathlib import Path
 
-from minilora.config import TrainConfig, validate
-from minilora.train import train_from_config
+from minilora.training.config import TrainConfig, validate
+from minilora.training.job import train_from_config
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo.jsonl"

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from minilora.data import Example
+    from minilora.data.dataset import Example
 
-# The label value torch's cross_entropy skips by default; minilora.data re-exports it.
+# The label value torch's cross_entropy skips by default; minilora.data.dataset re-exports it.
 IGNORE_INDEX = -100
 
 

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minilora.batching import IGNORE_INDEX, seeded_permutation
+from minilora.data.batching import IGNORE_INDEX, seeded_permutation
 from minilora.errors import DataError, UserError
 
 # Fields that identify each format (any of them present claims the record) and the required ones.

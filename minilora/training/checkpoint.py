@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapter import save_adapter
-from .atomic import atomic_replace_dir
+from minilora.adapter import save_adapter
+from minilora.atomic import atomic_replace_dir
 
 STATE_NAME = "training_state.pt"
 MANIFEST_NAME = "manifest.json"

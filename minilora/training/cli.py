@@ -14,8 +14,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from .config import TrainConfig, validate
-from .errors import UserError
+from minilora.errors import UserError
+from minilora.training.config import TrainConfig, validate
 
 EXIT_USER_ERROR = 2
 
@@ -116,7 +116,7 @@ def run_cli(entry: Callable[[list[str] | None], int | None], argv: list[str] | N
 
 def run(argv: list[str] | None = None) -> int:
     """train.py's whole command line; returns the exit code."""
-    from .train import train_from_config
+    from minilora.training.job import train_from_config
 
     return run_cli(lambda a: train_from_config(parse_config(a)), argv)
 

@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .atomic import atomic_write  # noqa: E402
+from minilora.atomic import atomic_write  # noqa: E402
 
 
 def read_metrics(path: str | Path) -> list[dict]:

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .batching import IGNORE_INDEX, Batch
+from minilora.data.batching import IGNORE_INDEX, Batch
 
 CHUNK_ROWS = 2048  # rows of logits alive at once: 2048 x 32064 x 4 bytes = 263 MB in fp32
 

@@ -20,16 +20,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .adapter import load_adapter, save_adapter
-from .atomic import atomic_write_text
-from .batching import Batch, make_batches
-from .config import TrainConfig
-from .distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, shard, wrap
-from .evaluate import evaluate
-from .inject import lora_parameters
-from .optim import make_optimizer
-from .schedule import lr_at
-from .state import load_training_state, rng_states, save_checkpoint, set_rng_states
+from minilora.adapter import load_adapter, save_adapter
+from minilora.atomic import atomic_write_text
+from minilora.data.batching import Batch, make_batches
+from minilora.inject import lora_parameters
+from minilora.training.checkpoint import load_training_state, rng_states, save_checkpoint, set_rng_states
+from minilora.training.config import TrainConfig
+from minilora.training.distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, shard, wrap
+from minilora.training.evaluate import evaluate
+from minilora.training.optim import make_optimizer
+from minilora.training.schedule import lr_at
 
 # Test hook: optimizer steps (numbered from 1 as in metrics.jsonl, comma-separated) whose loss is
 # replaced by NaN, to exercise the non-finite-step handling end to end. Never set in normal use.

@@ -6,9 +6,9 @@ import math
 import torch
 from torch import nn
 
-from .batching import Batch
-from .distributed import DistInfo, all_reduce_sum, shard
-from .loss import loss_sum
+from minilora.data.batching import Batch
+from minilora.training.distributed import DistInfo, all_reduce_sum, shard
+from minilora.training.loss import loss_sum
 
 
 @torch.no_grad()

@@ -16,22 +16,22 @@ import numpy as np
 import torch
 import transformers
 
-from .adapter import CONFIG_NAME, WEIGHTS_NAME, save_adapter
-from .atomic import atomic_write_json, atomic_write_text
-from .batching import make_batches
-from .card import render_card
-from .config import TrainConfig
-from .data import Dataset, load_dataset, split_eval
-from .dispatch import check_kernel_mode, set_kernel_mode
-from .distributed import DistInfo, barrier, init_distributed, shutdown
-from .errors import UserError
-from .inject import add_lora, count_parameters, linear_layer_kinds, matched_target_names, trainable_summary
-from .loop import Trainer, TrainingStopped
-from .offload import OffloadSaved
-from .plot import plot_losses, read_metrics
-from .quant import load_base, load_tokenizer, resolve_model_path
-from .recompute import enable_recompute
-from .state import newest_intact_checkpoint, read_manifest
+from minilora.adapter import CONFIG_NAME, WEIGHTS_NAME, save_adapter
+from minilora.atomic import atomic_write_json, atomic_write_text
+from minilora.data.batching import make_batches
+from minilora.data.dataset import Dataset, load_dataset, split_eval
+from minilora.dispatch import check_kernel_mode, set_kernel_mode
+from minilora.errors import UserError
+from minilora.inject import add_lora, count_parameters, linear_layer_kinds, matched_target_names, trainable_summary
+from minilora.quant import load_base, load_tokenizer, resolve_model_path
+from minilora.training.card import render_card
+from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
+from minilora.training.config import TrainConfig
+from minilora.training.distributed import DistInfo, barrier, init_distributed, shutdown
+from minilora.training.loop import Trainer, TrainingStopped
+from minilora.training.offload import OffloadSaved
+from minilora.training.plot import plot_losses, read_metrics
+from minilora.training.recompute import enable_recompute
 
 # Settings that may differ on --resume without changing what the run computes.
 RESUME_MAY_CHANGE = {"output", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints",

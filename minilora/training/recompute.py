@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .offload import OffloadSaved
+from minilora.training.offload import OffloadSaved
 
 INNER = "inner"
 

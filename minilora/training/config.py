@@ -9,8 +9,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import UserError
-from .inject import DEFAULT_TARGETS
+from minilora.errors import UserError
+from minilora.inject import DEFAULT_TARGETS
 
 
 def _f(default, help: str, **kw):

@@ -14,8 +14,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .batching import IGNORE_INDEX, Batch
-from .loss import loss_sum
+from minilora.data.batching import IGNORE_INDEX, Batch
+from minilora.training.loss import loss_sum
 
 
 @dataclass(frozen=True)

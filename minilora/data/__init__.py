@@ -1,0 +1,1 @@
+"""Training data: JSONL records -> tokenized examples with loss masks -> batches."""
