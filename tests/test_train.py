@@ -13,7 +13,7 @@ from train_utils import DEMO, quick_config, run_quick
 import minilora
 from minilora.builtin import build_tokenizer
 from minilora.data.dataset import load_dataset
-from minilora.training.loop import Trainer
+from minilora.training.loop import TrainingLoop
 from minilora.training.plot import read_metrics
 from minilora.training.schedule import lr_at
 
@@ -96,7 +96,7 @@ def test_gradient_accumulation_is_normalised_by_target_tokens(tmp_path):
         torch.manual_seed(0)
         model = minilora.load_base("builtin:tiny-phi3")
         minilora.add_lora(model, dropout=0.0)
-        trainer = Trainer(model, cfg, examples, [], tokenizer.pad_token_id, torch.device("cpu"), "fp32", {})
+        trainer = TrainingLoop(model, cfg, examples, [], tokenizer.pad_token_id, torch.device("cpu"), "fp32", {})
         trainer.train_step()
         weights.append([p.detach().clone() for p in minilora.lora_parameters(model)])
     for one, two in zip(*weights, strict=True):

@@ -28,7 +28,7 @@ from minilora.training.card import render_card
 from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
 from minilora.training.config import TrainConfig
 from minilora.training.distributed import DistInfo, barrier, init_distributed, shutdown
-from minilora.training.loop import Trainer, TrainingStopped
+from minilora.training.loop import TrainingLoop, TrainingStopped
 from minilora.training.offload import OffloadSaved
 from minilora.training.plot import plot_losses, read_metrics
 from minilora.training.recompute import enable_recompute
@@ -207,7 +207,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     pad_id = tokenizer.pad_token_id
     eval_batches = make_batches(data.eval_examples, cfg.batch_size * dist.world, 0, cfg.seed, pad_id, cfg.packing,
                                 cfg.seq_len)
-    trainer = Trainer(model, cfg, data.train_examples, eval_batches, pad_id, device, precision, fp, dist)
+    trainer = TrainingLoop(model, cfg, data.train_examples, eval_batches, pad_id, device, precision, fp, dist)
     run = {"config": cfg.to_dict(), "precision": precision, "compute_dtype": str(COMPUTE_DTYPE[precision]),
            "double_quant": True, "device": str(device), "hardware": hardware(device), "versions": versions(),
            "architecture": type(model).__name__, "command": " ".join(sys.argv), "world_size": dist.world,

@@ -124,7 +124,7 @@ def total_steps(cfg: TrainConfig, n_batches: int) -> int:
     return max(1, math.ceil(cfg.epochs * n_batches / cfg.grad_accum))
 
 
-class Trainer:
+class TrainingLoop:
     """Holds what the steps share; `run()` is the loop."""
 
     def __init__(self, model, cfg: TrainConfig, train_examples, eval_batches: list[Batch], pad_id: int,
