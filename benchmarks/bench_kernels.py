@@ -8,7 +8,7 @@ For each Phi-3-mini LoRA target shape and M (rows = batch x tokens), forward and
             without quantization, which ours should match at large M
 First (cheap, and a goal of its own) the NF4 dequant alone against bitsandbytes' CUDA kernel, at a
 few launch sizes. Then, in priority order while --budget-s lasts: the time of each dispatch branch
-per M (forward and dX) to set SMALL_M_MAX / LARGE_M_MIN from, and a small tile sweep of the split-K
+per M (forward and dX) to set KernelConfig's small_m_max / large_m_min from, and a small tile sweep of the split-K
 kernel at M <= 16.
 
 Times are CUDA-event medians with p20/p80 (triton.testing.do_bench, L2 flushed before each run), in
@@ -32,7 +32,7 @@ import torch
 HERE = str(Path(__file__).resolve().parent)
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
-from common import ROOT, device_name, git_commit, now, use_checkout, versions  # noqa: E402
+from common import ROOT, device_name, git_commit, now, versions  # noqa: E402
 
 # (N out, K in) of the four Phi-3-mini linears LoRA targets (ANCHORS.md).
 PHI3 = {"qkv_proj": (9216, 3072), "o_proj": (3072, 3072), "gate_up_proj": (16384, 3072),
@@ -216,29 +216,25 @@ def branches(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
 
 def splitk_tiles(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
     """Split-K forward at M <= 16 over a few (bm, bn, bk, split): what the defaults should pick."""
-    fused, tiles = K.fused_lora, K.tiles
+    fused = K.fused_lora
     n, k = PHI3[name]
     base, _ = layer
     pk = K.nf4.pack_state(base.weight.data, base.weight.quant_state)
     g = torch.Generator(device=DEVICE).manual_seed(3)
     b = torch.randn(n, RANK, device=DEVICE, generator=g) * 0.02
-    orig = tiles.fwd_config
-    try:
-        for m in [v for v in ms if v <= GOAL_SMALL_M]:
-            x = torch.randn(m, k, device=DEVICE, dtype=DTYPE, generator=g)
-            s = torch.randn(m, RANK, device=DEVICE, dtype=DTYPE, generator=g)
-            for bm, bn, bk in SPLITK_SWEEP:
-                for split in (1, 2, 4, 8):
-                    if not bench.time_left():
-                        return
-                    cfg = tiles.TileConfig(bm, bn, bk, split=split, num_warps=4, num_stages=4)
-                    tiles.fwd_config = lambda *_, cfg=cfg: cfg
-                    with torch.no_grad():
-                        t = bench.measure(partial(fused.base_lora_forward, x, pk, s, b, SCALE, None, "splitk"))
-                    bench.rows.append({"kind": "splitk_tiles", "shape": name, "n": n, "k": k, "m": m,
-                                       "impl": f"bm{bm}-bn{bn}-bk{bk}-split{split}", "mode": "fwd", **t})
-    finally:
-        tiles.fwd_config = orig
+    for m in [v for v in ms if v <= GOAL_SMALL_M]:
+        x = torch.randn(m, k, device=DEVICE, dtype=DTYPE, generator=g)
+        s = torch.randn(m, RANK, device=DEVICE, dtype=DTYPE, generator=g)
+        for bm, bn, bk in SPLITK_SWEEP:
+            for split in (1, 2, 4, 8):
+                if not bench.time_left():
+                    return
+                tiles = K.TileConfig(bm, bn, bk, split=split, num_warps=4, num_stages=4)
+                config = K.KernelConfig(fwd_tiles=tiles)
+                with torch.no_grad():
+                    t = bench.measure(partial(fused.base_lora_forward, x, pk, s, b, SCALE, None, "splitk", config))
+                bench.rows.append({"kind": "splitk_tiles", "shape": name, "n": n, "k": k, "m": m,
+                                   "impl": f"bm{bm}-bn{bn}-bk{bk}-split{split}", "mode": "fwd", **t})
 
 
 def markdown(meta: dict, rows: list[dict]) -> tuple[str, list[str]]:
@@ -316,8 +312,8 @@ def markdown(meta: dict, rows: list[dict]) -> tuple[str, list[str]]:
                 if best_by_m:
                     lines.append(f"| {shape} | | {mode} best | " + ", ".join(
                         f"M={m}: {b}" for m, b in best_by_m.items()) + " | | |")
-        lines += ["", "Set SMALL_M_MAX to the largest M where splitk wins and LARGE_M_MIN to the smallest "
-                  "M where dequant wins (kernels/tiles.py).", ""]
+        lines += ["", "Set small_m_max to the largest M where splitk wins and large_m_min to the smallest "
+                  "M where dequant wins (KernelConfig in kernels/tiles.py).", ""]
 
     tile_rows = [r for r in rows if r["kind"] == "splitk_tiles"]
     if tile_rows:
@@ -345,17 +341,15 @@ def main(argv=None) -> int:
     if not torch.cuda.is_available():
         print("no CUDA: skipped (bench_kernels.py measures GPU kernels)")
         return 0
-    use_checkout()  # an uninstalled checkout: minilora from the working tree
-    from minilora._kernel_loader import load_kernels
-
-    K = load_kernels()
+    import minilora.kernels as K
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu-{datetime.date.today()}")
     shapes = args.shapes or (QUICK_SHAPES if args.quick else list(PHI3))
     ms = args.ms or (QUICK_MS if args.quick else MS)
     meta = {"device": device_name(torch.device(DEVICE)), **versions("torch", "triton", "bitsandbytes"),
             "commit": git_commit(), "date": now(), "dropout": args.dropout,
             "rank": RANK, "scale": SCALE, "quick": args.quick, "argv": sys.argv,
-            "thresholds": {"SMALL_M_MAX": K.tiles.SMALL_M_MAX, "LARGE_M_MIN": K.tiles.LARGE_M_MIN}}
+            "thresholds": {"small_m_max": K.DEFAULT_CONFIG.small_m_max,
+                           "large_m_min": K.DEFAULT_CONFIG.large_m_min}}
     bench = Bench(args)
     layers = {}
     passes = [dequant, compare] if args.no_sweeps else [dequant, compare, branches, splitk_tiles]  # by priority

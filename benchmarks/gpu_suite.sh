@@ -24,16 +24,15 @@ SUITE_START=$SECONDS
 declare -a SUMMARY=()
 FAILED=0
 
-# bitsandbytes may only be there as a local wheel (the machine has no network).
+# The project is always installed (kernels/ becomes minilora.kernels). The machine has no network:
+# bitsandbytes may only be there as a local wheel in .whl/, and the project installs without fetching
+# its dependencies or a build environment.
 if ! python3 -c "import bitsandbytes" >/dev/null 2>&1 && compgen -G ".whl/*.whl" >/dev/null; then
-    echo "== installing bitsandbytes from .whl/ into .site/"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site .whl/*.whl
-    export PYTHONPATH="$PWD:$PWD/.site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "== installing bitsandbytes from .whl/"
+    python3 -m pip install -q --no-index --no-deps .whl/*.whl
 fi
-# An uninstalled checkout: minilora (and through it minilora.kernels) from the working tree.
-if ! python3 -c "import minilora" >/dev/null 2>&1; then
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+echo "== installing minilora (editable)"
+python3 -m pip install -q --no-deps --no-build-isolation -e .
 
 # step NAME TIMEOUT_S LOGFILE COMMAND...: run with a timeout, log stdout+stderr, record the status.
 step() {

@@ -56,7 +56,7 @@ def pack_state(packed: torch.Tensor, quant_state) -> Packed4bit:
         raise ValueError("cpu weights repacked by bitsandbytes (packing_format_for_cpu)")
     if quant_state.quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type {quant_state.quant_type!r} not supported")
-    shape = tuple(quant_state.shape)
+    shape = tuple(quant_state.shape or ())
     if len(shape) != 2:
         raise ValueError(f"weight shape {shape} is not 2-D")
     bs = int(quant_state.blocksize)

@@ -18,7 +18,6 @@ import logging
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 from minilora.adapter import load_adapter, read_adapter_config, save_adapter
-from minilora.dispatch import set_kernel_mode
 from minilora.errors import AdapterError, DataError, UserError
 from minilora.inject import (
     DEFAULT_TARGETS,
@@ -30,6 +29,7 @@ from minilora.inject import (
     merge_lora,
     print_trainable,
     set_adapter_enabled,
+    set_kernel_mode,
     trainable_summary,
     unmerge_lora,
 )

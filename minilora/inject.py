@@ -151,6 +151,13 @@ class disable_adapter:
         return False
 
 
+def set_kernel_mode(model: nn.Module, mode: str, config=None) -> None:
+    """How every LoRA layer of `model` computes over a 4-bit base: "auto", "triton" or "torch"
+    (minilora/dispatch.py), with the kernels' `config` (a minilora.kernels.KernelConfig; None: default)."""
+    for layer in lora_layers(model).values():
+        layer.set_kernels(mode, config)
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_layers(model).values() for p in m.adapter_params().values()]
 
@@ -159,5 +166,5 @@ __all__ = [
     "DEFAULT_TARGETS", "add_lora", "count_parameters",
     "disable_adapter", "linear_layer_kinds", "lora_layers", "lora_parameters",
     "matched_target_names", "merge_lora", "print_trainable", "set_adapter_enabled",
-    "trainable_summary", "unmerge_lora",
+    "set_kernel_mode", "trainable_summary", "unmerge_lora",
 ]

@@ -20,9 +20,16 @@ from minilora.adapter import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from minilora.atomic import atomic_write_json, atomic_write_text
 from minilora.data.batching import make_batches
 from minilora.data.dataset import Dataset, load_dataset, split_eval
-from minilora.dispatch import check_kernel_mode, set_kernel_mode
+from minilora.dispatch import check_kernel_mode
 from minilora.errors import UserError
-from minilora.inject import add_lora, count_parameters, linear_layer_kinds, matched_target_names, trainable_summary
+from minilora.inject import (
+    add_lora,
+    count_parameters,
+    linear_layer_kinds,
+    matched_target_names,
+    set_kernel_mode,
+    trainable_summary,
+)
 from minilora.quant import load_base, load_tokenizer, resolve_model_path
 from minilora.training.card import render_card
 from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
@@ -178,7 +185,6 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     say = print if dist.main else (lambda *a, **k: None)
     precision = resolve_precision(cfg.precision, device)
     check_kernel_mode(cfg.kernels, device)
-    set_kernel_mode(cfg.kernels)
     check_output(cfg)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer)
@@ -197,6 +203,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     seed_everything(cfg.seed)  # the same LoRA init on every rank
     model = load_base(cfg.model, quant=cfg.quant, compute_dtype=COMPUTE_DTYPE[precision], device=device)
     add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora)
+    set_kernel_mode(model, cfg.kernels)
     if dist.enabled:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # but different dropout masks per rank
     if cfg.grad_checkpointing:
