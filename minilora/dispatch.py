@@ -3,7 +3,7 @@
 Decided once per layer, input device and dtype, on the layer's first forward there (`fused_path`):
 the layer keeps the answer and later forwards only look it up. The mode (`auto`, `triton`, `torch`)
 is a setting of each layer: `minilora.set_kernel_mode(model, mode)` (train.py's `--kernels`), else
-`default_mode()` (the `MINILORA_KERNELS` environment variable, else `auto`) when the layer is made.
+`default_mode()`: the `MINILORA_KERNELS` environment variable, else `auto`.
 `auto` uses Triton on CUDA when the layer's shape is supported and the kernels pass a one-time
 self-check against PyTorch on that device and dtype, and PyTorch otherwise; `triton` insists, and
 on a CPU it runs only inside Triton's interpreter (`TRITON_INTERPRET=1`), which is how CPU tests

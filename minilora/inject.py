@@ -151,9 +151,10 @@ class disable_adapter:
         return False
 
 
-def set_kernel_mode(model: nn.Module, mode: str, config=None) -> None:
-    """How every LoRA layer of `model` computes over a 4-bit base: "auto", "triton" or "torch"
-    (minilora/dispatch.py), with the kernels' `config` (a minilora.kernels.KernelConfig; None: default)."""
+def set_kernel_mode(model: nn.Module, mode: str | None, config=None) -> None:
+    """How every LoRA layer of `model` computes over a 4-bit base: "auto", "triton" or "torch" (None:
+    MINILORA_KERNELS, else "auto"; minilora/dispatch.py), with the kernels' `config` (a
+    minilora.kernels.KernelConfig; None: their default)."""
     for layer in lora_layers(model).values():
         layer.set_kernels(mode, config)
 

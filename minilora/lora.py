@@ -66,7 +66,8 @@ class LoRALinear(nn.Module):
         kernel_config=None,
     ):
         """`kernels`: the path over a 4-bit base, "auto", "triton" or "torch" (None: MINILORA_KERNELS,
-        else "auto"; see dispatch.py); `kernel_config`: a minilora.kernels.KernelConfig (None: default)."""
+        else "auto", read when the layer decides; see dispatch.py); `kernel_config`: a
+        minilora.kernels.KernelConfig (None: the kernels' default)."""
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {r}")
@@ -83,7 +84,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
-        self.set_kernels(dispatch.default_mode() if kernels is None else kernels, kernel_config)
+        self.set_kernels(kernels, kernel_config)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -104,16 +105,13 @@ class LoRALinear(nn.Module):
 
     @property
     def kernel_mode(self) -> str:
-        return self._kernel_mode
+        return self._kernel_mode or dispatch.default_mode()
 
-    @property
-    def kernel_config(self):
-        return self._kernel_config
-
-    def set_kernels(self, mode: str, config=None) -> None:
-        """Choose the path over a 4-bit base: "auto", "triton" or "torch", with the kernels' `config`
-        (a minilora.kernels.KernelConfig; None: their default). Decided again on the next forward."""
-        self._kernel_mode = dispatch.checked_mode(mode)
+    def set_kernels(self, mode: str | None, config=None) -> None:
+        """Choose the path over a 4-bit base: "auto", "triton" or "torch" (None: MINILORA_KERNELS, else
+        "auto"), with the kernels' `config` (a minilora.kernels.KernelConfig; None: their default).
+        Decided again on the next forward."""
+        self._kernel_mode = None if mode is None else dispatch.checked_mode(mode)
         self._kernel_config = config
         self.forget_paths()
 
@@ -137,8 +135,8 @@ class LoRALinear(nn.Module):
         try:
             return self._paths[key]
         except KeyError:
-            fused = dispatch.fused_path(x, self.base_layer.weight, self.lora_A, self.lora_B,
-                                        self._kernel_mode, self._kernel_config)
+            fused = dispatch.fused_path(x, self.base_layer.weight, self.lora_A, self.lora_B, self.kernel_mode,
+                                        self._kernel_config)
             self._paths[key] = fused
             return fused
 
