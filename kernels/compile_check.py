@@ -3,15 +3,15 @@
 The CPU tests run the kernels in Triton's interpreter, which checks the math but not what only the GPU
 compiler sees: whether each launch compiles for the target at all (bf16 paths, tl.dot shapes), how much
 shared memory its pipeline needs, whether it spills registers, and whether its GEMMs reach the tensor
-cores. This script answers those for an H100 (sm_90, default) or an A100 (sm_80) with Triton's own
+cores. This module answers those for an H100 (sm_90, default) or an A100 (sm_80) with Triton's own
 compiler and the ptxas/cuobjdump that ship in the triton wheel:
 
     an offline Triton driver   reports the target, owns no device and launches nothing
     Triton's jit_cache_hook    is called with each launch's signature before Triton would compile it;
                                we compile it for the target, record its resources and return True,
                                which tells Triton not to compile or launch it itself
-    the launchers              (fused_lora.py, nf4.py) run unchanged on `meta` tensors
-                               of Phi-3-mini's layer shapes: no memory, no compute, the real dispatch
+    the launchers              (fused_lora.py, nf4.py) run unchanged on `meta` tensors of
+                               Phi-3-mini's layer shapes: no memory, no compute, the real dispatch
                                branches, tile configs and split-K sizes (the SM count is the target's)
 
 Per distinct compiled kernel: registers per thread, local memory per thread (stack: spills), shared memory,
@@ -204,15 +204,14 @@ def record_launches(recorder: Recorder, dtypes: list[torch.dtype], shapes: list[
 
 def _packed(n: int, k: int, nested: bool, device: torch.device):
     """A Packed4bit with bitsandbytes' dtypes and sizes (blocksize 64, nested 256) and no data."""
-    Packed4bit = nf4.Packed4bit
     blocks = n * k // 64
     data = torch.empty((n * k + 1) // 2, dtype=torch.uint8, device=device)
     code = torch.empty(16, device=device)
     if not nested:
-        return Packed4bit(data, torch.empty(blocks, device=device), code, code, code, code, False, 64, 1, n, k)
-    return Packed4bit(data, torch.empty(blocks, dtype=torch.uint8, device=device), code,
-                      torch.empty(-(-blocks // 256), device=device), torch.empty(256, device=device),
-                      torch.empty((), device=device), True, 64, 256, n, k)
+        return nf4.Packed4bit(data, torch.empty(blocks, device=device), code, code, code, code, False, 64, 1, n, k)
+    return nf4.Packed4bit(data, torch.empty(blocks, dtype=torch.uint8, device=device), code,
+                          torch.empty(-(-blocks // 256), device=device), torch.empty(256, device=device),
+                          torch.empty((), device=device), True, 64, 256, n, k)
 
 
 def problems(compiled: list[Compiled], arch: int) -> list[str]:
