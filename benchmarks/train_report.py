@@ -41,9 +41,10 @@ NOTES = [
     "sets it: no in-place repack of the 4-bit weights, so both sides compute the same thing.",
     "Each system runs in its own process, one after the other. Time to first step: from the start of the "
     "system's setup (its library imports after torch, loading, quantisation, LoRA setup) to the end of optimizer "
-    "step 1 (warm-up and, on GPU, kernel compilation included). Peak memory "
-    "is reset after loading, so it covers training (weights included). Step times exclude data loading and the "
-    "trainer's logging (on_step_begin -> on_step_end); all are device-synchronised.",
+    "step 1 (warm-up and, on GPU, kernel compilation included). Peak memory is reset after loading, so it covers "
+    "training (weights included). Step times: ours' whole train_step() (it takes its batch from the loop's "
+    "stream and moves it to the device itself), ref_loop's step on batches already on the device, the trainer's "
+    "on_step_begin -> on_step_end (its data loading and logging outside); all are device-synchronised.",
 ]
 
 
