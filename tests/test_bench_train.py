@@ -114,13 +114,27 @@ def test_an_extra_profiled_step_says_where_the_time_goes(tiny_run):
         assert p["categories"]["dropout"] > 0
     # Counted per step (two were profiled): one dropout draw per LoRA layer call, in the forward and in
     # the recompute, 4 targets (qkv, o, gate_up, down) in each of the 2 layers.
-    top = {t["name"]: t["count"] for t in tiny_run["systems"]["ours"]["profile"]["top"]}
-    assert top.get("aten::bernoulli_") == 2 * 4 * 2, top
+    calls = tiny_run["systems"]["ours"]["profile"]["calls"]
+    assert calls.get("aten::bernoulli_") == 2 * 4 * 2, calls
     # The profiled step is extra: the timed steps and losses are the STEPS ones, the same as the trainer's.
     assert len(tiny_run["systems"]["ours"]["losses"]) == STEPS
     assert tiny_run["systems"]["trainer"].get("profile") is None
     table = "\n".join(step_profile.markdown(tiny_run, ["ours", "ref_loop"]))
     assert "| dropout |" in table and "| **total** |" in table
+
+
+@pytest.mark.slow
+def test_levers_run_minilora_loop_and_the_full_logits_loss_matches_the_chunked_one(tiny_model_dir):
+    """The levers benchmark trains through TrainingLoop; swapping in transformers' full-logits loss changes the
+    memory, not the numbers (same batches, initial weights and dropout masks)."""
+    rows = {name: levers.run_variant(name, tiny_model_dir("phi3"), seq=16, batch=2, steps=3)
+            for name in ("baseline", "full_logits_loss", "no_recompute")}
+    for name, row in rows.items():
+        assert row["status"] == "ok", name
+        assert len(row["losses"]) == 3 and row["tokens_per_s"] > 0 and row["peak_mb"] > 0, name
+    assert rows["full_logits_loss"]["losses"] == pytest.approx(rows["baseline"]["losses"], rel=1e-5)
+    assert rows["no_recompute"]["losses"] == pytest.approx(rows["baseline"]["losses"], rel=1e-5)
+    assert rows["baseline"]["losses"][0] != rows["baseline"]["losses"][-1]  # the adapter trained
 
 
 @pytest.mark.parametrize("name,category", [
