@@ -48,7 +48,7 @@ DEQUANT_SWEEP = [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/gpu-<date>)")
     p.add_argument("--quick", action="store_true",

@@ -159,7 +159,7 @@ def run_child(name: str, folder: Path, args, left: float) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.levers", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU sizes: seq 128, batch 2, 6 steps")
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--batch", type=int, default=4)

@@ -96,7 +96,7 @@ def plot(results: dict, path: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.split("\n\n")[0])
     p.add_argument("results", nargs="+", type=Path, help="benchmarks.train results file(s) (.json)")
     p.add_argument("--out", type=Path, help="PNG path (only with a single results file; default <stem>.png)")
     args = p.parse_args(argv)

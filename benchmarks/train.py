@@ -75,7 +75,7 @@ MIN_RUN_S = {True: 20, False: 60}  # by --quick: a system's process takes at lea
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="CPU-sized: model cpu-small, seq 256, batch 1, 8 steps (2 warm-up), 2 rounds")
