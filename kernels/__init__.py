@@ -15,6 +15,12 @@ Without a GPU the kernels run only in Triton's interpreter (TRITON_INTERPRET=1 s
     python -m minilora.kernels.compile_check --arch 90|80     compile every launch for a GPU, without one
 """
 
+if __name__ != "minilora.kernels":
+    # Run from a checkout's root (python -m ...), this folder is also reachable as a top-level `kernels`,
+    # the name of the PyPI project bitsandbytes and transformers probe for. Refuse that name, so they see
+    # that project as absent instead of importing these kernels under it.
+    raise ImportError("this folder is minilora.kernels, not the PyPI project `kernels`")
+
 from . import tiles
 from .fused_lora import FusedLoRA4bit, LoRALinear4bitFunction, lora_linear_4bit, prepare
 from .nf4 import dequantize_4bit

@@ -42,7 +42,7 @@ class KernelConfig:
     """How the fused GEMMs choose a branch and tiles: passed down from the layer to every launch.
 
     The M thresholds are reasoned from H100 numbers (bitsandbytes calibrates its own fused kernel to
-    win up to M ~ 320-512 there), not yet measured for these kernels: benchmarks/bench_kernels.py
+    win up to M ~ 320-512 there), not yet measured for these kernels: `python -m benchmarks.kernels`
     sweeps every branch per M and prints the crossovers to set them from.
     """
 
