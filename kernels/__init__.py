@@ -17,17 +17,18 @@ Without a GPU the kernels run only in Triton's interpreter (TRITON_INTERPRET=1 s
 
 if __name__ != "minilora.kernels":
     # Run from a checkout's root (python -m ...), this folder is also reachable as a top-level `kernels`,
-    # the name of the PyPI project bitsandbytes and transformers probe for. Refuse that name, so they see
-    # that project as absent instead of importing these kernels under it.
-    raise ImportError("this folder is minilora.kernels, not the PyPI project `kernels`")
-
-from . import tiles
-from .fused_lora import FusedLoRA4bit, LoRALinear4bitFunction, lora_linear_4bit, prepare
-from .nf4 import dequantize_4bit
-from .reference import dequantize_4bit_reference, lora_linear_4bit_reference
-from .support import unsupported_reason
-from .tiles import DEFAULT as DEFAULT_CONFIG
-from .tiles import KernelConfig, TileConfig
+    # the name of a PyPI project that transformers and bitsandbytes probe for. Under that name, load
+    # nothing and drop __file__: both then read the name as not installed (transformers takes a module
+    # without __file__ or __version__ for a stray namespace folder) instead of loading these kernels twice.
+    del __file__
+else:
+    from . import tiles
+    from .fused_lora import FusedLoRA4bit, LoRALinear4bitFunction, lora_linear_4bit, prepare
+    from .nf4 import dequantize_4bit
+    from .reference import dequantize_4bit_reference, lora_linear_4bit_reference
+    from .support import unsupported_reason
+    from .tiles import DEFAULT as DEFAULT_CONFIG
+    from .tiles import KernelConfig, TileConfig
 
 __all__ = [
     "DEFAULT_CONFIG", "FusedLoRA4bit", "KernelConfig", "LoRALinear4bitFunction", "TileConfig", "dequantize_4bit",
