@@ -1,0 +1,74 @@
+"""How long `python -m minilora.inspect` takes on a Phi-3-mini-sized adapter (goal: under 5 s on a CPU).
+
+An r=8 adapter with Phi-3-mini's 128 adapted modules (32 layers x qkv_proj 3072->9216, o_proj
+3072->3072, gate_up_proj 3072->16384, down_proj 8192->3072; random factors: the time does not depend
+on the values) is written to a temporary folder; the inspector's own API is timed end to end
+(reading the safetensors file included), alone and with --compare against a second such adapter.
+
+    python benchmarks/bench_inspect.py [--repeats 3]
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import device_name, git_commit, now, use_checkout
+
+use_checkout()
+from safetensors.torch import save_file  # noqa: E402
+
+from minilora.adapter import CONFIG_NAME, WEIGHTS_NAME, peft_key  # noqa: E402
+from minilora.inspect import inspect  # noqa: E402
+
+PHI3_MINI = {"self_attn.qkv_proj": (9216, 3072), "self_attn.o_proj": (3072, 3072),
+             "mlp.gate_up_proj": (16384, 3072), "mlp.down_proj": (3072, 8192)}
+
+
+def write_phi3_mini_adapter(folder: Path, seed: int, r: int = 8) -> int:
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(32):
+        for kind, (out_f, in_f) in PHI3_MINI.items():
+            name = f"model.layers.{layer}.{kind}"
+            tensors[peft_key(name, "lora_A")] = torch.randn(r, in_f, generator=g) / in_f**0.5
+            tensors[peft_key(name, "lora_B")] = torch.randn(out_f, r, generator=g) * 1e-3
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    targets = sorted(kind.split(".")[1] for kind in PHI3_MINI)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": 16, "target_modules": targets}
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    return len(tensors) // 2
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        a, b = Path(tmp) / "a", Path(tmp) / "b"
+        n_modules = write_phi3_mini_adapter(a, seed=0)
+        write_phi3_mini_adapter(b, seed=1)
+        alone = timed(lambda: inspect(a), args.repeats)
+        compared = timed(lambda: inspect(a, compare=b), args.repeats)
+    print(f"device: {device_name(torch.device('cpu'))}, {torch.get_num_threads()} threads; commit {git_commit()}; "
+          f"{now()}")
+    print(f"Phi-3-mini-sized adapter, r=8, {n_modules} modules, {args.repeats} runs (median, min-max):")
+    for label, times in (("inspect", alone), ("inspect --compare", compared)):
+        print(f"  {label:<18} {statistics.median(times):6.2f} s  ({min(times):.2f}-{max(times):.2f})  goal < 5 s")
+
+
+if __name__ == "__main__":
+    main()
