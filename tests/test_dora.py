@@ -6,6 +6,7 @@ import pytest
 import torch
 from lora_utils import ATOL, RTOL, randomize_lora, tokens
 from peft import LoraConfig, PeftModel, get_peft_model
+from train_utils import run_quick
 from transformers import AutoModelForCausalLM
 
 import minilora
@@ -149,3 +150,18 @@ def test_exported_merge_of_a_dora_adapter_equals_the_unmerged_nf4_model(tiny_mod
     with torch.no_grad():
         merged = AutoModelForCausalLM.from_pretrained(out)(tokens()).logits
     torch.testing.assert_close(merged, unmerged, atol=ATOL, rtol=RTOL)
+
+
+@pytest.mark.slow
+def test_a_dora_adapter_trained_here_gives_our_logits_in_peft(tmp_path):
+    out = tmp_path / "out"
+    assert run_quick(out, max_steps=3, save_every=3, dora=True) == 0
+    assert json.loads((out / CONFIG_NAME).read_text())["use_dora"] is True
+    assert "- DoRA: yes" in (out / "README.md").read_text()
+    ours = minilora.load_base("builtin:tiny-phi3")
+    minilora.load_adapter(ours, out)
+    x = tokens(vocab=256)
+    with torch.no_grad():
+        peft_logits = PeftModel.from_pretrained(minilora.load_base("builtin:tiny-phi3"), str(out)).eval()(x).logits
+        our_logits = ours.eval()(x).logits
+    assert (peft_logits - our_logits).norm() / our_logits.norm() < 1e-3
