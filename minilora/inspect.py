@@ -77,12 +77,25 @@ def read_factors(folder: str | Path) -> tuple[dict, dict[str, dict]]:
     return config, modules
 
 
-def update_svd(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(singular values [r] descending, left singular vectors [out, r]) of scale · b @ a, from the factors."""
+def update_svd(a: torch.Tensor, b: torch.Tensor, scale: float,
+               vectors: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(singular values [r] descending, left singular vectors [out, r] or None) of scale · b @ a,
+    from the factors. Q_A is never needed, and Q_B only for the vectors (`mode="r"` skips forming them)."""
+    r_a = torch.linalg.qr(a.T, mode="r").R  # (r, r)
+    if not vectors:
+        return torch.linalg.svdvals(scale * torch.linalg.qr(b, mode="r").R @ r_a.T), None
     q_b, r_b = torch.linalg.qr(b)  # (out, r), (r, r)
-    q_a, r_a = torch.linalg.qr(a.T)  # (in, r), (r, r)
     u_small, s, _ = torch.linalg.svd(scale * r_b @ r_a.T)  # r x r
     return s, q_b @ u_small
+
+
+def module_svd(m: dict, vectors: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """update_svd of a module from read_factors, kept in the module's dict: a comparison and the
+    report share one decomposition."""
+    cached = m.get("svd")
+    if cached is None or (vectors and cached[1] is None):
+        m["svd"] = cached = update_svd(m["A"], m["B"], m["scale"], vectors)
+    return cached
 
 
 def numerical_rank(s: torch.Tensor, shape: tuple[int, int]) -> int:
@@ -103,7 +116,7 @@ def spectrum_stats(s: torch.Tensor) -> dict:
 
 
 def module_report(name: str, m: dict) -> dict:
-    s, _ = update_svd(m["A"], m["B"], m["scale"])
+    s, _ = module_svd(m, vectors=False)
     out_f, in_f = m["B"].shape[0], m["A"].shape[1]
     row = {"name": name, "rank": m["A"].shape[0], "shape": [out_f, in_f], **spectrum_stats(s),
            "singular_values": s.tolist(), "numerical_rank": numerical_rank(s, (out_f, in_f))}
@@ -137,7 +150,10 @@ def base_norms(model: str, shapes: dict[str, list[int]], adapter_dir: Path) -> d
 def inspect_adapter(folder: str | Path, model: str | None = None) -> dict:
     """{"adapter", "config", "modules": [per-module dict]} for the adapter in `folder`; with `model`,
     each module also has `base_fro` and `relative_norm`."""
-    config, modules = read_factors(folder)
+    return _inspect_factors(folder, *read_factors(folder), model)
+
+
+def _inspect_factors(folder: str | Path, config: dict, modules: dict[str, dict], model: str | None) -> dict:
     rows = [module_report(name, m) for name, m in sorted(modules.items())]
     if model is not None:
         norms = base_norms(model, {r["name"]: r["shape"] for r in rows}, Path(folder))
@@ -154,8 +170,7 @@ def frobenius_inner(m1: dict, m2: dict) -> float:
 
 
 def compare_modules(name: str, m1: dict, m2: dict) -> dict:
-    s1, u1 = update_svd(m1["A"], m1["B"], m1["scale"])
-    s2, u2 = update_svd(m2["A"], m2["B"], m2["scale"])
+    (s1, u1), (s2, u2) = module_svd(m1, vectors=True), module_svd(m2, vectors=True)
     shape = (m1["B"].shape[0], m1["A"].shape[1])
     norms = float(s1.norm()) * float(s2.norm())
     k = min(numerical_rank(s1, shape), numerical_rank(s2, shape))
@@ -167,8 +182,10 @@ def compare_modules(name: str, m1: dict, m2: dict) -> dict:
 def compare_adapters(folder1: str | Path, folder2: str | Path) -> dict:
     """{"modules": [{"name", "cosine", "subspace_similarity", "k"}]}; the adapters must adapt the same
     modules with the same shapes (their ranks may differ)."""
-    _, mods1 = read_factors(folder1)
-    _, mods2 = read_factors(folder2)
+    return _compare_factors(folder1, read_factors(folder1)[1], folder2, read_factors(folder2)[1])
+
+
+def _compare_factors(folder1: str | Path, mods1: dict[str, dict], folder2: str | Path, mods2: dict[str, dict]) -> dict:
     only = sorted(set(mods1) ^ set(mods2))
     if only:
         where = folder1 if only[0] in mods1 else folder2
@@ -183,9 +200,12 @@ def compare_adapters(folder1: str | Path, folder2: str | Path) -> dict:
 
 def inspect(folder: str | Path, compare: str | Path | None = None, model: str | None = None) -> dict:
     """The whole report as plain dicts: `modules`, and `compare` when a second adapter is given."""
-    report = inspect_adapter(folder, model)
-    if compare is not None:
-        report["compare"] = compare_adapters(folder, compare)
+    config, modules = read_factors(folder)
+    # The comparison first: mismatched adapters are refused before a base model is loaded.
+    compared = _compare_factors(folder, modules, compare, read_factors(compare)[1]) if compare is not None else None
+    report = _inspect_factors(folder, config, modules, model)
+    if compared is not None:
+        report["compare"] = compared
     return report
 
 
