@@ -1,18 +1,22 @@
 """DoRA against PEFT on the same NF4 base: logits, every gradient, saved adapters both ways, merge."""
 
 import json
+import shutil
 
 import pytest
 import torch
 from lora_utils import ATOL, RTOL, randomize_lora, tokens
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from train_utils import run_quick
 from transformers import AutoModelForCausalLM
 
 import minilora
 from minilora.adapter import CONFIG_NAME
 from minilora.dora import DoRALinear
+from minilora.generate import encode_prompt, generate_ids, load_for_generation
 from minilora.merge import merge_adapter
+from minilora.training.plot import read_metrics
 
 PARAMS = ("lora_A", "lora_B", "lora_magnitude_vector")
 
@@ -165,3 +169,35 @@ def test_a_dora_adapter_trained_here_gives_our_logits_in_peft(tmp_path):
         peft_logits = PeftModel.from_pretrained(minilora.load_base("builtin:tiny-phi3"), str(out)).eval()(x).logits
         our_logits = ours.eval()(x).logits
     assert (peft_logits - our_logits).norm() / our_logits.norm() < 1e-3
+
+
+def test_generate_with_a_dora_adapter_gives_peft_greedy_tokens(tmp_path):
+    model = minilora.load_base("builtin:tiny-phi3")
+    minilora.add_lora(model, use_dora=True)
+    randomize_dora(model)
+    with torch.no_grad():  # a large update, so that the greedy continuation changes
+        for layer in minilora.lora_layers(model).values():
+            layer.lora_B.mul_(5)
+    minilora.save_adapter(model, tmp_path / "ad")
+    ours, tokenizer = load_for_generation(tmp_path / "ad")
+    ids = encode_prompt(tokenizer, "The weather is good today.")
+    tokens = generate_ids(ours, tokenizer, ids, max_new_tokens=10)
+    peft_model = PeftModel.from_pretrained(minilora.load_base("builtin:tiny-phi3"), str(tmp_path / "ad")).eval()
+    assert generate_ids(peft_model, tokenizer, ids, max_new_tokens=10) == tokens
+    with minilora.disable_adapter(ours):
+        assert generate_ids(ours, tokenizer, ids, max_new_tokens=10) != tokens
+
+
+@pytest.mark.slow
+def test_dora_run_resumed_from_a_checkpoint_is_bit_identical(tmp_path):
+    out = tmp_path / "out"
+    assert run_quick(out, max_steps=4, save_every=2, dora=True) == 0
+    final = load_file(out / "adapter_model.safetensors")
+    losses = [m["loss"] for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"]
+    shutil.rmtree(out / "checkpoints" / "step-4")  # as if killed just after writing step 2
+    (out / "adapter_model.safetensors").unlink()
+    assert run_quick(out, max_steps=4, save_every=2, dora=True, resume=True) == 0
+    resumed = load_file(out / "adapter_model.safetensors")
+    assert any(k.endswith("lora_magnitude_vector") for k in final)
+    assert final.keys() == resumed.keys() and all(torch.equal(final[k], resumed[k]) for k in final)
+    assert [m["loss"] for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"] == losses
