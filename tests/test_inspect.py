@@ -154,3 +154,20 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys, case):
     assert run_cli(main, argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ")
+
+
+def test_dora_adapter_reports_its_direction_update_and_magnitudes(tiny_model_dir, tmp_path):
+    path = tiny_model_dir("phi3")
+    model = minilora.load_base(path, quant="nf4")
+    minilora.add_lora(model, r=4, alpha=8, targets=["o_proj"], use_dora=True)
+    with torch.no_grad():
+        for layer in minilora.lora_layers(model).values():
+            layer.lora_B.normal_()
+    minilora.save_adapter(model, tmp_path / "ad", path)
+    report = inspect(tmp_path / "ad")
+    assert report["config"]["use_dora"] is True
+    for row in report["modules"]:
+        layer = minilora.lora_layers(model)[row["name"]]
+        assert row["delta_fro"] == pytest.approx(layer.delta_weight().double().norm().item(), rel=1e-4)
+        m = layer.lora_magnitude_vector.double()
+        assert row["magnitude_vector"] == {"mean": pytest.approx(m.mean().item()), "std": pytest.approx(m.std().item())}
