@@ -6,6 +6,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from minilora.dora import DoRALinear
 from minilora.errors import UserError
 from minilora.lora import LoRALinear, is_4bit
 from minilora.training.recompute import canonical_name
@@ -39,8 +40,10 @@ def add_lora(
     dropout: float = 0.05,
     targets: Sequence[str] | str | None = None,
     use_rslora: bool = False,
+    use_dora: bool = False,
 ) -> list[str]:
-    """Replace each matching linear layer with a LoRALinear and freeze all other parameters.
+    """Replace each matching linear layer with a LoRALinear (a DoRALinear if `use_dora`) and freeze
+    all other parameters.
 
     Returns the names of the replaced modules. Raises UserError when nothing matches.
     """
@@ -59,10 +62,11 @@ def add_lora(
             f"linear layers it has: {', '.join(linear_layer_kinds(model)) or 'none'}"
         )
     model.requires_grad_(False)
+    layer_class = DoRALinear if use_dora else LoRALinear
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora))
+        setattr(parent, child, layer_class(getattr(parent, child), r, alpha, dropout, use_rslora))
     return names
 
 

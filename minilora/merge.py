@@ -2,6 +2,7 @@
 
     adapter folder ─► base loaded as it was trained (run.json: nf4 / fp4 / none) ─► adapter (strict)
       ─► per LoRA layer: 4-bit W dequantized to fp32, W + scale·B@A in fp32, rounded once to --dtype
+         (DoRA layers: m / ||W + scale·B@A||_row · (W + scale·B@A), also in fp32; see minilora/dora.py)
       ─► every other 4-bit layer dequantized to --dtype, everything else cast to --dtype
       ─► LoRALinear replaced by its merged nn.Linear, so keys are the base's own (`...qkv_proj.weight`)
       ─► quantization markers removed from model and config ─► save_pretrained + tokenizer, atomically

@@ -92,7 +92,7 @@ print(tokenizer.decode(outputs[0], skip_special_tokens=True))
 - LoRA rank: {r}
 - LoRA alpha: {alpha}{rslora}
 - LoRA dropout: {dropout}
-- Target modules: {targets}
+- Target modules: {targets}{variants}
 - Quantization: {quant_line}
 - Precision: {precision}
 - Optimizer: AdamW (lr {lr}, {warmup} warm-up steps, cosine decay), batch {batch_size} x {grad_accum} accumulation
@@ -144,6 +144,17 @@ def _fmt(value, digits=4):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _variants(cfg: dict) -> str:
+    """Lines for DoRA and LoRA+, when the run used them."""
+    lines = ""
+    if cfg.get("dora"):
+        lines += "\n- DoRA: yes (weight-decomposed LoRA, https://arxiv.org/abs/2402.09353; `use_dora: true`)"
+    if cfg.get("lora_plus_ratio", 1.0) != 1.0:
+        lines += (f"\n- LoRA+ ratio: {cfg['lora_plus_ratio']:g} (B's learning rate = {cfg['lora_plus_ratio']:g} x A's, "
+                  "https://arxiv.org/abs/2402.12354)")
+    return lines
+
+
 def render_card(run: dict, adapter_path: str) -> str:
     """`run` is run.json's content plus the 'result' section written at the end of training."""
     cfg, data, result = run["config"], run["data"], run["result"]
@@ -163,7 +174,7 @@ def render_card(run: dict, adapter_path: str) -> str:
         n_truncated=data["n_truncated"],
         skipped=f"; skipped lines: {data['n_skipped']}" if data.get("n_skipped") else "",
         r=cfg["r"], alpha=f"{cfg['alpha']:g}", rslora=" (rsLoRA: scale alpha/sqrt(r))" if cfg["rslora"] else "",
-        dropout=cfg["dropout"], targets=json.dumps(result["target_modules"]),
+        dropout=cfg["dropout"], targets=json.dumps(result["target_modules"]), variants=_variants(cfg),
         quant_line=quant_words + (", compute " + run["compute_dtype"] if quant != "none" else ""),
         precision=run["precision"], lr=cfg["lr"], warmup=result["warmup_steps"],
         batch_size=cfg["batch_size"], grad_accum=cfg["grad_accum"], steps=result["steps"],

@@ -31,6 +31,10 @@ class TrainConfig:
     dropout: float = _f(0.05, "dropout on the LoRA input")
     targets: list[str] = _f(list(DEFAULT_TARGETS), "module names to adapt (exact or .suffix match); absent ones skip")
     rslora: bool = _f(False, "rank-stabilised scale alpha / sqrt(r)")
+    # research variants and statistics (Studying LoRA in the README)
+    dora: bool = _f(False, "DoRA: learn a per-row magnitude over the (dequantized) base + LoRA direction")
+    lora_plus_ratio: float = _f(1.0, "LoRA+: B's learning rate = this x A's (1: plain LoRA)")
+    log_lora_stats: int = _f(0, "every N steps, log per-module update and gradient norms (0: off)")
     quant: str = _f("nf4", "base weights: nf4 (QLoRA), fp4, or none (full precision)", choices=("nf4", "fp4", "none"))
     # schedule
     epochs: float = _f(1.0, "passes over the training data (fractions allowed)")
@@ -87,6 +91,10 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> None:
         bad("dropout", "must be in [0, 1)")
     if not cfg.targets:
         bad("targets", "name at least one module")
+    if not (cfg.lora_plus_ratio > 0 and math.isfinite(cfg.lora_plus_ratio)):
+        bad("lora_plus_ratio", "must be positive (1: plain LoRA)")
+    if cfg.log_lora_stats < 0:
+        bad("log_lora_stats", "must not be negative")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         bad("lr", "the learning rate must be positive")
     if not cfg.epochs > 0:

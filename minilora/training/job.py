@@ -36,6 +36,7 @@ from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
 from minilora.training.config import TrainConfig
 from minilora.training.distributed import DistInfo, barrier, init_distributed, shutdown
 from minilora.training.loop import TrainingLoop, TrainingStopped
+from minilora.training.lora_stats import plot_lora_stats
 from minilora.training.offload import OffloadSaved
 from minilora.training.plot import plot_losses, read_metrics
 from minilora.training.recompute import enable_recompute
@@ -43,8 +44,9 @@ from minilora.training.recompute import enable_recompute
 # Settings that may differ on --resume without changing what the run computes.
 RESUME_MAY_CHANGE = {"output", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints",
                      "kernels", "max_bad_steps", "skip_bad_lines", "grad_checkpointing", "checkpoint_every",
-                     "offload_activations"}
-RUN_FILES = ("run.json", "metrics.jsonl", "eval.json", "loss.png", "README.md", CONFIG_NAME, WEIGHTS_NAME)
+                     "offload_activations", "log_lora_stats"}
+RUN_FILES = ("run.json", "metrics.jsonl", "eval.json", "loss.png", "lora_stats.png", "README.md", CONFIG_NAME,
+             WEIGHTS_NAME)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -202,7 +204,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
         out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)  # the same LoRA init on every rank
     model = load_base(cfg.model, quant=cfg.quant, compute_dtype=COMPUTE_DTYPE[precision], device=device)
-    add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora)
+    add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora,
+             use_dora=cfg.dora)
     set_kernel_mode(model, cfg.kernels)
     if dist.enabled:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # but different dropout masks per rank
@@ -257,6 +260,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     atomic_write_json(out / "eval.json", {"before": state.eval_before, "after": eval_after,
                                           "held_out": data.eval_source})
     plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png", f"LoRA r={cfg.r} on {cfg.model}")
+    if cfg.log_lora_stats:
+        plot_lora_stats(read_metrics(out / "metrics.jsonl"), out / "lora_stats.png", f"LoRA r={cfg.r} on {cfg.model}")
     atomic_write_text(out / "README.md", render_card(run, str(out)))
     print_summary(cfg, run)
     return 0

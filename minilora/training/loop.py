@@ -23,12 +23,13 @@ from tqdm.auto import tqdm
 from minilora.adapter import load_adapter, save_adapter
 from minilora.atomic import atomic_write_text
 from minilora.data.batching import Batch, make_batches
-from minilora.inject import lora_parameters
+from minilora.inject import lora_layers, lora_parameters
 from minilora.training.checkpoint import load_training_state, rng_states, save_checkpoint, set_rng_states
 from minilora.training.config import TrainConfig
 from minilora.training.distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, shard, wrap
 from minilora.training.evaluate import evaluate
-from minilora.training.optim import make_optimizer
+from minilora.training.lora_stats import LoRAStats
+from minilora.training.optim import lora_plus_groups, make_optimizer
 from minilora.training.schedule import lr_at
 
 # Test hook: optimizer steps (numbered from 1 as in metrics.jsonl, comma-separated) whose loss is
@@ -135,7 +136,10 @@ class TrainingLoop:
         self.output = Path(cfg.output)
         self.params = lora_parameters(model)
         self.loss_module = wrap(model, self.params, dist)  # DDP over the LoRA parameters when world > 1
-        self.optimizer = make_optimizer(cfg.optim, self.params, cfg.lr, cfg.weight_decay, device)
+        groups = (lora_plus_groups(lora_layers(model).values(), cfg.lr, cfg.lora_plus_ratio)
+                  if cfg.lora_plus_ratio != 1 else self.params)
+        self.optimizer = make_optimizer(cfg.optim, groups, cfg.lr, cfg.weight_decay, device)
+        self.lora_stats = LoRAStats(model, cfg.log_lora_stats) if cfg.log_lora_stats else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.stream = BatchStream(train_examples, cfg, pad_id, rows=cfg.batch_size * dist.world)
         self.total = total_steps(cfg, len(self.stream.batches(0)))
@@ -195,7 +199,7 @@ class TrainingLoop:
         cfg, state = self.cfg, self.state
         lr = lr_at(state.step, cfg.lr, self.warmup, self.total, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+ groups carry their ratio
         micro = [self.stream.next() for _ in range(cfg.grad_accum)]
         n_targets = max(1, sum(b.n_target_tokens for b in micro))  # over the global batch, all ranks
         n_tokens = sum(b.n_tokens for b in micro)
@@ -214,6 +218,8 @@ class TrainingLoop:
             loss_total += micro_loss.detach()
         all_reduce_sum(loss_total, self.dist)
         self.scaler.unscale_(self.optimizer)
+        stats_due = self.lora_stats is not None and self.lora_stats.due(state.step + 1)
+        lora_grads = self.lora_stats.grad_norms() if stats_due else None  # unscaled, before clipping
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         # One host sync per step: the loss and norm decide whether the step may be applied.
@@ -249,6 +255,8 @@ class TrainingLoop:
         if "skipped" in record:
             self.say(f"step {state.step}: {record['skipped']}; optimizer step skipped")
         self.log(record)
+        if lora_grads is not None:
+            self.log(self.lora_stats.record(state.step, lora_grads))
         return record
 
     # --- the loop ---------------------------------------------------------------------------------
