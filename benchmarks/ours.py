@@ -25,10 +25,10 @@ CODE_PATH = ("minilora.training.loop.TrainingLoop.train_step (TrainConfig from t
 def build_model(cfg: TrainConfig, device: torch.device, precision: str, init_dir: str | None = None):
     """The 4-bit base with LoRA, as the job builds it; `init_dir` gets the initial adapter (for references
     that must start from the same LoRA weights)."""
-    set_kernel_mode(cfg.kernels)
     torch.manual_seed(cfg.seed)  # the job seeds before loading: this fixes the LoRA init
     model = load_base(cfg.model, quant=cfg.quant, compute_dtype=COMPUTE_DTYPE[precision], device=device)
     add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora)
+    set_kernel_mode(model, cfg.kernels)
     if init_dir is not None:
         save_adapter(model, init_dir)
     if cfg.grad_checkpointing:
