@@ -8,11 +8,8 @@ from torch import nn
 
 from minilora.errors import UserError
 from minilora.lora import LoRALinear, is_4bit
+from minilora.recipe import DEFAULT_TARGETS
 from minilora.training.recompute import canonical_name
-
-# The seed card's list (../shared/seed/): Phi-3's fused projections, Llama/Mistral/Qwen2's o_proj
-# and down_proj, and GPT-NeoX's fused attention input. Names a model lacks are skipped.
-DEFAULT_TARGETS = ("query_key_value", "o_proj", "qkv_proj", "gate_up_proj", "down_proj")
 
 
 def _matches(name: str, targets: Sequence[str] | str) -> bool:

@@ -16,8 +16,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minilora.errors import UserError
+from minilora.recipe import QUANT_TYPES
 
-QUANT_TYPES = ("nf4", "fp4", "none")
 BUILTIN_PREFIX = "builtin:"
 
 

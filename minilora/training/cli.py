@@ -18,6 +18,8 @@ from minilora.errors import UserError
 from minilora.training.config import TrainConfig, validate
 
 EXIT_USER_ERROR = 2
+# Config-file keys of earlier versions: the error names what replaced them.
+RENAMED_KEYS = {"grad_checkpointing": "recompute_every (0: no recompute)", "checkpoint_every": "recompute_every"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,10 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
         help_text = f"{meta['help']} (default: {_default(f)})"
         if f.type is bool or f.type == "bool":
-            if "flag" in meta:  # an on-by-default switch: --no-<name>
-                parser.add_argument(meta["flag"], dest=f.name, action="store_false", help=help_text)
-            else:
-                parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
         elif f.name == "targets":
             parser.add_argument(flag, dest=f.name, nargs="+", metavar="NAME", help=help_text)
         else:
@@ -68,6 +67,8 @@ def read_config_file(path: str) -> dict:
     out = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name in RENAMED_KEYS:
+            raise UserError(f"{path}: key {key!r} is now {RENAMED_KEYS[name]}")
         if name not in known:
             raise UserError(f"{path}: unknown key {key!r}")
         out[name] = _coerce(path, name, value, known[name])
@@ -116,9 +117,14 @@ def run_cli(entry: Callable[[list[str] | None], int | None], argv: list[str] | N
 
 def run(argv: list[str] | None = None) -> int:
     """train.py's whole command line; returns the exit code."""
-    from minilora.training.job import train_from_config
 
-    return run_cli(lambda a: train_from_config(parse_config(a)), argv)
+    def entry(args: list[str] | None) -> int:
+        cfg = parse_config(args)  # --help and flag errors end here, before torch is imported
+        from minilora.training.job import train_from_config
+
+        return train_from_config(cfg)
+
+    return run_cli(entry, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

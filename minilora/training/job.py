@@ -24,20 +24,17 @@ from minilora.dispatch import check_kernel_mode, set_kernel_mode
 from minilora.errors import UserError
 from minilora.inject import add_lora, count_parameters, linear_layer_kinds, matched_target_names, trainable_summary
 from minilora.quant import load_base, load_tokenizer, resolve_model_path
+from minilora.run_record import RUN_FILE, write_run_record
 from minilora.training.card import render_card
 from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
-from minilora.training.config import TrainConfig
+from minilora.training.config import TrainConfig, resume_may_change
 from minilora.training.distributed import DistInfo, barrier, init_distributed, shutdown
 from minilora.training.loop import TrainingLoop, TrainingStopped
 from minilora.training.offload import OffloadSaved
 from minilora.training.plot import plot_losses, read_metrics
 from minilora.training.recompute import enable_recompute
 
-# Settings that may differ on --resume without changing what the run computes.
-RESUME_MAY_CHANGE = {"output", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints",
-                     "kernels", "max_bad_steps", "skip_bad_lines", "grad_checkpointing", "checkpoint_every",
-                     "offload_activations"}
-RUN_FILES = ("run.json", "metrics.jsonl", "eval.json", "loss.png", "README.md", CONFIG_NAME, WEIGHTS_NAME)
+RUN_FILES = (RUN_FILE, "metrics.jsonl", "eval.json", "loss.png", "README.md", CONFIG_NAME, WEIGHTS_NAME)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -109,7 +106,8 @@ def report_data(data: RunData, cfg: TrainConfig) -> None:
 
 def fingerprint(cfg: TrainConfig, data: RunData, precision: str, world: int) -> dict:
     """What defines the run: a resume must match it exactly."""
-    values = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE}
+    free = resume_may_change()
+    values = {k: v for k, v in cfg.to_dict().items() if k not in free}
     values.update(data_sha256=data.train.sha256, eval_sha256=data.eval_sha256, precision=precision,
                   world_size=world)
     return values
@@ -199,9 +197,9 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora)
     if dist.enabled:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # but different dropout masks per rank
-    if cfg.grad_checkpointing:
+    if cfg.recompute_every:
         offload = OffloadSaved() if cfg.offload_activations else None
-        enable_recompute(model, every=cfg.checkpoint_every, offload=offload)
+        enable_recompute(model, every=cfg.recompute_every, offload=offload)
     say(f"model: {cfg.model} ({cfg.quant}, {precision}) on {hardware(device)}; {trainable_summary(model)}")
 
     pad_id = tokenizer.pad_token_id
@@ -221,7 +219,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
         trainer.restore(resume_from)
         say(f"resume: continuing from {resume_from} (step {trainer.state.step}/{trainer.total})")
     if dist.main:
-        atomic_write_json(out / "run.json", run)
+        write_run_record(out, run)
 
     try:
         state = trainer.run()
@@ -246,7 +244,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
         "tokens_per_s": tokens_per_s, "wall_time_s": time.time() - started,
         "peak_mem_mb": max((m.get("peak_mem_mb", 0) for m in read_metrics(out / "metrics.jsonl")), default=0),
     }
-    atomic_write_json(out / "run.json", run)
+    write_run_record(out, run)
     atomic_write_json(out / "eval.json", {"before": state.eval_before, "after": eval_after,
                                           "held_out": data.eval_source})
     plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png", f"LoRA r={cfg.r} on {cfg.model}")

@@ -7,7 +7,7 @@ For r=8 on Phi-3-mini the LoRA state is only ~100 MB in fp32, so this lever matt
 
 import torch
 
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+from minilora.recipe import OPTIMIZERS
 
 
 def make_optimizer(name: str, params: list, lr: float, weight_decay: float, device: torch.device):
