@@ -1,5 +1,6 @@
 """Bad input, interruptions and numerical faults: a clear message, the right exit code, nothing lost."""
 
+import itertools
 import json
 import os
 import signal
@@ -12,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 from train_utils import DEMO, QUICK, ROOT, run_quick
 
-import minilora.training.distributed
-import minilora.training.loop
+import minilora.training.loss
 from minilora.training.cli import run
+from minilora.training.loss import LossModule
 from minilora.training.plot import read_metrics
 
 GOOD = json.dumps({"instruction": "Say hi", "output": "hi"})
@@ -115,6 +116,13 @@ def test_resume_with_changed_flags_lists_the_differences(tmp_path, capsys):
     assert "differs from the run" in err and "r: 8 -> 16" in err and "data_sha256" in err
 
 
+def test_resume_may_change_how_layers_are_recomputed(tmp_path):
+    """--recompute-every changes memory and speed, not the numbers: a resume may change it."""
+    out = tmp_path / "out"
+    assert run_quick(out, max_steps=2, eval_every=0) == 0
+    assert run_quick(out, max_steps=2, eval_every=0, resume=True, recompute_every=0) == 0
+
+
 def test_skip_bad_lines_continues_and_reports(tmp_path, capsys):
     data = tmp_path / "some_bad.jsonl"
     lines = DEMO.read_text().splitlines()[:80]
@@ -128,8 +136,19 @@ def test_skip_bad_lines_continues_and_reports(tmp_path, capsys):
 
 # --- numerical faults ------------------------------------------------------------------------------
 
+def nan_loss_on_steps(monkeypatch, steps: set[int], grad_accum: int = QUICK["grad_accum"]) -> None:
+    """The training loss of these optimizer steps (numbered from 1, as in metrics.jsonl) becomes NaN."""
+    forward, calls = LossModule.forward, itertools.count()
+
+    def faulty(self, batch):
+        step = next(calls) // grad_accum + 1
+        return forward(self, batch) * (float("nan") if step in steps else 1.0)
+
+    monkeypatch.setattr(LossModule, "forward", faulty)
+
+
 def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
-    monkeypatch.setenv(minilora.training.loop.FAULT_NAN_STEPS_ENV, "2")
+    nan_loss_on_steps(monkeypatch, {2})
     assert run_quick(tmp_path / "out", max_steps=4) == 0
     steps = [m for m in read_metrics(tmp_path / "out" / "metrics.jsonl") if m["kind"] == "train"]
     assert steps[1]["skipped"] == "non-finite loss" and steps[1]["loss"] is None
@@ -139,7 +158,7 @@ def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
 
 
 def test_consecutive_nan_steps_stop_with_a_checkpoint_and_no_nan_weights(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(minilora.training.loop.FAULT_NAN_STEPS_ENV, "3,4,5")
+    nan_loss_on_steps(monkeypatch, {3, 4, 5})
     code = run(argv_for(tmp_path / "out", DEMO, "--max-bad-steps=3", "--max-steps=8"))
     assert code == 1
     assert "3 optimizer steps in a row had a non-finite loss" in capsys.readouterr().err
@@ -153,7 +172,7 @@ def test_out_of_memory_reports_the_step_and_the_flags_that_help(tmp_path, monkey
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(minilora.training.distributed, "loss_sum", oom)
+    monkeypatch.setattr(minilora.training.loss, "loss_sum", oom)
     assert run(argv_for(tmp_path / "out", DEMO, "--eval-fraction=0")) == 3
     err = capsys.readouterr().err
     assert "out of GPU memory at step 1 (batch 4, --seq-len 128)" in err

@@ -10,7 +10,6 @@ so a resumed run on a CPU reproduces the uninterrupted one bit for bit.
 import contextlib
 import json
 import math
-import os
 import resource
 import signal
 import time
@@ -28,12 +27,9 @@ from minilora.training.checkpoint import load_training_state, rng_states, save_c
 from minilora.training.config import TrainConfig
 from minilora.training.distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, shard, wrap
 from minilora.training.evaluate import evaluate
+from minilora.training.loss import LossModule
 from minilora.training.optim import make_optimizer
 from minilora.training.schedule import lr_at
-
-# Test hook: optimizer steps (numbered from 1 as in metrics.jsonl, comma-separated) whose loss is
-# replaced by NaN, to exercise the non-finite-step handling end to end. Never set in normal use.
-FAULT_NAN_STEPS_ENV = "MINILORA_FAULT_NAN_STEPS"
 
 
 class TrainingStopped(Exception):
@@ -134,7 +130,7 @@ class TrainingLoop:
         self.eval_batches, self.fingerprint = eval_batches, fingerprint
         self.output = Path(cfg.output)
         self.params = lora_parameters(model)
-        self.loss_module = wrap(model, self.params, dist)  # DDP over the LoRA parameters when world > 1
+        self.loss_module = wrap(LossModule(model, self.params), dist)  # DDP over the LoRA parameters, world > 1
         self.optimizer = make_optimizer(cfg.optim, self.params, cfg.lr, cfg.weight_decay, device)
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.stream = BatchStream(train_examples, cfg, pad_id, rows=cfg.batch_size * dist.world)
@@ -142,7 +138,6 @@ class TrainingLoop:
         # Warm-up longer than half the run would leave no decay: cap it (the card reports the value used).
         self.warmup = min(cfg.warmup_steps, self.total // 2)
         self.state = LoopState()
-        self.fault_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS_ENV, "").split(",") if s.strip()}
 
     def autocast(self):
         if self.precision == "fp32":
@@ -208,8 +203,6 @@ class TrainingLoop:
             with sync:
                 with self.autocast():
                     micro_loss = self.loss_module(shard(batch, self.dist))
-                if state.step + 1 in self.fault_steps:
-                    micro_loss = micro_loss * float("nan")
                 self.scaler.scale(micro_loss * (self.dist.world / n_targets)).backward()
             loss_total += micro_loss.detach()
         all_reduce_sum(loss_total, self.dist)
