@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from lora_utils import ATOL, RTOL, randomize_lora, tokens
+from lora_utils import ATOL, RTOL, save_random_adapter, tokens
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -15,14 +15,7 @@ from minilora.errors import AdapterError, UserError
 @pytest.fixture
 def trained_adapter(tiny_model_dir, tmp_path):
     """A phi3 LoRA model with non-zero B saved to tmp_path/adapter, and its logits."""
-    model = minilora.load_base(tiny_model_dir("phi3"))
-    minilora.add_lora(model, r=8, alpha=16, dropout=0.05)
-    randomize_lora(model)
-    model.eval()
-    with torch.no_grad():
-        logits = model(tokens()).logits
-    minilora.save_adapter(model, tmp_path / "adapter")
-    return tmp_path / "adapter", logits
+    return save_random_adapter(tiny_model_dir("phi3"), tmp_path / "adapter")
 
 
 def test_saved_files_follow_peft_format(trained_adapter):
