@@ -25,9 +25,10 @@ from transformers import AutoConfig, AutoTokenizer
 from minilora.adapter import read_adapter_config
 from minilora.atomic import atomic_replace_dir
 from minilora.errors import UserError
+from minilora.lock import LOCK_NAME, FolderLock
 from minilora.lora import LoRALinear, is_4bit, plain_linear
 from minilora.quant import is_local_model, resolve_model_path
-from minilora.trained import load_trained, resolve_trained
+from minilora.trained import TrainedSetup, load_trained, resolve_trained
 from minilora.training.cli import run_cli
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -145,7 +146,16 @@ def merge_adapter(
     config = read_adapter_config(adapter_dir)
     setup = resolve_trained(adapter_dir, model, quant)
     base = setup.base
-    _check_output(output_dir, adapter_dir, base, overwrite)
+    with FolderLock(output_dir.parent / f".{output_dir.name}{LOCK_NAME}", f"--output {output_dir}"):
+        _check_output(output_dir, adapter_dir, base, overwrite)
+        n_lora, n_other, tokenizer = _merge_into(output_dir, setup, adapter_dir, dtype, max_shard_size, device)
+    _print_summary(output_dir, base, setup.quant, setup.quant_source, dtype, n_lora, n_other, config, tokenizer)
+    return output_dir
+
+
+def _merge_into(output_dir: Path, setup: TrainedSetup, adapter_dir: Path, dtype: torch.dtype,
+                max_shard_size: str | int, device) -> tuple[int, int, object]:
+    base = setup.base
     tokenizer = _base_tokenizer(base)
     net = load_trained(setup, adapter_dir, device)
     n_lora, n_other = fold_lora(net, dtype)
@@ -160,8 +170,7 @@ def merge_adapter(
             tokenizer.save_pretrained(folder)
 
     atomic_replace_dir(build, output_dir)
-    _print_summary(output_dir, base, setup.quant, setup.quant_source, dtype, n_lora, n_other, config, tokenizer)
-    return output_dir
+    return n_lora, n_other, tokenizer
 
 
 def _human(n_bytes: int) -> str:

@@ -2,6 +2,7 @@
 plain Hugging Face checkpoint (the base's own key names, no LoRA, no 4-bit, no quantization_config)."""
 
 import json
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import minilora
+from minilora.lock import LOCK_NAME, FolderLock
 from minilora.merge import main, merge_adapter
 from minilora.run_record import TrainedBase, read_trained_base
 
@@ -128,6 +130,15 @@ def test_cli_refuses_a_non_empty_output_and_the_adapter_folder(tiny_model_dir, t
     code, _, err = run_command(main, ["--adapter", str(adapter), "--output", str(adapter), "--overwrite"])
     assert code == 2 and "which the merge reads" in err
     assert (adapter / "adapter_config.json").is_file()
+
+
+def test_cli_refuses_an_output_another_merge_is_writing(tiny_model_dir, tmp_path, run_command):
+    adapter, _ = save_random_adapter(tiny_model_dir("phi3"), tmp_path / "adapter", quant="none")
+    output = tmp_path / "merged"
+    with FolderLock(tmp_path / f".merged{LOCK_NAME}", "--output"):
+        code, _, err = run_command(main, ["--adapter", str(adapter), "--output", str(output)])
+    assert code == 2 and err.startswith(f"error: --output {output} is in use by another run (pid {os.getpid()} ")
+    assert err.count("\n") == 1 and not output.exists()
 
 
 def test_cli_adapter_not_fitting_the_model_leaves_no_output(tiny_model_dir, tmp_path, run_command):

@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from train_utils import DEMO, QUICK, ROOT, run_quick
 
 import minilora.training.loss
+from minilora.errors import UserError
+from minilora.lock import LOCK_NAME
 from minilora.training.cli import run
 from minilora.training.loss import LossModule
 from minilora.training.plot import read_metrics
@@ -121,6 +123,38 @@ def test_resume_may_change_how_layers_are_recomputed(tmp_path):
     out = tmp_path / "out"
     assert run_quick(out, max_steps=2, eval_every=0) == 0
     assert run_quick(out, max_steps=2, eval_every=0, resume=True, recompute_every=0) == 0
+
+
+HOLD_LOCK = """
+import sys, time
+from minilora.lock import FolderLock
+FolderLock(sys.argv[1], "--output").__enter__()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+def test_output_is_locked_for_the_run_and_a_dead_holders_lock_is_taken_over(tmp_path, capsys):
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / LOCK_NAME)], cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    assert run(argv_for(out, DEMO)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --output {out} is in use by another run (pid {holder.pid} on "), err
+    assert "\n" not in err and sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+    holder.kill()  # as kill -9 or a power cut would: the lock file stays behind, its flock does not
+    holder.communicate()
+    assert (out / LOCK_NAME).is_file()
+    assert run_quick(out, max_steps=1, eval_every=0) == 0
+    assert (out / "adapter_model.safetensors").is_file() and not (out / LOCK_NAME).exists()
+
+
+def test_a_failed_run_leaves_no_lock_and_no_folder_it_created(tmp_path):
+    with pytest.raises(UserError, match="no complete checkpoint"):
+        run_quick(tmp_path / "new", resume=True)
+    assert not (tmp_path / "new").exists()
 
 
 def test_skip_bad_lines_continues_and_reports(tmp_path, capsys):

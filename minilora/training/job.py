@@ -9,6 +9,7 @@ import random
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from minilora.data.dataset import Dataset, load_dataset, split_eval
 from minilora.dispatch import check_kernel_mode, set_kernel_mode
 from minilora.errors import UserError
 from minilora.inject import add_lora, count_parameters, linear_layer_kinds, matched_target_names, trainable_summary
+from minilora.lock import LOCK_NAME, FolderLock
 from minilora.quant import load_base, load_tokenizer, resolve_model_path
 from minilora.run_record import RUN_FILE, write_run_record
 from minilora.training.card import render_card
@@ -54,8 +56,6 @@ COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 
 def check_output(cfg: TrainConfig) -> None:
     out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {cfg.output}: exists and is not a folder")
     held = [name for name in (*RUN_FILES, "checkpoints") if (out / name).exists()]
     if cfg.resume or not held:
         return
@@ -164,8 +164,11 @@ def hardware(device: torch.device) -> str:
 
 def train_from_config(cfg: TrainConfig) -> int:
     dist = init_distributed()
+    # Rank 0 holds --output for the whole run (the other ranks write nothing there).
+    lock = FolderLock(Path(cfg.output) / LOCK_NAME, f"--output {cfg.output}") if dist.main else nullcontext()
     try:
-        return _train(cfg, dist)
+        with lock:
+            return _train(cfg, dist)
     finally:
         shutdown(dist)
 
