@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from minilora.errors import UserError
+from minilora.failures import run_cli
 from minilora.quant import load_tokenizer
 from minilora.trained import load_trained, resolve_trained
-from minilora.training.cli import run_cli
 
 DEFAULT_MAX_NEW_TOKENS = 256
 CHAT_END = "<|end|>"  # Phi-3's end of a chat turn; a reply stops there as at eos
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Console entry point: user errors become one `error:` line and exit code 2."""
+    """Console entry point: every failure is one `error:` line and an exit code (minilora/failures.py)."""
     sys.exit(run_cli(main))
 
 

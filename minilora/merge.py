@@ -25,11 +25,11 @@ from transformers import AutoConfig, AutoTokenizer
 from minilora.adapter import read_adapter_config
 from minilora.atomic import atomic_replace_dir
 from minilora.errors import UserError
+from minilora.failures import run_cli
 from minilora.lock import LOCK_NAME, FolderLock
 from minilora.lora import LoRALinear, is_4bit, plain_linear
 from minilora.quant import is_local_model, resolve_model_path
 from minilora.trained import TrainedSetup, load_trained, resolve_trained
-from minilora.training.cli import run_cli
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Console entry point: user errors become one `error:` line and exit code 2."""
+    """Console entry point: every failure is one `error:` line and an exit code (minilora/failures.py)."""
     sys.exit(run_cli(main))
 
 

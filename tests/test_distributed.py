@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from train_utils import QUICK, ROOT, run_quick
 
-from minilora.training.plot import read_metrics
+from minilora.training.metrics import read_metrics
 
 STEPS = dict(max_steps=3, dropout=0.0, eval_every=0, save_every=0)
 

@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from minilora.errors import UserError
 from minilora.lock import LOCK_NAME
 from minilora.training.cli import run
 from minilora.training.loss import LossModule
-from minilora.training.plot import read_metrics
+from minilora.training.metrics import read_metrics, truncate_metrics
 
 GOOD = json.dumps({"instruction": "Say hi", "output": "hi"})
 
@@ -88,6 +89,10 @@ def test_missing_data_file(tmp_path, existing_output, capsys):
     (["--eval-file", str(DEMO), "--eval-fraction=0.1"], "--eval-file and --eval-fraction"),
     (["--precision=fp16"], "--precision fp16 needs a CUDA GPU"),
     (["--kernels=triton"], "--kernels triton needs a CUDA GPU"),
+    (["--epochs=inf"], "--epochs inf: must be a finite number"),
+    (["--weight-decay=nan"], "--weight-decay nan: must be a finite number"),
+    (["--max-grad-norm=nan"], "--max-grad-norm nan: must be a finite number"),
+    (["--seed=99999999999999"], "--seed 99999999999999: must be in [0, 2**32)"),
 ])
 def test_bad_flags_are_caught_before_the_model_loads(flags, fragment, tmp_path, existing_output, capsys,
                                                       monkeypatch):
@@ -289,3 +294,31 @@ def test_a_damaged_checkpoint_is_skipped_and_reported(tmp_path, uninterrupted, c
     assert "step-24: skipped, training_state.pt does not match its checksum" in printed
     assert "continuing from" in printed and "step-21" in printed
     assert same_adapter(adapter_tensors(out), uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_torn_last_metrics_line_is_dropped_and_the_resume_matches(tmp_path, uninterrupted):
+    """A crash during an append leaves half a line; the resume neither chokes on it nor keeps it."""
+    out = tmp_path / "out"
+    assert run_quick(out, max_steps=24, save_every=3, eval_every=0) == 0
+    shutil.rmtree(out / "checkpoints" / "step-24")  # the crash came before checkpoint 24 ...
+    (out / "adapter_model.safetensors").unlink()
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "train", "step": 24, "lo')  # ... in the middle of an append
+    assert run_quick(out, max_steps=24, save_every=3, eval_every=0, resume=True) == 0
+    assert same_adapter(adapter_tensors(out), uninterrupted)
+    steps = [m["step"] for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"]
+    assert steps == list(range(1, 25))
+    assert (out / "metrics.jsonl").read_text().endswith("}\n")
+
+
+@pytest.mark.parametrize("tail", ['{"kind": "train", "st', '{"kind": "train", "st\n', "\x00" * 40])
+def test_metrics_reader_drops_a_torn_last_line_and_reports_damage_before_it(tmp_path, tail):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"kind": "train", "step": 1}\n' + tail)
+    assert read_metrics(path) == [{"kind": "train", "step": 1}]
+    truncate_metrics(path, 1)
+    assert path.read_text() == '{"kind": "train", "step": 1}\n'
+    path.write_text('{"kind": "train", "st\n{"kind": "train", "step": 2}\n')
+    with pytest.raises(UserError, match=r"metrics.jsonl:1: not a JSON line"):
+        read_metrics(path)

@@ -14,7 +14,7 @@ import minilora
 from minilora.builtin import build_tokenizer
 from minilora.data.dataset import load_dataset
 from minilora.training.loop import TrainingLoop
-from minilora.training.plot import read_metrics
+from minilora.training.metrics import read_metrics
 from minilora.training.schedule import lr_at
 
 

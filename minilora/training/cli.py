@@ -1,5 +1,5 @@
-"""`train.py`'s command line: flags generated from TrainConfig, an optional YAML/TOML config file,
-and the rule that a user's mistake is one `error:` line and exit code 2, never a traceback."""
+"""`train.py`'s command line: flags generated from TrainConfig and an optional YAML/TOML config file.
+Failures become one `error:` line and an exit code in minilora/failures.py."""
 
 import argparse
 import dataclasses
@@ -15,9 +15,9 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from minilora.errors import UserError
+from minilora.failures import run_cli
 from minilora.training.config import TrainConfig, validate
 
-EXIT_USER_ERROR = 2
 # Config-file keys of earlier versions: the error names what replaced them.
 RENAMED_KEYS = {"grad_checkpointing": "recompute_every (0: no recompute)", "checkpoint_every": "recompute_every"}
 
@@ -99,20 +99,6 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     cfg = TrainConfig(**values)
     validate(cfg, explicit=set(values))
     return cfg
-
-
-def run_cli(entry: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run `entry`, turning UserError into `error: <message>` on stderr and exit code 2, and a
-    second Ctrl-C (the first one stops training cleanly) into a one-line notice."""
-    try:
-        return entry(argv) or 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("\ninterrupted: quit at once; checkpoints already written are intact (--resume continues from "
-              "the newest)", file=sys.stderr)
-        return 130
 
 
 def run(argv: list[str] | None = None) -> int:

@@ -88,6 +88,11 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> None:
 
     if not cfg.data:
         raise UserError("--data is required (a JSONL file)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.type is float and not math.isfinite(getattr(cfg, f.name)):
+            bad(f.name, "must be a finite number")
+    if not 0 <= cfg.seed < 2**32:
+        bad("seed", "must be in [0, 2**32)")  # what NumPy's seeding accepts
     if cfg.r < 1:
         bad("r", "the LoRA rank must be at least 1")
     if not cfg.alpha > 0:

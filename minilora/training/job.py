@@ -32,11 +32,12 @@ from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
 from minilora.training.config import TrainConfig, resume_may_change
 from minilora.training.distributed import DistInfo, barrier, init_distributed, shutdown
 from minilora.training.loop import TrainingLoop, TrainingStopped
+from minilora.training.metrics import METRICS_NAME, read_metrics
 from minilora.training.offload import OffloadSaved
-from minilora.training.plot import plot_losses, read_metrics
+from minilora.training.plot import plot_run
 from minilora.training.recompute import enable_recompute
 
-RUN_FILES = (RUN_FILE, "metrics.jsonl", "eval.json", "loss.png", "README.md", CONFIG_NAME, WEIGHTS_NAME)
+RUN_FILES = (RUN_FILE, METRICS_NAME, "eval.json", "loss.png", "README.md", CONFIG_NAME, WEIGHTS_NAME)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -228,7 +229,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
         state = trainer.run()
     except TrainingStopped as stop:
         if dist.main:
-            plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png", f"{cfg.model} (stopped)")
+            plot_run(out, f"{cfg.model} (stopped)")
             print(f"stopped: {stop}", file=sys.stderr)
         return stop.exit_code
 
@@ -245,12 +246,12 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
         "trainable": trainable, "total_params": total, "trainable_share": f"{100 * trainable / total:.2f}%",
         "trainable_summary": trainable_summary(model), "target_modules": matched_target_names(model),
         "tokens_per_s": tokens_per_s, "wall_time_s": time.time() - started,
-        "peak_mem_mb": max((m.get("peak_mem_mb", 0) for m in read_metrics(out / "metrics.jsonl")), default=0),
+        "peak_mem_mb": max((m.get("peak_mem_mb", 0) for m in read_metrics(out / METRICS_NAME)), default=0),
     }
     write_run_record(out, run)
     atomic_write_json(out / "eval.json", {"before": state.eval_before, "after": eval_after,
                                           "held_out": data.eval_source})
-    plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png", f"LoRA r={cfg.r} on {cfg.model}")
+    plot_run(out, f"LoRA r={cfg.r} on {cfg.model}")
     atomic_write_text(out / "README.md", render_card(run, str(out)))
     print_summary(cfg, run)
     return 0

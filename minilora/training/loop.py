@@ -8,7 +8,6 @@ so a resumed run on a CPU reproduces the uninterrupted one bit for bit.
 """
 
 import contextlib
-import json
 import math
 import resource
 import signal
@@ -20,14 +19,15 @@ import torch
 from tqdm.auto import tqdm
 
 from minilora.adapter import load_adapter, save_adapter
-from minilora.atomic import atomic_write_text
 from minilora.data.batching import Batch, make_batches
+from minilora.failures import EXIT_OUT_OF_MEMORY, first_line, is_out_of_memory
 from minilora.inject import lora_parameters
 from minilora.training.checkpoint import load_training_state, rng_states, save_checkpoint, set_rng_states
 from minilora.training.config import TrainConfig
 from minilora.training.distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, shard, wrap
 from minilora.training.evaluate import evaluate
 from minilora.training.loss import LossModule
+from minilora.training.metrics import METRICS_NAME, append_metric, truncate_metrics
 from minilora.training.optim import make_optimizer
 from minilora.training.schedule import lr_at
 
@@ -166,14 +166,13 @@ class TrainingLoop:
         self.state.step, self.state.tokens_seen = saved["step"], saved["tokens_seen"]
         self.state.eval_before, self.state.eval_last = saved["eval_before"], saved["eval_last"]
         if self.dist.main:
-            _truncate_metrics(self.output / "metrics.jsonl", self.state.step)
+            truncate_metrics(self.output / METRICS_NAME, self.state.step)
 
     # --- logging ----------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
         if not self.dist.main:
             return
-        with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metric(self.output / METRICS_NAME, record)
 
     def run_eval(self, label: str) -> dict | None:
         if not self.eval_batches:
@@ -286,17 +285,20 @@ class TrainingLoop:
     def _guarded_step(self) -> dict:
         try:
             return self.train_step()
-        except torch.OutOfMemoryError as err:
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
             self.optimizer.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             batch = self.cfg.batch_size
+            where = "GPU" if isinstance(err, torch.OutOfMemoryError) else "CPU"
             raise TrainingStopped(
-                f"out of GPU memory at step {self.state.step + 1} (batch {batch}, --seq-len {self.cfg.seq_len}): "
-                f"{str(err).splitlines()[0]}. Lower memory with --batch-size {max(1, batch // 2)} "
+                f"out of {where} memory at step {self.state.step + 1} (batch {batch}, --seq-len {self.cfg.seq_len}): "
+                f"{first_line(err)}. Lower memory with --batch-size {max(1, batch // 2)} "
                 f"--grad-accum {self.cfg.grad_accum * 2} (same effective batch) or a shorter --seq-len; "
-                "keep gradient checkpointing on. Checkpoints written so far are intact; add --resume to continue",
-                exit_code=3) from None
+                "keep --recompute-every 1. Checkpoints written so far are intact; add --resume to continue",
+                exit_code=EXIT_OUT_OF_MEMORY) from None
 
     def say(self, text: str) -> None:
         if self.dist.main:
@@ -308,12 +310,3 @@ class TrainingLoop:
         if self.device.type == "cuda":
             post["mem"] = f"{record['peak_mem_mb'] / 1024:.1f}G"
         return post
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines from after the checkpoint being resumed (they will be written again)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))

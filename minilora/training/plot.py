@@ -1,6 +1,5 @@
 """loss.png: training loss per optimizer step and held-out loss at each evaluation."""
 
-import json
 from pathlib import Path
 
 import matplotlib
@@ -9,13 +8,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from minilora.atomic import atomic_write  # noqa: E402
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    path = Path(path)
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+from minilora.training.metrics import METRICS_NAME, read_metrics  # noqa: E402
 
 
 def plot_losses(metrics: list[dict], path: str | Path, title: str = "") -> None:
@@ -35,3 +28,8 @@ def plot_losses(metrics: list[dict], path: str | Path, title: str = "") -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+def plot_run(output: str | Path, title: str) -> None:
+    """loss.png in the run folder `output`, from its metrics.jsonl."""
+    plot_losses(read_metrics(Path(output) / METRICS_NAME), Path(output) / "loss.png", title)
