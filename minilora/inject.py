@@ -20,6 +20,12 @@ def _matches(name: str, targets: Sequence[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def unmatched_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """The entries of a target list that match no module of `model` (exact or `.`-suffix match)."""
+    names = [name for name, _ in model.named_modules() if name]
+    return [t for t in targets if not any(_matches(name, [t]) for name in names)]
+
+
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear)  # bnb's Linear4bit and Linear8bitLt subclass nn.Linear
 
@@ -155,6 +161,6 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 __all__ = [
     "DEFAULT_TARGETS", "add_lora", "count_parameters",
     "disable_adapter", "linear_layer_kinds", "lora_layers", "lora_parameters",
-    "matched_target_names", "merge_lora", "print_trainable", "set_adapter_enabled",
+    "matched_target_names", "merge_lora", "unmatched_targets", "print_trainable", "set_adapter_enabled",
     "trainable_summary", "unmerge_lora",
 ]

@@ -156,3 +156,21 @@ def test_config_that_does_not_fit_the_model(trained_adapter, tiny_model_dir):
     (folder / "adapter_config.json").write_text("{not json")
     with pytest.raises(AdapterError, match="not valid JSON"):
         minilora.load_adapter(_fresh(tiny_model_dir), folder)
+
+
+@pytest.mark.parametrize("key,value", [("use_rslora", "false"), ("use_rslora", 1), ("use_dora", "no")])
+def test_config_booleans_must_be_json_booleans(trained_adapter, tiny_model_dir, key, value):
+    """bool("false") is True: a string would silently switch rsLoRA on; it is an error instead."""
+    folder, _ = trained_adapter
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config[key] = value
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=f"'{key}' must be true or false, got {value!r}"):
+        minilora.load_adapter(_fresh(tiny_model_dir), folder)
+
+
+def test_deeply_nested_config_is_a_clear_error(trained_adapter, tiny_model_dir):
+    folder, _ = trained_adapter
+    (folder / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        minilora.load_adapter(_fresh(tiny_model_dir), folder)

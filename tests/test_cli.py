@@ -86,6 +86,31 @@ def test_config_file_keys_of_earlier_versions_name_their_replacement(tmp_path, k
         parse_config(["--config", str(path), "--data", str(DEMO)])
 
 
+@pytest.mark.parametrize("line,message", [
+    ("r: 3.7", "'r' must be int, got 3.7"),
+    ("r: true", "'r' must be int, got True"),
+    ("output: null", "'output' must be str, got None"),
+    ("model: 7", "'model' must be str, got 7"),
+    ("lr: '0.001'", "'lr' must be float, got '0.001'"),
+    ("packing: 'yes'", "'packing' must be true or false, got 'yes'"),
+    ("targets: [qkv_proj, 3]", "'targets' must be a list of module names"),
+    ("targets: []", "'targets' must be a list of module names"),
+    ("r: " + "[" * 5000, "cannot parse"),
+])
+def test_config_file_values_must_have_the_fields_type(tmp_path, line, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(line + "\n")
+    with pytest.raises(UserError, match=re.escape(f"run.yaml: {message}")):
+        parse_config(["--config", str(path), "--data", str(DEMO)])
+
+
+def test_config_file_ints_are_fine_floats(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 1\nalpha: 32\n")
+    cfg = parse_config(["--config", str(path), "--data", str(DEMO)])
+    assert (cfg.lr, cfg.alpha) == (1.0, 32.0) and isinstance(cfg.lr, float)
+
+
 def test_targets_accept_spaces_or_commas():
     cfg = parse_config(["--data", str(DEMO), "--targets", "qkv_proj,o_proj", "down_proj"])
     assert cfg.targets == ["qkv_proj", "o_proj", "down_proj"]

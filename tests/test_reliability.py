@@ -85,6 +85,8 @@ def test_missing_data_file(tmp_path, existing_output, capsys):
     (["--eval-fraction=1.5"], "--eval-fraction 1.5: the held-out share must be in [0, 1)"),
     (["--dropout=1"], "--dropout 1.0: must be in [0, 1)"),
     (["--targets", "qkv_proj", "nonexistent_proj"], "--targets nonexistent_proj: no such module in Phi3ForCausalLM"),
+    (["--targets", "qkv_proj", "self_attn.o_prj"], "--targets self_attn.o_prj: no such module in Phi3ForCausalLM"),
+    (["--targets", "qkv_proj", "query_key_value"], "--targets query_key_value: no such module"),
     (["--resume", "--overwrite"], "give one of them"),
     (["--eval-file", str(DEMO), "--eval-fraction=0.1"], "--eval-file and --eval-fraction"),
     (["--precision=fp16"], "--precision fp16 needs a CUDA GPU"),

@@ -18,6 +18,7 @@ from minilora.errors import UserError
 from minilora.failures import run_cli
 from minilora.training.config import TrainConfig, validate
 
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few dozen keys; more is a mistake (or hostile)
 # Config-file keys of earlier versions: the error names what replaced them.
 RENAMED_KEYS = {"grad_checkpointing": "recompute_every (0: no recompute)", "checkpoint_every": "recompute_every"}
 
@@ -55,11 +56,15 @@ def read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{path}: no such config file (--config)")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"{path}: {p.stat().st_size:,} bytes is not a config file (at most {MAX_CONFIG_BYTES:,})")
     try:
         text = p.read_text(encoding="utf-8")
         values = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as err:
         raise UserError(f"{path}: cannot parse ({str(err).splitlines()[0]})") from err
+    except RecursionError as err:
+        raise UserError(f"{path}: cannot parse (nested too deeply)") from err
     values = values or {}
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a mapping of flag names to values")
@@ -76,18 +81,21 @@ def read_config_file(path: str) -> dict:
 
 
 def _coerce(path: str, name: str, value, f: dataclasses.Field):
+    """The value as the field's type, refusing any conversion that could change what the user meant
+    (3.7 for an int, null or a number for a string); an int is a fine float."""
     if name == "targets":
         value = value.split(",") if isinstance(value, str) else value
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{path}: 'targets' must be a list of module names")
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise UserError(f"{path}: 'targets' must be a list of module names, got {value!r}")
         return value
     kind = _type(f) if f.type not in (bool, "bool") else bool
-    if kind is bool and not isinstance(value, bool):
-        raise UserError(f"{path}: '{name}' must be true or false, got {value!r}")
-    try:
-        return kind(value)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{path}: '{name}' must be {kind.__name__}, got {value!r}") from err
+    accepted = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
+        raise UserError(f"{path}: '{name}' must be {_TYPE_WORDS[kind]}, got {value!r}")
+    return kind(value)
+
+
+_TYPE_WORDS = {bool: "true or false", int: "int", float: "float", str: "str"}
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:

@@ -23,7 +23,14 @@ from minilora.data.batching import make_batches
 from minilora.data.dataset import Dataset, load_dataset, split_eval
 from minilora.dispatch import check_kernel_mode, set_kernel_mode
 from minilora.errors import UserError
-from minilora.inject import add_lora, count_parameters, linear_layer_kinds, matched_target_names, trainable_summary
+from minilora.inject import (
+    add_lora,
+    count_parameters,
+    linear_layer_kinds,
+    matched_target_names,
+    trainable_summary,
+    unmatched_targets,
+)
 from minilora.lock import LOCK_NAME, FolderLock
 from minilora.quant import load_base, load_tokenizer, resolve_model_path
 from minilora.run_record import RUN_FILE, write_run_record
@@ -138,7 +145,9 @@ def check_targets(cfg: TrainConfig) -> None:
         skeleton = transformers.AutoModelForCausalLM.from_config(config)
     known = linear_layer_kinds(skeleton)
     add_lora(skeleton, r=cfg.r, alpha=cfg.alpha, targets=cfg.targets)  # raises UserError if none match
-    unknown = [t for t in cfg.targets if "." not in t and t not in known and t not in TrainConfig().targets]
+    # The default list names layers of several architectures, each absent from the others; a list the
+    # user gave must match in full (a typo would otherwise train fewer layers than asked, silently).
+    unknown = [] if cfg.targets == TrainConfig().targets else unmatched_targets(skeleton, cfg.targets)
     if unknown:
         raise UserError(f"--targets {', '.join(unknown)}: no such module in {type(skeleton).__name__} "
                         f"(its linear layers: {', '.join(known)})")
