@@ -324,3 +324,26 @@ def test_metrics_reader_drops_a_torn_last_line_and_reports_damage_before_it(tmp_
     path.write_text('{"kind": "train", "st\n{"kind": "train", "step": 2}\n')
     with pytest.raises(UserError, match=r"metrics.jsonl:1: not a JSON line"):
         read_metrics(path)
+
+
+def test_outputs_get_the_permissions_of_the_umask(tmp_path):
+    """A serving process running as another user must be able to read the adapter (umask 022)."""
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        assert run_quick(out, max_steps=1, eval_every=0, save_every=1) == 0
+    finally:
+        os.umask(old)
+    for path in [out, *out.rglob("*")]:
+        mode = path.stat().st_mode & 0o777
+        assert mode == (0o755 if path.is_dir() else 0o644), (path, oct(mode))
+
+
+def test_a_folder_holding_only_the_users_readme_is_not_a_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    assert run(argv_for(out, DEMO)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a README.md that is not from a run" in err and "already holds a run" not in err
+    assert (out / "README.md").read_text() == "my notes"

@@ -64,10 +64,15 @@ COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 
 def check_output(cfg: TrainConfig) -> None:
     out = Path(cfg.output)
-    held = [name for name in (*RUN_FILES, "checkpoints") if (out / name).exists()]
-    if cfg.resume or not held:
+    # What only a run writes; a README.md alone may be the user's own (the card would replace it).
+    markers = (RUN_FILE, METRICS_NAME, "checkpoints", CONFIG_NAME, WEIGHTS_NAME)
+    held = [name for name in markers if (out / name).exists()]
+    if cfg.resume or cfg.overwrite:
         return
-    if not cfg.overwrite:
+    if not held and (out / "README.md").exists():
+        raise UserError(f"--output {cfg.output} holds a README.md that is not from a run; the model card would "
+                        "replace it. Choose another --output")
+    if held:
         raise UserError(f"--output {cfg.output} already holds a run ({', '.join(held[:3])}); add --resume to "
                         "continue it, --overwrite to replace it, or choose another --output")
 
