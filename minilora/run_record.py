@@ -21,6 +21,15 @@ def write_run_record(output: str | Path, record: dict) -> Path:
     return path
 
 
+def read_run_record(output: str | Path) -> dict | None:
+    """The run.json in `output`, or None if there is none or it cannot be read as a JSON object."""
+    try:
+        record = json.loads((Path(output) / RUN_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def find_run_record(adapter_dir: str | Path) -> Path | None:
     """run.json of the training run that wrote `adapter_dir`: the final adapter sits next to it,
     a checkpoint's adapter two levels below it (`<run>/checkpoints/step-N/`)."""

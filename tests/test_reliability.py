@@ -20,6 +20,7 @@ from minilora.lock import LOCK_NAME
 from minilora.training.cli import run
 from minilora.training.loss import LossModule
 from minilora.training.metrics import read_metrics, truncate_metrics
+from minilora.training.schedule import lr_at
 
 GOOD = json.dumps({"instruction": "Say hi", "output": "hi"})
 
@@ -162,6 +163,23 @@ def test_a_failed_run_leaves_no_lock_and_no_folder_it_created(tmp_path):
     with pytest.raises(UserError, match="no complete checkpoint"):
         run_quick(tmp_path / "new", resume=True)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_resume_may_extend_the_run_and_change_the_learning_rate_with_a_notice(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert run_quick(out, max_steps=4, save_every=2, eval_every=0) == 0
+    capsys.readouterr()
+    assert run_quick(out, max_steps=6, save_every=2, eval_every=0, lr=5e-4, resume=True) == 0
+    printed = capsys.readouterr().out
+    assert "resume: --lr 0.001 -> 0.0005 for the rest of the run" in printed
+    assert "resume: --max-steps 4 -> 6 for the rest of the run" in printed
+    steps = [m for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"]
+    assert [m["step"] for m in steps] == [1, 2, 3, 4, 5, 6]
+    assert steps[4]["lr"] == pytest.approx(lr_at(4, 5e-4, 2, 6, QUICK.get("min_lr_ratio", 0.1)))
+    run_json = json.loads((out / "run.json").read_text())
+    assert run_json["resumes"] == [{"step": 4, "changed": {"lr": [0.001, 0.0005], "max_steps": [4, 6]}}]
+    assert "- Resumed at step 4, changing lr 0.001 -> 0.0005, max_steps 4 -> 6" in (out / "README.md").read_text()
 
 
 def test_skip_bad_lines_continues_and_reports(tmp_path, capsys):

@@ -96,7 +96,7 @@ print(tokenizer.decode(outputs[0], skip_special_tokens=True))
 - Quantization: {quant_line}
 - Precision: {precision}
 - Optimizer: AdamW (lr {lr}, {warmup} warm-up steps, cosine decay), batch {batch_size} x {grad_accum} accumulation
-- Optimizer steps: {steps} ({epochs:.2f} epochs){packing}
+- Optimizer steps: {steps} ({epochs:.2f} epochs){packing}{resumes}
 - Gradient checkpointing: {recompute}
 
 #### Speeds, Sizes, Times
@@ -140,6 +140,14 @@ print(tokenizer.decode(outputs[0], skip_special_tokens=True))
 """
 
 
+def _resume_lines(resumes: list[dict]) -> str:
+    lines = []
+    for r in resumes:
+        changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in r["changed"].items())
+        lines.append(f"\n- Resumed at step {r['step']}" + (f", changing {changes}" if changes else ""))
+    return "".join(lines)
+
+
 def _recompute_words(every: int) -> str:
     return {0: "off", 1: "every decoder layer"}.get(every, f"one decoder layer in {every}")
 
@@ -172,6 +180,7 @@ def render_card(run: dict, adapter_path: str) -> str:
         precision=run["precision"], lr=cfg["lr"], warmup=result["warmup_steps"],
         batch_size=cfg["batch_size"], grad_accum=cfg["grad_accum"], steps=result["steps"],
         epochs=result["epochs_done"], packing=", packed sequences" if cfg["packing"] else "",
+        resumes=_resume_lines(run.get("resumes", [])),
         recompute=_recompute_words(cfg["recompute_every"]),
         total_params=f"{result['total_params']:,}", share=result["trainable_share"],
         wall_time=f"{wall:.1f} s" if wall < 120 else f"{wall / 60:.1f} min",

@@ -1,9 +1,12 @@
 """The training run's settings: one dataclass, the single source of the CLI flags and config files.
 
 Each field's default carries its reason; `train.py --help` shows the `help` text of each. The
-resolved config is saved in `run.json` and in every checkpoint, and `--resume` compares against it,
-except for the fields marked `resume=FREE`: they change how the run is carried out or recorded, not
-what it computes. No torch here: `train.py --help` imports this module.
+resolved config is saved in `run.json` and in every checkpoint, and `--resume` compares against it.
+Fields marked `resume=FREE` change how the run is carried out or recorded, not what it computes: they
+may differ on a resume. Fields marked `resume=STEER` steer the rest of the run (learning rate and
+schedule, length, clipping): they may differ too, with a notice recorded in run.json and the card.
+All others define what the model sees or is, and a resume must repeat them. No torch here:
+`train.py --help` imports this module.
 """
 
 import dataclasses
@@ -15,6 +18,7 @@ from minilora import recipe
 from minilora.errors import UserError
 
 FREE = "free"  # `resume=FREE`: may differ on --resume (the run computes the same numbers)
+STEER = "steer"  # `resume=STEER`: may differ on --resume, with a notice (the rest of the run changes)
 
 
 def _f(default, help: str, **kw):
@@ -37,15 +41,15 @@ class TrainConfig:
     rslora: bool = _f(False, "rank-stabilised scale alpha / sqrt(r)")
     quant: str = _f("nf4", "base weights: nf4 (QLoRA), fp4, or none (full precision)", choices=recipe.QUANT_TYPES)
     # schedule
-    epochs: float = _f(1.0, "passes over the training data (fractions allowed)")
-    max_steps: int = _f(0, "stop after this many optimizer steps (0: set by --epochs)")
+    epochs: float = _f(1.0, "passes over the training data (fractions allowed)", resume=STEER)
+    max_steps: int = _f(0, "stop after this many optimizer steps (0: set by --epochs)", resume=STEER)
     batch_size: int = _f(4, "examples per micro-batch")
     grad_accum: int = _f(4, "micro-batches per optimizer step (loss normalised by target tokens)")
-    lr: float = _f(2e-4, "peak learning rate (QLoRA's value for 7B-scale models)")
-    warmup_steps: int = _f(10, "linear warm-up steps before cosine decay")
-    min_lr_ratio: float = _f(0.1, "cosine decays to lr * this")
-    weight_decay: float = _f(0.0, "AdamW weight decay on LoRA weights")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    lr: float = _f(2e-4, "peak learning rate (QLoRA's value for 7B-scale models)", resume=STEER)
+    warmup_steps: int = _f(10, "linear warm-up steps before cosine decay", resume=STEER)
+    min_lr_ratio: float = _f(0.1, "cosine decays to lr * this", resume=STEER)
+    weight_decay: float = _f(0.0, "AdamW weight decay on LoRA weights", resume=STEER)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)", resume=STEER)
     seq_len: int = _f(2048, "longest sequence in tokens; longer examples are truncated")
     packing: bool = _f(False, "pack short examples into full sequences (no attention across examples)")
     # evaluation and checkpoints
@@ -75,9 +79,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def resume_may_change() -> set[str]:
-    """Fields that may differ between a run and its --resume."""
-    return {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume") == FREE}
+def resume_fields(kind: str) -> set[str]:
+    """The fields marked `resume=kind` (FREE or STEER)."""
+    return {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume") == kind}
 
 
 def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> None:

@@ -33,10 +33,10 @@ from minilora.inject import (
 )
 from minilora.lock import LOCK_NAME, FolderLock
 from minilora.quant import load_base, load_tokenizer, resolve_model_path
-from minilora.run_record import RUN_FILE, write_run_record
+from minilora.run_record import RUN_FILE, read_run_record, write_run_record
 from minilora.training.card import render_card
 from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
-from minilora.training.config import TrainConfig, resume_may_change
+from minilora.training.config import FREE, STEER, TrainConfig, resume_fields
 from minilora.training.distributed import DistInfo, barrier, init_distributed, shutdown
 from minilora.training.loop import TrainingLoop, TrainingStopped
 from minilora.training.metrics import METRICS_NAME, read_metrics
@@ -119,25 +119,29 @@ def report_data(data: RunData, cfg: TrainConfig) -> None:
 
 def fingerprint(cfg: TrainConfig, data: RunData, precision: str, world: int) -> dict:
     """What defines the run: a resume must match it exactly."""
-    free = resume_may_change()
+    free = resume_fields(FREE)
     values = {k: v for k, v in cfg.to_dict().items() if k not in free}
     values.update(data_sha256=data.train.sha256, eval_sha256=data.eval_sha256, precision=precision,
                   world_size=world)
     return values
 
 
-def resume_point(cfg: TrainConfig, fp: dict) -> Path:
+def resume_point(cfg: TrainConfig, fp: dict) -> tuple[Path, dict]:
+    """The checkpoint to continue from, and the steering flags that changed ({name: [old, new]})."""
     folder, notes = newest_intact_checkpoint(cfg.output)
     for note in notes:
         print(f"resume: {note}")
     if folder is None:
         raise UserError(f"--resume: no complete checkpoint in {Path(cfg.output) / 'checkpoints'} to resume from")
-    saved = read_manifest(folder)["fingerprint"]
+    saved, steer = read_manifest(folder)["fingerprint"], resume_fields(STEER)
     diffs = [f"{k}: {saved.get(k)!r} -> {fp.get(k)!r}"
-             for k in sorted(set(saved) | set(fp)) if saved.get(k) != fp.get(k)]
+             for k in sorted(set(saved) | set(fp)) if k not in steer and saved.get(k) != fp.get(k)]
     if diffs:
         raise UserError(f"--resume: this command differs from the run in {cfg.output}: " + "; ".join(diffs))
-    return folder
+    changed = {k: [saved[k], fp[k]] for k in sorted(steer) if k in saved and saved[k] != fp[k]}
+    for k, (old, new) in changed.items():
+        print(f"resume: --{k.replace('_', '-')} {old!r} -> {new!r} for the rest of the run")
+    return folder, changed
 
 
 def check_targets(cfg: TrainConfig) -> None:
@@ -199,7 +203,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer)
     fp = fingerprint(cfg, data, precision, dist.world)
-    resume_from = resume_point(cfg, fp) if cfg.resume else None
+    resume_from, steered = resume_point(cfg, fp) if cfg.resume else (None, {})
     check_targets(cfg)
     barrier(dist)  # every rank has checked the output folder before rank 0 changes it
     if dist.main:
@@ -236,6 +240,8 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     if resume_from is not None:
         trainer.restore(resume_from)
         say(f"resume: continuing from {resume_from} (step {trainer.state.step}/{trainer.total})")
+        earlier = (read_run_record(out) or {}).get("resumes", [])
+        run["resumes"] = [*earlier, {"step": trainer.state.step, "changed": steered}]
     if dist.main:
         write_run_record(out, run)
 

@@ -160,6 +160,8 @@ class TrainingLoop:
         load_adapter(self.model, folder)
         saved = load_training_state(folder)
         self.optimizer.load_state_dict(saved["optimizer"])
+        for group in self.optimizer.param_groups:  # the saved groups carry the old value; it may be steered
+            group["weight_decay"] = self.cfg.weight_decay
         self.scaler.load_state_dict(saved["scaler"])
         set_rng_states(saved["rng_per_rank"][self.dist.rank])
         self.stream.epoch, self.stream.index = saved["data_position"]["epoch"], saved["data_position"]["index"]
@@ -262,8 +264,8 @@ class TrainingLoop:
                         raise TrainingStopped(
                             f"{state.bad_steps} optimizer steps in a row had a non-finite loss or gradient "
                             f"(steps {state.skipped_steps[-state.bad_steps:]}); stopped without applying them. "
-                            f"The last good state is in {path}. Lower --lr, check the data, or use "
-                            "--precision bf16/fp32", exit_code=1)
+                            f"The last good state is in {path}. Continue from it with a lower learning rate: the same "
+                            f"command plus --resume --lr {cfg.lr / 4:g}; or check the data", exit_code=1)
                     last = state.step == self.total
                     if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
                         self.run_eval("during")
