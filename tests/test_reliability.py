@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from train_utils import DEMO, QUICK, ROOT, run_quick
 
+import minilora.training.loop
 import minilora.training.loss
 from minilora.errors import UserError
 from minilora.lock import LOCK_NAME
@@ -365,3 +366,34 @@ def test_a_folder_holding_only_the_users_readme_is_not_a_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "holds a README.md that is not from a run" in err and "already holds a run" not in err
     assert (out / "README.md").read_text() == "my notes"
+
+
+def signal_during_evaluation(monkeypatch, call: int, sig=signal.SIGTERM):
+    """Deliver `sig` to this process while the `call`-th evaluation runs (1: before training)."""
+    evaluate, calls = minilora.training.loop.evaluate, itertools.count(1)
+
+    def signalled(*args, **kwargs):
+        if next(calls) == call:
+            os.kill(os.getpid(), sig)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(minilora.training.loop, "evaluate", signalled)
+
+
+def test_sigterm_during_the_first_evaluation_stops_cleanly_before_training(tmp_path, monkeypatch, capsys):
+    signal_during_evaluation(monkeypatch, call=1)
+    out = tmp_path / "out"
+    assert run(argv_for(out, DEMO, "--eval-every=0")) == 143
+    err = capsys.readouterr().err
+    assert "SIGTERM: stopped before training step 1; run the same command plus --overwrite" in err
+    assert "Traceback" not in err and not (out / "checkpoints").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the job's handlers are gone again
+
+
+def test_sigterm_during_the_final_evaluation_still_writes_every_output(tmp_path, monkeypatch, capsys):
+    signal_during_evaluation(monkeypatch, call=2)
+    out = tmp_path / "out"
+    assert run(argv_for(out, DEMO, "--eval-every=0", "--max-steps=2")) == 0
+    assert "SIGTERM came after the last step: all 2 steps are done" in capsys.readouterr().err
+    for name in ("adapter_model.safetensors", "eval.json", "README.md", "loss.png"):
+        assert (out / name).is_file(), name

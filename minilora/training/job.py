@@ -38,7 +38,7 @@ from minilora.training.card import render_card
 from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
 from minilora.training.config import FREE, STEER, TrainConfig, resume_fields
 from minilora.training.distributed import DistInfo, barrier, init_distributed, shutdown
-from minilora.training.loop import TrainingLoop, TrainingStopped
+from minilora.training.loop import StopRequest, TrainingLoop, TrainingStopped
 from minilora.training.metrics import METRICS_NAME, read_metrics
 from minilora.training.offload import OffloadSaved
 from minilora.training.plot import plot_run
@@ -186,13 +186,13 @@ def train_from_config(cfg: TrainConfig) -> int:
     # Rank 0 holds --output for the whole run (the other ranks write nothing there).
     lock = FolderLock(Path(cfg.output) / LOCK_NAME, f"--output {cfg.output}") if dist.main else nullcontext()
     try:
-        with lock:
-            return _train(cfg, dist)
+        with lock, StopRequest() as stop:  # a signal anywhere in the job stops it at the next safe point
+            return _train(cfg, dist, stop)
     finally:
         shutdown(dist)
 
 
-def _train(cfg: TrainConfig, dist: DistInfo) -> int:
+def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
     started = time.time()
     device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
     say = print if dist.main else (lambda *a, **k: None)
@@ -227,7 +227,7 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     pad_id = tokenizer.pad_token_id
     eval_batches = make_batches(data.eval_examples, cfg.batch_size * dist.world, 0, cfg.seed, pad_id, cfg.packing,
                                 cfg.seq_len)
-    trainer = TrainingLoop(model, cfg, data.train_examples, eval_batches, pad_id, device, precision, fp, dist)
+    trainer = TrainingLoop(model, cfg, data.train_examples, eval_batches, pad_id, device, precision, fp, dist, stop)
     run = {"config": cfg.to_dict(), "precision": precision, "compute_dtype": str(COMPUTE_DTYPE[precision]),
            "double_quant": True, "device": str(device), "hardware": hardware(device), "versions": versions(),
            "architecture": type(model).__name__, "command": " ".join(sys.argv), "world_size": dist.world,
@@ -274,6 +274,9 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     plot_run(out, f"LoRA r={cfg.r} on {cfg.model}")
     atomic_write_text(out / "README.md", render_card(run, str(out)))
     print_summary(cfg, run)
+    if stop.signal_name:
+        print(f"{stop.signal_name} came after the last step: all {state.step} steps are done and every output is "
+              "written", file=sys.stderr)
     return 0
 
 

@@ -71,8 +71,9 @@ class BatchStream:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM: the first asks the loop to stop after the current step (and save); a second
-    SIGINT interrupts at once (writes are atomic, so nothing on disk is corrupted)."""
+    """SIGINT/SIGTERM for the whole job (installed by job.py around everything it does): the first asks
+    the job to stop at the next safe point (after the current step, with a checkpoint; before training,
+    at once); a second SIGINT interrupts at once (writes are atomic, so nothing on disk is corrupted)."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -82,8 +83,12 @@ class StopRequest:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        tqdm.write(f"\n{self.signal_name}: stopping after this step and saving a checkpoint "
+        tqdm.write(f"\n{self.signal_name}: stopping at the next safe point, with everything saved "
                    "(Ctrl-C again to quit at once)")
+
+    @property
+    def exit_code(self) -> int:
+        return 143 if self.signal_name == "SIGTERM" else 130
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -124,8 +129,10 @@ class TrainingLoop:
     """Holds what the steps share; `run()` is the loop."""
 
     def __init__(self, model, cfg: TrainConfig, train_examples, eval_batches: list[Batch], pad_id: int,
-                 device: torch.device, precision: str, fingerprint: dict, dist: DistInfo | None = None):
+                 device: torch.device, precision: str, fingerprint: dict, dist: DistInfo | None = None,
+                 stop: StopRequest | None = None):
         dist = dist or DistInfo()
+        self.stop = stop or StopRequest()  # job.py installs its signal handlers for the whole job
         self.model, self.cfg, self.device, self.precision, self.dist = model, cfg, device, precision, dist
         self.eval_batches, self.fingerprint = eval_batches, fingerprint
         self.output = Path(cfg.output)
@@ -251,38 +258,45 @@ class TrainingLoop:
         self.model.train()
         if state.step == 0 and state.eval_before is None:
             state.eval_before = self.run_eval("before")
+        if self._stop_requested():  # during loading or the first evaluation: nothing new to save
+            again = "--resume to continue" if state.step else "--overwrite to start afresh"
+            raise TrainingStopped(f"{self.stop.signal_name or 'a signal on another rank'}: stopped before training "
+                                  f"step {state.step + 1}; run the same command plus {again}",
+                                  exit_code=self.stop.exit_code)
         bar = tqdm(total=self.total, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
                    disable=not self.dist.main)
         try:
-            with StopRequest() as stop:
-                while state.step < self.total:
-                    record = self._guarded_step()
-                    bar.update(1)
-                    bar.set_postfix(self._postfix(record), refresh=False)
-                    if state.bad_steps >= cfg.max_bad_steps:
-                        path = self.save()
-                        raise TrainingStopped(
-                            f"{state.bad_steps} optimizer steps in a row had a non-finite loss or gradient "
-                            f"(steps {state.skipped_steps[-state.bad_steps:]}); stopped without applying them. "
-                            f"The last good state is in {path}. Continue from it with a lower learning rate: the same "
-                            f"command plus --resume --lr {cfg.lr / 4:g}; or check the data", exit_code=1)
-                    last = state.step == self.total
-                    if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
-                        self.run_eval("during")
-                    if (cfg.save_every and state.step % cfg.save_every == 0) or last:
-                        self.save()
-                    if any_rank(stop.signal_name is not None, self.dist, self.device) and not last:
-                        path = self.save()
-                        if self.dist.main:
-                            save_adapter(self.model, self.output, self.cfg.model)
-                        code = 143 if stop.signal_name == "SIGTERM" else 130
-                        name = stop.signal_name or "a signal on another rank"
-                        raise TrainingStopped(
-                            f"{name}: stopped at step {state.step}/{self.total}; checkpoint {path}. "
-                            f"Continue with the same command plus --resume", exit_code=code)
+            while state.step < self.total:
+                record = self._guarded_step()
+                bar.update(1)
+                bar.set_postfix(self._postfix(record), refresh=False)
+                if state.bad_steps >= cfg.max_bad_steps:
+                    path = self.save()
+                    raise TrainingStopped(
+                        f"{state.bad_steps} optimizer steps in a row had a non-finite loss or gradient "
+                        f"(steps {state.skipped_steps[-state.bad_steps:]}); stopped without applying them. "
+                        f"The last good state is in {path}. Continue from it with a lower learning rate: the same "
+                        f"command plus --resume --lr {cfg.lr / 4:g}; or check the data", exit_code=1)
+                last = state.step == self.total
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
+                    self.run_eval("during")
+                if (cfg.save_every and state.step % cfg.save_every == 0) or last:
+                    self.save()
+                if not last and self._stop_requested():
+                    path = self.save()
+                    if self.dist.main:
+                        save_adapter(self.model, self.output, self.cfg.model)
+                    name = self.stop.signal_name or "a signal on another rank"
+                    raise TrainingStopped(
+                        f"{name}: stopped at step {state.step}/{self.total}; checkpoint {path}. "
+                        f"Continue with the same command plus --resume", exit_code=self.stop.exit_code)
         finally:
             bar.close()
         return state
+
+    def _stop_requested(self) -> bool:
+        """Collective: every rank stops if any was signalled."""
+        return any_rank(self.stop.signal_name is not None, self.dist, self.device)
 
     def _guarded_step(self) -> dict:
         try:
