@@ -3,6 +3,7 @@
 import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -218,14 +219,23 @@ def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
 
 
 def test_consecutive_nan_steps_stop_with_a_checkpoint_and_no_nan_weights(tmp_path, monkeypatch, capsys):
+    """Steps 3-5 are NaN: the update of step 2 led to them, so the stop checkpoints the state before it
+    (step 1), drops the newer checkpoints (step 3 holds step 2's update), and a resume with the lower
+    learning rate the message gives runs to the end."""
     nan_loss_on_steps(monkeypatch, {3, 4, 5})
     code = run(argv_for(tmp_path / "out", DEMO, "--max-bad-steps=3", "--max-steps=8"))
     assert code == 1
-    assert "3 optimizer steps in a row had a non-finite loss" in capsys.readouterr().err
-    ckpt = tmp_path / "out" / "checkpoints" / "step-5"
+    err = capsys.readouterr().err
+    assert "3 optimizer steps in a row had a non-finite loss" in err
+    ckpt = tmp_path / "out" / "checkpoints" / "step-1"
+    assert [p.name for p in ckpt.parent.iterdir()] == ["step-1"] and str(ckpt) in err
     adapter = load_file(ckpt / "adapter_model.safetensors")
     assert all(torch.isfinite(t).all() for t in adapter.values())
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+    command = re.search(r"the same command plus (--resume --lr \S+);", err).group(1).split()
+    assert run(argv_for(tmp_path / "out", DEMO, "--max-bad-steps=3", "--max-steps=8", *command)) == 0
+    steps = [m["step"] for m in read_metrics(tmp_path / "out" / "metrics.jsonl") if m["kind"] == "train"]
+    assert steps == list(range(1, 9))
 
 
 def test_out_of_memory_reports_the_step_and_the_flags_that_help(tmp_path, monkeypatch, capsys):

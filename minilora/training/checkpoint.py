@@ -88,6 +88,12 @@ def list_checkpoints(output: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def remove_checkpoints_after(output: str | Path, step: int) -> None:
+    for folder in list_checkpoints(output):
+        if int(_STEP_DIR.fullmatch(folder.name).group(1)) > step:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def verify_checkpoint(folder: Path) -> str | None:
     """None if the folder is intact, else what is wrong with it."""
     manifest = folder / MANIFEST_NAME

@@ -8,6 +8,7 @@ so a resumed run on a CPU reproduces the uninterrupted one bit for bit.
 """
 
 import contextlib
+import copy
 import math
 import resource
 import signal
@@ -22,7 +23,13 @@ from minilora.adapter import load_adapter, save_adapter
 from minilora.data.batching import Batch, make_batches
 from minilora.failures import EXIT_OUT_OF_MEMORY, first_line, is_out_of_memory
 from minilora.inject import lora_parameters
-from minilora.training.checkpoint import load_training_state, rng_states, save_checkpoint, set_rng_states
+from minilora.training.checkpoint import (
+    load_training_state,
+    remove_checkpoints_after,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
 from minilora.training.config import TrainConfig
 from minilora.training.distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, shard, wrap
 from minilora.training.evaluate import evaluate
@@ -145,6 +152,7 @@ class TrainingLoop:
         # Warm-up longer than half the run would leave no decay: cap it (the card reports the value used).
         self.warmup = min(cfg.warmup_steps, self.total // 2)
         self.state = LoopState()
+        self._rollback_point: dict | None = None
 
     def autocast(self):
         if self.precision == "fp32":
@@ -196,6 +204,7 @@ class TrainingLoop:
     # --- one optimizer step -----------------------------------------------------------------------
     def train_step(self) -> dict:
         cfg, state = self.cfg, self.state
+        before = self._snapshot()
         lr = lr_at(state.step, cfg.lr, self.warmup, self.total, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -247,6 +256,8 @@ class TrainingLoop:
             record["skipped"] = "grad scaler: inf/NaN gradients" if scaler_skip else "non-finite gradients"
         else:
             state.bad_steps = 0
+        if "skipped" not in record or self._rollback_point is None:
+            self._rollback_point = before  # before the newest update (or before any bad step)
         if "skipped" in record:
             self.say(f"step {state.step}: {record['skipped']}; optimizer step skipped")
         self.log(record)
@@ -271,12 +282,12 @@ class TrainingLoop:
                 bar.update(1)
                 bar.set_postfix(self._postfix(record), refresh=False)
                 if state.bad_steps >= cfg.max_bad_steps:
-                    path = self.save()
+                    path = self._save_rollback_point()
                     raise TrainingStopped(
                         f"{state.bad_steps} optimizer steps in a row had a non-finite loss or gradient "
-                        f"(steps {state.skipped_steps[-state.bad_steps:]}); stopped without applying them. "
-                        f"The last good state is in {path}. Continue from it with a lower learning rate: the same "
-                        f"command plus --resume --lr {cfg.lr / 4:g}; or check the data", exit_code=1)
+                        f"(steps {state.skipped_steps[-state.bad_steps:]}); stopped without applying them. The state "
+                        f"before the update that led to them is in {path}. Continue from it with a lower learning "
+                        f"rate: the same command plus --resume --lr {cfg.lr / 4:g}; or check the data", exit_code=1)
                 last = state.step == self.total
                 if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
                     self.run_eval("during")
@@ -293,6 +304,32 @@ class TrainingLoop:
         finally:
             bar.close()
         return state
+
+    # --- after non-finite steps ----------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        """What the next step changes, copied (LoRA weights and AdamW state: ~3x the adapter's size)."""
+        return {"params": [p.detach().clone() for p in self.params],
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "scaler": self.scaler.state_dict(),
+                "rng": rng_states(), "position": self.stream.position(),
+                "step": self.state.step, "tokens_seen": self.state.tokens_seen}
+
+    def _save_rollback_point(self) -> Path:
+        """Go back to before the update that preceded the non-finite steps (its weights are finite but
+        led to them), drop newer checkpoints, and checkpoint that state: a resume with a lower --lr
+        redoes that update."""
+        point = self._rollback_point
+        with torch.no_grad():
+            for p, saved in zip(self.params, point["params"], strict=True):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(point["optimizer"])
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(point["scaler"])
+        set_rng_states(point["rng"])
+        self.stream.epoch, self.stream.index = point["position"]["epoch"], point["position"]["index"]
+        self.state.step, self.state.tokens_seen = point["step"], point["tokens_seen"]
+        if self.dist.main:
+            remove_checkpoints_after(self.output, self.state.step)
+        return self.save()
 
     def _stop_requested(self) -> bool:
         """Collective: every rank stops if any was signalled."""
