@@ -13,6 +13,8 @@ from train_utils import QUICK, ROOT, run_quick
 
 from minilora.training.metrics import read_metrics
 
+pytestmark = pytest.mark.slow  # torchrun: two processes, each loading the model
+
 STEPS = dict(max_steps=3, dropout=0.0, eval_every=0, save_every=0)
 
 

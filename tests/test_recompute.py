@@ -9,6 +9,7 @@ from minilora.training.offload import OffloadSaved
 from minilora.training.recompute import Recomputed, enable_recompute
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every,wrapped", [(1, 4), (2, 2)])  # all 4 layers; layers 0 and 2
 def test_recompute_gives_the_same_loss_and_gradients(every, wrapped):
     """Checkpointing replays the RNG state on recompute: same dropout masks, same numbers."""

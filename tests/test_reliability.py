@@ -109,6 +109,7 @@ def test_bad_flags_are_caught_before_the_model_loads(flags, fragment, tmp_path, 
     assert not loaded
 
 
+@pytest.mark.slow
 def test_output_holding_another_run_needs_resume_or_overwrite(tmp_path, capsys):
     out = tmp_path / "out"
     assert run_quick(out, max_steps=2) == 0
@@ -118,6 +119,7 @@ def test_output_holding_another_run_needs_resume_or_overwrite(tmp_path, capsys):
     assert snapshot(out) == before
 
 
+@pytest.mark.slow
 def test_resume_with_changed_flags_lists_the_differences(tmp_path, capsys):
     out = tmp_path / "out"
     assert run_quick(out, max_steps=3) == 0
@@ -128,6 +130,7 @@ def test_resume_with_changed_flags_lists_the_differences(tmp_path, capsys):
     assert "differs from the run" in err and "r: 8 -> 16" in err and "data_sha256" in err
 
 
+@pytest.mark.slow
 def test_resume_may_change_how_layers_are_recomputed(tmp_path):
     """--recompute-every changes memory and speed, not the numbers: a resume may change it."""
     out = tmp_path / "out"
@@ -184,6 +187,7 @@ def test_resume_may_extend_the_run_and_change_the_learning_rate_with_a_notice(tm
     assert "- Resumed at step 4, changing lr 0.001 -> 0.0005, max_steps 4 -> 6" in (out / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_skip_bad_lines_continues_and_reports(tmp_path, capsys):
     data = tmp_path / "some_bad.jsonl"
     lines = DEMO.read_text().splitlines()[:80]
@@ -208,6 +212,7 @@ def nan_loss_on_steps(monkeypatch, steps: set[int], grad_accum: int = QUICK["gra
     monkeypatch.setattr(LossModule, "forward", faulty)
 
 
+@pytest.mark.slow
 def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
     nan_loss_on_steps(monkeypatch, {2})
     assert run_quick(tmp_path / "out", max_steps=4) == 0
@@ -218,6 +223,7 @@ def test_a_nan_step_is_skipped_and_training_goes_on(tmp_path, monkeypatch):
     assert all(torch.isfinite(t).all() for t in adapter.values())
 
 
+@pytest.mark.slow
 def test_consecutive_nan_steps_stop_with_a_checkpoint_and_no_nan_weights(tmp_path, monkeypatch, capsys):
     """Steps 3-5 are NaN: the update of step 2 led to them, so the stop checkpoints the state before it
     (step 1), drops the newer checkpoints (step 3 holds step 2's update), and a resume with the lower
@@ -286,6 +292,7 @@ def uninterrupted(tmp_path_factory):
     return adapter_tensors(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_stops_cleanly_with_checkpoint_and_resume_finishes_identically(sig, code, tmp_path, uninterrupted):
     out = tmp_path / "out"
@@ -302,6 +309,7 @@ def test_signal_stops_cleanly_with_checkpoint_and_resume_finishes_identically(si
     assert same_adapter(adapter_tensors(out), uninterrupted)
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tmp_path, uninterrupted, capsys):
     out = tmp_path / "out"
     proc = start(out, "--max-steps=24", "--save-every=3", "--eval-every=0")
@@ -314,6 +322,7 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tmp_path, uninterrup
     assert same_adapter(adapter_tensors(out), uninterrupted)
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_skipped_and_reported(tmp_path, uninterrupted, capsys):
     out = tmp_path / "out"
     assert run_quick(out, max_steps=24, save_every=3, eval_every=0) == 0
@@ -355,6 +364,7 @@ def test_metrics_reader_drops_a_torn_last_line_and_reports_damage_before_it(tmp_
         read_metrics(path)
 
 
+@pytest.mark.slow
 def test_outputs_get_the_permissions_of_the_umask(tmp_path):
     """A serving process running as another user must be able to read the adapter (umask 022)."""
     out = tmp_path / "out"
@@ -400,6 +410,7 @@ def test_sigterm_during_the_first_evaluation_stops_cleanly_before_training(tmp_p
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the job's handlers are gone again
 
 
+@pytest.mark.slow
 def test_sigterm_during_the_final_evaluation_still_writes_every_output(tmp_path, monkeypatch, capsys):
     signal_during_evaluation(monkeypatch, call=2)
     out = tmp_path / "out"

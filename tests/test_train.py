@@ -25,6 +25,7 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_loss_falls_and_held_out_perplexity_improves(trained):
     metrics = read_metrics(trained / "metrics.jsonl")
     train = [m["loss"] for m in metrics if m["kind"] == "train"]
@@ -36,6 +37,7 @@ def test_loss_falls_and_held_out_perplexity_improves(trained):
     assert [m["step"] for m in evals] == [0, 10, 20, 30]
 
 
+@pytest.mark.slow
 def test_output_folder_holds_every_promised_file(trained):
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "eval.json", "run.json",
                  "loss.png", "README.md"):
@@ -53,6 +55,7 @@ def test_output_folder_holds_every_promised_file(trained):
     assert "PeftModel.from_pretrained(model, lora_adapter)" in card
 
 
+@pytest.mark.slow
 def test_trained_adapter_loads_in_peft_with_our_logits(trained):
     ours = minilora.load_base("builtin:tiny-phi3")
     minilora.load_adapter(ours, trained)
@@ -66,6 +69,7 @@ def test_trained_adapter_loads_in_peft_with_our_logits(trained):
     torch.testing.assert_close(peft_logits, our_logits, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_is_bit_identical(tmp_path):
     assert run_quick(tmp_path / "a") == 0
     assert run_quick(tmp_path / "b") == 0
@@ -85,6 +89,7 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path):
         run_quick(tmp_path / "empty", resume=True)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_is_normalised_by_target_tokens(tmp_path):
     """One step of 2 x 4 examples has the gradients of one step of 1 x 8 examples (same examples, same
     order). The gradients are compared as the optimizer receives them, not the weights after its step:
