@@ -32,6 +32,11 @@ def run_quick(output, **overrides) -> int:
     return train_from_config(quick_config(output, **overrides))
 
 
+def argv_for(output, data, *extra):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items() if k != "data"]
+    return ["--data", str(data), "--output", str(output), *flags, *extra]
+
+
 def demo_batch(n=4):
     tokenizer = build_tokenizer()
     return make_batches(load_dataset(DEMO, tokenizer, 128).examples[:n], n, 0, 0, tokenizer.pad_token_id)[0]
