@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
+from transformers.utils.hub import convert_file_size_to_int
 
 from minilora.adapter import read_adapter_config
 from minilora.atomic import atomic_replace_dir
@@ -43,6 +44,15 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: expected one of bf16, fp16, fp32")
     return DTYPES[dtype]
+
+
+def check_shard_size(size: str | int) -> None:
+    try:
+        ok = convert_file_size_to_int(size) > 0
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise UserError(f"--max-shard-size {size!r}: expected a positive size such as 5GB or 500MB")
 
 
 # --- folding ----------------------------------------------------------------------------------------
@@ -143,6 +153,7 @@ def merge_adapter(
     """
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     dtype = parse_dtype(dtype)
+    check_shard_size(max_shard_size)  # save_pretrained would refuse it only after the whole merge
     config = read_adapter_config(adapter_dir)
     setup = resolve_trained(adapter_dir, model, quant)
     base = setup.base

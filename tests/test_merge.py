@@ -132,6 +132,13 @@ def test_cli_refuses_a_non_empty_output_and_the_adapter_folder(tiny_model_dir, t
     assert (adapter / "adapter_config.json").is_file()
 
 
+@pytest.mark.parametrize("size", ["lots", "0", "-5GB"])
+def test_cli_bad_shard_size_is_refused_before_merging(tmp_path, run_command, size):
+    argv = ["--adapter", str(tmp_path), "--output", str(tmp_path / "m"), f"--max-shard-size={size}"]
+    code, _, err = run_command(main, argv)
+    assert code == 2 and err == f"error: --max-shard-size {size!r}: expected a positive size such as 5GB or 500MB\n"
+
+
 def test_cli_refuses_an_output_another_merge_is_writing(tiny_model_dir, tmp_path, run_command):
     adapter, _ = save_random_adapter(tiny_model_dir("phi3"), tmp_path / "adapter", quant="none")
     output = tmp_path / "merged"
