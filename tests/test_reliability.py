@@ -269,3 +269,15 @@ def test_a_folder_holding_only_the_users_readme_is_not_a_run(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert "holds a README.md that is not from a run" in err and "already holds a run" not in err
     assert (out / "README.md").read_text() == "my notes"
+
+
+@pytest.mark.parametrize("make,fragment", [
+    (lambda tmp: (tmp / "file").write_text("x") and tmp / "file" / "out", "cannot write there (Not a directory)"),
+    (lambda tmp: (tmp / "out").write_text("x") and tmp / "out", "exists and is not a folder"),
+])
+def test_an_output_that_cannot_be_a_folder_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, make, fragment):
+    out = make(tmp_path)
+    monkeypatch.setattr("minilora.training.job.load_tokenizer", lambda *a, **k: pytest.fail("loaded"))
+    assert run(argv_for(out, DEMO)) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: --output {out}: {fragment}", err
