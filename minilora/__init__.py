@@ -39,8 +39,13 @@ __all__ = sorted(_MODULE_OF)
 
 
 def __getattr__(name: str):
-    if name not in _MODULE_OF:
-        raise AttributeError(f"module 'minilora' has no attribute {name!r}")
+    if name not in _MODULE_OF:  # a submodule, as `import minilora; minilora.dispatch` found it before
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module 'minilora' has no attribute {name!r}") from None
     value = getattr(importlib.import_module(_MODULE_OF[name]), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value

@@ -114,3 +114,17 @@ def test_config_file_ints_are_fine_floats(tmp_path):
 def test_targets_accept_spaces_or_commas():
     cfg = parse_config(["--data", str(DEMO), "--targets", "qkv_proj,o_proj", "down_proj"])
     assert cfg.targets == ["qkv_proj", "o_proj", "down_proj"]
+
+
+def test_the_package_exports_its_public_names_on_first_use():
+    import minilora
+
+    assert set(minilora.__all__) == {
+        "DEFAULT_TARGETS", "AdapterError", "DataError", "LoRALinear", "UserError", "add_lora", "count_parameters",
+        "disable_adapter", "load_adapter", "load_base", "load_tokenizer", "lora_layers", "lora_parameters",
+        "merge_lora", "print_trainable", "read_adapter_config", "save_adapter", "set_adapter_enabled",
+        "set_kernel_mode", "trainable_summary", "unmerge_lora"}
+    assert all(getattr(minilora, name) is not None for name in minilora.__all__)
+    assert minilora.dispatch.kernel_mode() in ("auto", "triton", "torch")  # submodules as attributes, as before
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        minilora.nope  # noqa: B018
