@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from torch import nn
 
 from minilora.errors import UserError
@@ -35,8 +36,11 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
         return tokenizer(prompt)["input_ids"]
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("--chat: the tokenizer has no chat template; leave out --chat for plain text")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+    except (TemplateError, ValueError) as err:  # a template may refuse a conversation with raise_exception
+        raise UserError(f"--chat: the tokenizer's chat template refused the prompt ({err})") from err
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes bos itself
 
 

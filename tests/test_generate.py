@@ -15,7 +15,7 @@ from torch import nn
 
 import minilora
 from minilora.generate import encode_prompt, generate, generate_ids, load_for_generation, main, stop_token_ids
-from minilora.quant import resolve_model_path
+from minilora.quant import load_tokenizer, resolve_model_path
 
 BASE = "builtin:tiny-phi3"
 PROMPT = "The weather is good today."  # the prompt of the model card's snippet (training/card.py)
@@ -91,6 +91,14 @@ def test_the_base_is_loaded_in_the_trained_compute_dtype(adapter, tmp_path):
     assert isinstance(qkv, bnb.nn.Linear4bit) and qkv.compute_dtype == torch.bfloat16
     default, _ = load_for_generation(adapter)  # no run.json: the device's default
     assert default.dtype == torch.float32
+
+
+def test_a_chat_template_that_refuses_the_prompt_is_a_user_error():
+    tokenizer = load_tokenizer(BASE)
+    tokenizer.chat_template = "{{ raise_exception('only system turns, please') }}"
+    with pytest.raises(minilora.UserError, match="--chat: the tokenizer's chat template refused the prompt "
+                                                 r"\(only system turns, please\)"):
+        encode_prompt(tokenizer, "hi", chat=True)
 
 
 def test_chat_prompt_is_one_user_turn_and_the_assistant_prompt(ours):
