@@ -200,11 +200,11 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
     check_kernel_mode(cfg.kernels, device)
     set_kernel_mode(cfg.kernels)
     check_output(cfg)
+    check_targets(cfg)  # the model's config and the targets, before the data is read (which may take long)
     tokenizer = load_tokenizer(cfg.model)
     data = prepare_data(cfg, tokenizer)
     fp = fingerprint(cfg, data, precision, dist.world)
     resume_from, steered = resume_point(cfg, fp) if cfg.resume else (None, {})
-    check_targets(cfg)
     barrier(dist)  # every rank has checked the output folder before rank 0 changes it
     if dist.main:
         report_data(data, cfg)
