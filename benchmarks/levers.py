@@ -4,8 +4,8 @@ lever changed at a time, each in its own process (clean peak memory), the same b
 for all.
 
     baseline            every decoder layer recomputed, chunked loss on target tokens, fp32 AdamW
-    no_recompute        --no-grad-checkpointing
-    recompute_every_2   --checkpoint-every 2
+    no_recompute        --recompute-every 0
+    recompute_every_2   --recompute-every 2
     offload             --offload-activations (CUDA only)
     adamw8bit           --optim adamw8bit
     paged_adamw8bit     --optim paged_adamw8bit
@@ -41,8 +41,8 @@ from .train_setup import LORA, examples_from_tokens, saved_model
 # Each lever as the TrainConfig fields train.py's flags set; full_logits_loss changes the loss module instead.
 VARIANTS = {
     "baseline": {},
-    "no_recompute": {"grad_checkpointing": False},
-    "recompute_every_2": {"checkpoint_every": 2},
+    "no_recompute": {"recompute_every": 0},
+    "recompute_every_2": {"recompute_every": 2},
     "offload": {"offload_activations": True},
     "adamw8bit": {"optim": "adamw8bit"},
     "paged_adamw8bit": {"optim": "paged_adamw8bit"},

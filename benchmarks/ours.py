@@ -1,6 +1,7 @@
-"""minilora as `train.py` runs it, for the benchmarks that measure it: the model built in the job's order
-(kernel mode, seed, minilora.load_base, add_lora, enable_recompute) and minilora.training.loop.TrainingLoop
-constructed as minilora.training.job constructs it, from a TrainConfig the benchmark fills in from its recipe.
+"""minilora as `train.py` runs it, for the benchmarks that measure it: the model built by the job's own
+`minilora.training.job.build_model` (seed, load_base, add_lora, kernel mode, recompute) and
+minilora.training.loop.TrainingLoop constructed as minilora.training.job constructs it, from a TrainConfig the
+benchmark fills in from its recipe.
 The benchmark then calls `loop.train_step()` itself, step by step: the product's step, timed from outside.
 
 Imported inside a system's process only (benchmarks.train_systems, benchmarks.levers): its library imports
@@ -11,29 +12,21 @@ from pathlib import Path
 
 import torch
 
-from minilora import add_lora, load_base, save_adapter, set_kernel_mode
+from minilora import save_adapter
+from minilora.training import job
 from minilora.training.config import TrainConfig
 from minilora.training.loop import TrainingLoop
-from minilora.training.offload import OffloadSaved
-from minilora.training.recompute import enable_recompute
 
-COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CODE_PATH = ("minilora.training.loop.TrainingLoop.train_step (TrainConfig from the benchmark's recipe; "
-             "model: minilora.load_base + add_lora + enable_recompute, as minilora.training.job builds it)")
+             "model: minilora.training.job.build_model)")
 
 
 def build_model(cfg: TrainConfig, device: torch.device, precision: str, init_dir: str | None = None):
-    """The 4-bit base with LoRA, as the job builds it; `init_dir` gets the initial adapter (for references
-    that must start from the same LoRA weights)."""
-    torch.manual_seed(cfg.seed)  # the job seeds before loading: this fixes the LoRA init
-    model = load_base(cfg.model, quant=cfg.quant, compute_dtype=COMPUTE_DTYPE[precision], device=device)
-    add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora)
-    set_kernel_mode(model, cfg.kernels)
+    """The 4-bit base with LoRA, built by the job's own `build_model`; `init_dir` gets the initial adapter (for
+    references that must start from the same LoRA weights)."""
+    model = job.build_model(cfg, precision, device)
     if init_dir is not None:
         save_adapter(model, init_dir)
-    if cfg.grad_checkpointing:
-        enable_recompute(model, every=cfg.checkpoint_every,
-                         offload=OffloadSaved() if cfg.offload_activations else None)
     return model
 
 

@@ -98,8 +98,8 @@ def read_adapter_config(folder: str | Path) -> dict:
         raise AdapterError(f"{path}: missing (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterError(f"{path}: not valid JSON ({err})") from err
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise AdapterError(f"{path}: not valid JSON ({str(err) or 'nested too deeply'})") from err
     if not isinstance(config, dict):
         raise AdapterError(f"{path}: expected a JSON object")
     if config.get("peft_type") != "LORA":
@@ -109,6 +109,9 @@ def read_adapter_config(folder: str | Path) -> dict:
             raise AdapterError(f"{path}: '{key}' is missing or has the wrong type ({config.get(key)!r})")
     if config["r"] <= 0:
         raise AdapterError(f"{path}: r must be positive, got {config['r']}")
+    for key in ("use_rslora", "use_dora"):  # PEFT writes true/false; a string "false" would read as true
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise AdapterError(f"{path}: '{key}' must be true or false, got {config[key]!r}")
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             raise AdapterError(f"{path}: per-module {key} is not supported by minilora")
@@ -139,8 +142,8 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     layers = lora_layers(model)
     if not layers:
         add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=float(config.get("lora_dropout", 0.0)),
-                 targets=config["target_modules"], use_rslora=bool(config.get("use_rslora", False)),
-                 use_dora=bool(config.get("use_dora", False)))
+                 targets=config["target_modules"], use_rslora=config.get("use_rslora") is True,
+                 use_dora=config.get("use_dora") is True)
         layers = lora_layers(model)
     else:
         _check_existing_layers(layers, config, folder)

@@ -9,11 +9,8 @@ from torch import nn
 from minilora.dora import DoRALinear
 from minilora.errors import UserError
 from minilora.lora import LoRALinear, is_4bit
+from minilora.recipe import DEFAULT_TARGETS
 from minilora.training.recompute import canonical_name
-
-# The seed card's list (../shared/seed/): Phi-3's fused projections, Llama/Mistral/Qwen2's o_proj
-# and down_proj, and GPT-NeoX's fused attention input. Names a model lacks are skipped.
-DEFAULT_TARGETS = ("query_key_value", "o_proj", "qkv_proj", "gate_up_proj", "down_proj")
 
 
 def _matches(name: str, targets: Sequence[str] | str) -> bool:
@@ -22,6 +19,12 @@ def _matches(name: str, targets: Sequence[str] | str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def unmatched_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """The entries of a target list that match no module of `model` (exact or `.`-suffix match)."""
+    names = [name for name, _ in model.named_modules() if name]
+    return [t for t in targets if not any(_matches(name, [t]) for name in names)]
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -170,6 +173,6 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 __all__ = [
     "DEFAULT_TARGETS", "add_lora", "count_parameters",
     "disable_adapter", "linear_layer_kinds", "lora_layers", "lora_parameters",
-    "matched_target_names", "merge_lora", "print_trainable", "set_adapter_enabled",
-    "set_kernel_mode", "trainable_summary", "unmerge_lora",
+    "matched_target_names", "merge_lora", "print_trainable", "set_adapter_enabled", "set_kernel_mode",
+    "trainable_summary", "unmatched_targets", "unmerge_lora",
 ]

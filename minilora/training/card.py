@@ -1,5 +1,5 @@
-"""The adapter's model card (README.md), in the shape of the project's seed card, every field filled
-with what the run really did."""
+"""The adapter's model card (README.md), in the shape of the card of the recipe's source
+(https://github.com/amit-chaubey/finetune-LoRA-4bit), every field filled with what the run really did."""
 
 import json
 
@@ -96,8 +96,8 @@ print(tokenizer.decode(outputs[0], skip_special_tokens=True))
 - Quantization: {quant_line}
 - Precision: {precision}
 - Optimizer: AdamW (lr {lr}, {warmup} warm-up steps, cosine decay), batch {batch_size} x {grad_accum} accumulation
-- Optimizer steps: {steps} ({epochs:.2f} epochs){packing}
-- Gradient checkpointing: {grad_checkpointing}
+- Optimizer steps: {steps} ({epochs:.2f} epochs){packing}{resumes}
+- Gradient checkpointing: {recompute}
 
 #### Speeds, Sizes, Times
 
@@ -140,6 +140,18 @@ print(tokenizer.decode(outputs[0], skip_special_tokens=True))
 """
 
 
+def _resume_lines(resumes: list[dict]) -> str:
+    lines = []
+    for r in resumes:
+        changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in r["changed"].items())
+        lines.append(f"\n- Resumed at step {r['step']}" + (f", changing {changes}" if changes else ""))
+    return "".join(lines)
+
+
+def _recompute_words(every: int) -> str:
+    return {0: "off", 1: "every decoder layer"}.get(every, f"one decoder layer in {every}")
+
+
 def _fmt(value, digits=4):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -179,7 +191,8 @@ def render_card(run: dict, adapter_path: str) -> str:
         precision=run["precision"], lr=cfg["lr"], warmup=result["warmup_steps"],
         batch_size=cfg["batch_size"], grad_accum=cfg["grad_accum"], steps=result["steps"],
         epochs=result["epochs_done"], packing=", packed sequences" if cfg["packing"] else "",
-        grad_checkpointing="per decoder layer" if cfg["grad_checkpointing"] else "off",
+        resumes=_resume_lines(run.get("resumes", [])),
+        recompute=_recompute_words(cfg["recompute_every"]),
         total_params=f"{result['total_params']:,}", share=result["trainable_share"],
         wall_time=f"{wall:.1f} s" if wall < 120 else f"{wall / 60:.1f} min",
         tokens_per_s=f"{result['tokens_per_s']:,.0f}",

@@ -15,7 +15,6 @@ import torch.distributed as dist
 from torch import nn
 
 from minilora.data.batching import IGNORE_INDEX, Batch
-from minilora.training.loss import loss_sum
 
 
 @dataclass(frozen=True)
@@ -66,23 +65,8 @@ def shard(batch: Batch, info: DistInfo) -> Batch:
                    lines=tuple(batch.lines[i] for i in rows.tolist()))
 
 
-class LossModule(nn.Module):
-    """`forward(batch)` = summed loss over the batch's target tokens: the unit DDP wraps."""
-
-    def __init__(self, model: nn.Module, params: list[nn.Parameter]):
-        super().__init__()
-        self.model = model
-        self._params = params
-
-    def forward(self, batch: Batch) -> torch.Tensor:
-        if batch.input_ids.shape[0] == 0:
-            # An empty shard (a short last batch) still joins the gradient all-reduce, with zeros.
-            return sum(p.sum() for p in self._params) * 0.0
-        return loss_sum(self.model, batch)
-
-
-def wrap(model: nn.Module, params: list[nn.Parameter], info: DistInfo) -> nn.Module:
-    module = LossModule(model, params)
+def wrap(module: nn.Module, info: DistInfo) -> nn.Module:
+    """`module` itself in one process; with several ranks, DDP over it (gradients all-reduced)."""
     if not info.enabled:
         return module
     device_ids = [info.local_rank] if torch.cuda.is_available() else None

@@ -11,14 +11,11 @@ All norms stay on the device until one transfer per logged step, so the cost is 
 per module every N steps. `lora_stats.png` beside loss.png draws both over the steps.
 """
 
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from minilora.atomic import atomic_write
 from minilora.inject import lora_layers
-from minilora.training.plot import plt
 
 
 class LoRAStats:
@@ -59,32 +56,3 @@ class LoRAStats:
                 "modules": {name: dict(zip(keys, row, strict=True)) for name, row in zip(self.layers, values,
                                                                                           strict=True)}}
 
-
-def plot_lora_stats(metrics: list[dict], path: str | Path, title: str = "") -> None:
-    """Update norm and total gradient norm per module over the steps, one colour per module kind."""
-    records = [m for m in metrics if m.get("kind") == "lora_stats"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    names = list(records[0]["modules"]) if records else []
-    kinds = sorted({name.rpartition(".")[2] for name in names})
-    colours = {kind: plt.get_cmap("tab10")(i % 10) for i, kind in enumerate(kinds)}
-    steps = [r["step"] for r in records]
-    for name in names:
-        stats = [r["modules"].get(name, {}) for r in records]
-        update = [s.get("update_norm") for s in stats]
-        grad = [sum(v**2 for k, v in s.items() if k.startswith("grad_")) ** 0.5 for s in stats]
-        colour = colours[name.rpartition(".")[2]]
-        axes[0].plot(steps, update, color=colour, linewidth=0.8, alpha=0.7)
-        axes[1].plot(steps, grad, color=colour, linewidth=0.8, alpha=0.7)
-    for ax, label in zip(axes, ("update norm ||scale·BA||_F", "gradient norm (A, B, magnitude)"), strict=True):
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel(label)
-        ax.grid(alpha=0.3)
-    axes[1].set_yscale("log" if records else "linear")
-    for kind, colour in colours.items():
-        axes[0].plot([], [], color=colour, label=kind)
-    if kinds:
-        axes[0].legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)

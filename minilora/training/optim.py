@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+from minilora.recipe import OPTIMIZERS
 
 
 def make_optimizer(name: str, params: list, lr: float, weight_decay: float, device: torch.device):
