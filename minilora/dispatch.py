@@ -19,8 +19,9 @@ from functools import cache, partial
 import torch
 
 from minilora.errors import UserError
+from minilora.recipe import KERNEL_MODES
 
-MODES = ("auto", "triton", "torch")
+MODES = KERNEL_MODES
 _warned: set[str] = set()
 
 

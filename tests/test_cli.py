@@ -125,6 +125,6 @@ def test_the_package_exports_its_public_names_on_first_use():
         "merge_lora", "print_trainable", "read_adapter_config", "save_adapter", "set_adapter_enabled",
         "set_kernel_mode", "trainable_summary", "unmerge_lora"}
     assert all(getattr(minilora, name) is not None for name in minilora.__all__)
-    assert minilora.dispatch.kernel_mode() in ("auto", "triton", "torch")  # submodules as attributes, as before
+    assert minilora.dispatch.default_mode() in ("auto", "triton", "torch")  # submodules as attributes, as before
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         minilora.nope  # noqa: B018
