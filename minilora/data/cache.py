@@ -82,12 +82,17 @@ def publish(build: Path, target: Path) -> Path:
     for f in build.iterdir():
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
+    if target.exists() and read_verified(target) is None:
+        # A damaged store: move it out of the way (a process still mapping its files keeps them).
+        stale = Path(tempfile.mkdtemp(prefix=f".tmp-stale-{os.getpid()}-", dir=target.parent))
+        os.rename(target, stale / "store")
+        shutil.rmtree(stale, ignore_errors=True)
     try:
         os.rename(build, target)
     except OSError:
         if read_verified(target) is None:
             raise
-        shutil.rmtree(build, ignore_errors=True)
+        shutil.rmtree(build, ignore_errors=True)  # another process published the same store first
     return target
 
 
@@ -95,7 +100,7 @@ def _remove_abandoned(root: Path) -> None:
     """Temporary folders of preparations whose process is gone (killed, or on a crashed machine's disk)."""
     for folder in root.glob(".tmp-*"):
         try:
-            pid = int(folder.name.split("-")[2])
+            pid = int(folder.name.split("-")[-2])
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(folder, ignore_errors=True)
