@@ -67,7 +67,8 @@ class Examples(Sequence, ABC):
     def __getitem__(self, i):
         if isinstance(i, slice):
             return self.subset(np.arange(len(self))[i])
-        ids, labels = self.arrays(int(i))
+        i = range(len(self))[i]  # IndexError past the end (which also ends iteration)
+        ids, labels = self.arrays(i)
         return Example(ids.tolist(), labels.tolist(), int(self.lines[i]))
 
     def subset(self, index) -> "Examples":

@@ -72,7 +72,7 @@ def process_chunk(job: Job, lines: list[tuple[int, bytes]]) -> Chunk:
     for (example_ids, example_trained), lineno in zip(job.encoder.encode(records), record_lines, strict=True):
         truncated = len(example_ids) > job.seq_len
         example_ids, example_trained = example_ids[: job.seq_len], example_trained[: job.seq_len]
-        n_targets = int(example_trained[1:].sum())  # the loss never predicts the first token
+        n_targets = int(example_trained[1:].sum())  # = count_targets of its labels: the first is never predicted
         if n_targets == 0:
             chunk.n_dropped += 1
             continue
@@ -155,8 +155,10 @@ def default_workers(path: Path) -> int:
 
 def _fill(job: Job, path: Path, writer: StoreWriter, skipped: list, workers: int | None, progress: bool) -> dict:
     counts = {"n_valid": 0, "n_truncated": 0, "n_dropped": 0}
+    # Shown after a second only (a small file prints nothing) and cleared when done, so that an error
+    # found on the way is still the one line the user reads.
     with tqdm(total=count_lines(path), desc=f"data {path.name}", unit="ex", disable=not progress,
-              dynamic_ncols=True, mininterval=0.5) as bar:
+              dynamic_ncols=True, mininterval=0.5, delay=1.0, leave=False) as bar:
         bar.update(job.first - 1)
         for n_lines, chunk in _ordered_results(job, path, default_workers(path) if workers is None else workers):
             if chunk.error is not None:
