@@ -38,6 +38,7 @@ class Job:
     seq_len: int
     skip_bad_lines: bool
     encoder: Encoder | None  # None: validate only (chat data without a chat template)
+    ids_dtype: np.dtype  # the store's: a chunk's ids travel back from its worker in it
 
 
 @dataclass
@@ -82,7 +83,7 @@ def process_chunk(job: Job, lines: list[tuple[int, bytes]]) -> Chunk:
         lengths.append(len(example_ids))
         kept_lines.append(lineno)
         targets.append(n_targets)
-    chunk.ids = np.concatenate(ids) if ids else np.zeros(0, dtype=np.int64)
+    chunk.ids = np.concatenate(ids).astype(job.ids_dtype) if ids else np.zeros(0, dtype=job.ids_dtype)
     chunk.trained = np.concatenate(trained) if trained else np.zeros(0, dtype=bool)
     chunk.lengths, chunk.lines = np.array(lengths, dtype=np.int64), np.array(kept_lines, dtype=np.int64)
     chunk.targets = np.array(targets, dtype=np.int64)
@@ -179,8 +180,9 @@ def prepare(path: Path, tokenizer, seq_len: int, skip_bad_lines: bool, folder: P
     check_file(path)
     fmt, first, skipped = first_record(path, skip_bad_lines)
     encoder = Encoder(tokenizer, fmt) if fmt != "chat" or has_chat_template(tokenizer) else None
-    job = Job(fmt, first, seq_len, skip_bad_lines, encoder)
-    writer = StoreWriter(folder, len(tokenizer))
+    # Ids may run past len(tokenizer) where a vocabulary has gaps: size the dtype by the largest id.
+    writer = StoreWriter(folder, max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1))
+    job = Job(fmt, first, seq_len, skip_bad_lines, encoder, writer.dtype)
     try:
         counts = _fill(job, path, writer, skipped, workers, progress)
     except BaseException:

@@ -49,7 +49,7 @@ class StoreWriter:
     def append(self, ids: np.ndarray, trained: np.ndarray, lengths: np.ndarray, lines: np.ndarray,
                targets: np.ndarray) -> None:
         """A chunk of examples: flat ids and trained (sum(lengths),), and (n,) lengths, lines, targets."""
-        self._write("ids", ids.astype(self.dtype))
+        self._write("ids", ids.astype(self.dtype, copy=False))
         bits = np.concatenate([self._bits, trained])
         whole = len(bits) - len(bits) % 8
         self._write("trained", np.packbits(bits[:whole]))
