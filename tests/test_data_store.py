@@ -169,3 +169,19 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_root() == tmp_path / "xdg" / "minilora" / "data"
     assert os.fspath(default_root()).endswith("minilora/data")
+
+
+def test_the_training_job_caps_the_held_out_set_and_uses_the_cache(tmp_path, tok):
+    from minilora.training.config import TrainConfig
+    from minilora.training.job import prepare_data
+
+    cfg = TrainConfig(data=str(DEMO), seq_len=128, eval_fraction=0.5, eval_max_examples=10,
+                      data_cache=str(tmp_path))
+    data = prepare_data(cfg, tok)
+    assert len(data.eval_examples) == 10 and len(data.train_examples) == 502
+    assert data.eval_source == f"10 examples (50%, at most 10) held out of {DEMO}"
+    again = prepare_data(cfg, tok)
+    assert again.train.cached and [e.line for e in again.eval_examples] == [e.line for e in data.eval_examples]
+    cfg.eval_file, cfg.eval_fraction = str(DEMO), 0.0
+    held = prepare_data(cfg, tok)
+    assert len(held.eval_examples) == 10 and held.eval_source.endswith("(10 of 512 examples, a seeded sample)")
