@@ -5,6 +5,7 @@ it (prepare.py) into a temporary folder and publishes it (cache.py). Without a c
 is prepared into a temporary folder that is removed once mapped (the mapping keeps the data).
 """
 
+import json
 import shutil
 import tempfile
 import time
@@ -14,15 +15,11 @@ from pathlib import Path
 import numpy as np
 
 from minilora.data import cache
-from minilora.data.examples import IGNORE_INDEX, Example, Examples, seeded_permutation
+from minilora.data.examples import Examples, seeded_permutation
 from minilora.data.prepare import prepare
 from minilora.data.records import check_file
 from minilora.data.store import TokenStore
-from minilora.data.tokenize import alpaca_messages, prompt_ids, tokenize_record
 from minilora.errors import UserError
-
-__all__ = ["IGNORE_INDEX", "Dataset", "Example", "alpaca_messages", "load_dataset", "prompt_ids", "split_eval",
-           "tokenize_record"]
 
 
 @dataclass
@@ -84,8 +81,6 @@ def load_dataset(path, tokenizer, seq_len: int, skip_bad_lines: bool = False, ca
 
 def _stamp(build: Path, sha: str) -> dict:
     """Add the cache's version and the data file's digest to the store's meta."""
-    import json
-
     meta = json.loads((build / "meta.json").read_text(encoding="utf-8"))
     meta.update(version=cache.STORE_VERSION, data_sha256=sha)
     (build / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
