@@ -24,7 +24,7 @@ def test_memory_is_read_for_the_process_tree():
 
 def test_summary_checks_each_goal():
     def r(wall, mb):
-        return {"wall_s": wall, "peak_pss_mb": mb, "peak_pss_no_libs_mb": mb, "exit_code": 0}
+        return {"wall_s": wall, "peak_pss_mb": mb, "peak_pss_no_libs_mb": mb, "exit_code": 0, "data_s": 1.0}
 
     runs = {"ours_cold_small": r(10, 500), "ours_warm_small": r(9, 500), "datasets_small": r(5, 400),
             "ours_2ranks_small": r(12, 1000), "ours_cold_big": r(20, 600), "ours_warm_big": r(10, 520),
