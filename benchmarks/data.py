@@ -228,7 +228,10 @@ def summarize(runs: dict, tokens: int, n_lines: int, n_bytes: int) -> dict:
         "cold peak memory <= datasets'": cold["peak_pss_mb"] <= hf["peak_pss_mb"],
         "data memory <= 4 bytes/token": summary["data_bytes_per_token"] <= 4,
         "warm start's data time < 10% of cold": summary["warm_data_over_cold"] < 0.10,
-        "2 ranks' data memory <= 1.3x one rank's": summary["two_over_one_rank"] <= 1.3,
+        # A difference at or below zero is below what the peaks resolve (the first step's batch differs
+        # between the files): no verdict.
+        "2 ranks' data memory <= 1.3x one rank's": (
+            summary["two_over_one_rank"] <= 1.3 if min(data_mb("ours_2ranks"), data_mb("ours_cold")) > 0 else None),
     }
     return {"summary": summary, "goals": goals, "runs": runs}
 
@@ -260,7 +263,8 @@ def render(payload: dict) -> str:
         "",
         "| goal | met |",
         "|---|---|",
-        *(f"| {goal} | {'yes' if met else 'no'} |" for goal, met in payload["goals"].items()),
+        *(f"| {goal} | {'not resolved' if met is None else 'yes' if met else 'no'} |"
+          for goal, met in payload["goals"].items()),
         "",
     ]
     return "\n".join(lines)
