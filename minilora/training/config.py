@@ -59,6 +59,9 @@ class TrainConfig:
     # evaluation and checkpoints
     eval_fraction: float = _f(0.05, "share of the data held out for evaluation")
     eval_file: str = _f("", "held-out data file (instead of --eval-fraction)")
+    eval_max_examples: int = _f(1000, "at most this many held-out examples (a seeded sample; 0: no cap)")
+    data_cache: str = _f("", "folder for prepared (tokenized) data; default $MINILORA_CACHE/data, "
+                             "else ~/.cache/minilora/data", resume=FREE)
     eval_every: int = _f(50, "evaluate every N optimizer steps (and before and after training)", resume=FREE)
     save_every: int = _f(100, "write a checkpoint every N optimizer steps (0: only at the end)", resume=FREE)
     keep_checkpoints: int = _f(3, "how many recent checkpoints to keep", resume=FREE)
@@ -120,7 +123,7 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> None:
     for name in ("batch_size", "grad_accum", "keep_checkpoints", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             bad(name, "must be at least 1")
-    for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "recompute_every"):
+    for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "recompute_every", "eval_max_examples"):
         if getattr(cfg, name) < 0:
             bad(name, "must not be negative")
     if cfg.seq_len < 8:

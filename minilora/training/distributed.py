@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minilora.data.batching import IGNORE_INDEX, Batch
+from minilora.data.batching import Batch
+from minilora.data.examples import count_targets
+from minilora.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -57,12 +59,33 @@ def shard(batch: Batch, info: DistInfo) -> Batch:
     rows = torch.tensor_split(torch.arange(batch.input_ids.shape[0]), info.world)[info.rank]
     take = lambda t: None if t is None else t[rows]
     labels = batch.labels[rows]
+    row_tokens = tuple(batch.row_tokens[i] for i in rows.tolist())
     return replace(batch, input_ids=batch.input_ids[rows], labels=labels,
                    attention_mask=take(batch.attention_mask), position_ids=batch.position_ids[rows],
-                   n_target_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
-                   n_tokens=int(batch.attention_mask[rows].sum()) if batch.attention_mask is not None
-                   else labels.numel(),
+                   n_target_tokens=count_targets(labels), n_tokens=sum(row_tokens), row_tokens=row_tokens,
                    lines=tuple(batch.lines[i] for i in rows.tolist()))
+
+
+def main_first(compute, info: DistInfo):
+    """`compute()` on rank 0, then on the others, which find rank 0's work ready (in the data cache).
+
+    A UserError on rank 0 (bad data) is raised on every rank with the same message, so all exit cleanly.
+    """
+    if not info.enabled:
+        return compute()
+    result, error = None, None
+    if info.main:
+        try:
+            result = compute()
+        except UserError as err:
+            error = err
+    box = [None if error is None else str(error)]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0] is not None:
+        raise UserError(box[0])
+    return result if info.main else compute()
 
 
 def wrap(module: nn.Module, info: DistInfo) -> nn.Module:

@@ -20,7 +20,8 @@ import transformers
 from minilora.adapter import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from minilora.atomic import atomic_write_json, atomic_write_text
 from minilora.data.batching import make_batches
-from minilora.data.dataset import Dataset, load_dataset, split_eval
+from minilora.data.cache import default_root
+from minilora.data.dataset import Dataset, load_dataset, sample_eval, split_eval
 from minilora.dispatch import check_kernel_mode
 from minilora.errors import UserError
 from minilora.inject import (
@@ -38,7 +39,7 @@ from minilora.run_record import RUN_FILE, read_run_record, write_run_record
 from minilora.training.card import render_card
 from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
 from minilora.training.config import FREE, STEER, TrainConfig, resume_fields
-from minilora.training.distributed import DistInfo, barrier, init_distributed, shutdown
+from minilora.training.distributed import DistInfo, barrier, init_distributed, main_first, shutdown
 from minilora.training.loop import StopRequest, TrainingLoop, TrainingStopped
 from minilora.training.metrics import METRICS_NAME, read_metrics
 from minilora.training.offload import OffloadSaved
@@ -93,18 +94,37 @@ class RunData:
     eval_sha256: str | None
 
 
-def prepare_data(cfg: TrainConfig, tokenizer) -> RunData:
-    dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.skip_bad_lines)
+def prepare_data(cfg: TrainConfig, tokenizer, dist: DistInfo | None = None) -> RunData:
+    """Rank 0 prepares (or finds) each file's token store in the data cache; the other ranks then map
+    the same files, so the token ids exist once in memory however many ranks run."""
+    dist, root = dist or DistInfo(), cfg.data_cache or default_root()
+
+    def load(path: str) -> Dataset:
+        return main_first(lambda: load_dataset(path, tokenizer, cfg.seq_len, cfg.skip_bad_lines, cache_dir=root,
+                                               progress=dist.main), dist)
+
+    dataset = load(cfg.data)
+    cap = cfg.eval_max_examples
     if cfg.eval_file:
-        held = load_dataset(cfg.eval_file, tokenizer, cfg.seq_len, cfg.skip_bad_lines)
-        return RunData(dataset, dataset.examples, held.examples, f"{cfg.eval_file}", held.sha256)
-    train, held = split_eval(dataset.examples, cfg.eval_fraction, cfg.seed)
-    source = f"{len(held)} examples ({cfg.eval_fraction:.0%}) held out of {cfg.data}" if held else "none"
+        held = load(cfg.eval_file)
+        chosen = sample_eval(held.examples, cfg.seed, cap)
+        sampled = f" ({len(chosen)} of {len(held.examples)} examples, a seeded sample)" if len(chosen) < len(
+            held.examples) else ""
+        return RunData(dataset, dataset.examples, chosen, f"{cfg.eval_file}{sampled}", held.sha256)
+    train, held = split_eval(dataset.examples, cfg.eval_fraction, cfg.seed, cap)
+    share = f"{cfg.eval_fraction:.0%}" + (f", at most {cap}" if cap and len(held) == cap else "")
+    source = f"{len(held)} examples ({share}) held out of {cfg.data}" if len(held) else "none"
     return RunData(dataset, train, held, source, None)
 
 
 def report_data(data: RunData, cfg: TrainConfig) -> None:
     d = data.train
+    if d.cached:
+        print(f"data: cached {d.store} ({d.n_tokens:,} tokens; checked in {d.seconds:.1f} s)")
+    else:
+        where = f"; cached in {d.store}" if d.store else ""
+        print(f"data: prepared {d.n_lines:,} lines in {d.seconds:.1f} s "
+              f"({d.n_lines / max(d.seconds, 1e-9):,.0f} examples/s){where}")
     print(f"data: {d.path}: {d.fmt} format, {len(d.examples)} examples from {d.n_lines} lines; "
           f"{len(data.train_examples)} train, {len(data.eval_examples)} held out")
     if d.n_truncated:
@@ -216,7 +236,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
     check_output(cfg)
     check_targets(cfg)  # the model's config and the targets, before the data is read (which may take long)
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, dist)
     fp = fingerprint(cfg, data, precision, dist.world)
     resume_from, steered = resume_point(cfg, fp) if cfg.resume else (None, {})
     barrier(dist)  # every rank has checked the output folder before rank 0 changes it
@@ -242,8 +262,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
            "architecture": type(model).__name__, "command": " ".join(sys.argv), "world_size": dist.world,
            "data": {"format": data.train.fmt, "n_lines": data.train.n_lines, "sha256": data.train.sha256,
                     "n_train": len(data.train_examples), "n_eval": len(data.eval_examples),
-                    "n_train_tokens": sum(len(e.input_ids) for e in data.train_examples),
-                    "n_train_target_tokens": sum(e.n_targets for e in data.train_examples),
+                    "n_train_tokens": data.train_examples.n_tokens,
+                    "n_train_target_tokens": data.train_examples.n_targets, "store": data.train.store,
                     "n_truncated": data.train.n_truncated, "n_skipped": len(data.train.skipped),
                     "skipped_lines": [line for line, _ in data.train.skipped], "eval_source": data.eval_source}}
     if resume_from is not None:
@@ -279,7 +299,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
     }
     write_run_record(out, run)
     atomic_write_json(out / "eval.json", {"before": state.eval_before, "after": eval_after,
-                                          "held_out": data.eval_source})
+                                          "held_out": data.eval_source, "n_examples": len(data.eval_examples)})
     plot_run(out, f"LoRA r={cfg.r} on {cfg.model}")
     atomic_write_text(out / "README.md", render_card(run, str(out)))
     print_summary(cfg, run)
