@@ -3,6 +3,7 @@
 import hashlib
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -300,3 +301,21 @@ def test_skip_bad_lines_still_fails_on_file_problems(tmp_path):
     assert error_of(write(tmp_path, b""), skip_bad_lines=True).endswith("the file is empty")
     message = error_of(write(tmp_path, ["{", "[]"]), skip_bad_lines=True)
     assert message.startswith(f"{tmp_path / 'data.jsonl'}: no valid line: all 2 were skipped (first, line 1:")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"instruction": "\\ud800 lone", "output": "z"}', "lone surrogate \\ud800"),
+    ('{"text": "' + "a" * (9 * 2**20) + '"}', "longer than the 8 MiB a line may hold"),
+])
+def test_hostile_lines_are_one_located_error_or_skipped(tmp_path, line, message):
+    good = [json.dumps({"instruction": f"say {i}", "output": f"ok {i}"}) for i in range(4)]
+    if line.startswith('{"text"'):
+        good = [json.dumps({"text": f"plain {i}"}) for i in range(4)]
+    path = tmp_path / "hostile.jsonl"
+    path.write_text("\n".join(good[:2] + [line] + good[2:]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape(f"{path}:3: ") + ".*" + re.escape(message)):
+        read_records(path)
+    records, skipped = read_records(path, skip_bad_lines=True)
+    assert [n for n, _ in records] == [1, 2, 4, 5]
+    assert [n for n, _ in skipped] == [3] and message in skipped[0][1]
