@@ -7,10 +7,10 @@
 #     bash benchmarks/gpu_suite.sh            # results in benchmarks/results/gpu-<date>/
 #     OUT=/tmp/run bash benchmarks/gpu_suite.sh   # $OUT/summary.txt + $OUT/gpu_suite_results.tar.gz
 #
-# On a lent GPU machine with no network (the device tool: at most 8 files come back from $OUT, hence
-# the archive), after ../shared/gpu/bnb-wheel.sh has put the bitsandbytes wheel in .whl/ here:
-#     run(command="bash benchmarks/gpu_suite.sh", carry=[".whl"], timeout_s=540)
-# then unpack the archive into benchmarks/results/gpu-<date>-<gpu>/ and commit it with the summary.
+# On a GPU machine with no network, put a bitsandbytes wheel in .whl/ first: the suite installs it and then
+# this checkout (pip install --no-deps --no-build-isolation -e .). With OUT set, everything is also packed
+# into one archive (for runners that return only a few files): unpack it into
+# benchmarks/results/gpu-<date>-<gpu>/ and commit it with the summary.
 #
 # Every step has its own timeout and a failed step does not stop the next one; the summary at the end
 # (also in $OUT/summary.txt) lists each step's status. The exit code is 0 when every step passed.

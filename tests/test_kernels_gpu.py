@@ -95,7 +95,7 @@ def test_fused_bf16_phi3_shapes_match_reference(K, weights, name, m):
     b = (torch.randn(n, 8, device="cuda", generator=g) * 0.02).requires_grad_()
     x = torch.randn(m, k, device="cuda", generator=g, dtype=torch.bfloat16)
     dy = torch.randn(m, n, device="cuda", generator=g, dtype=torch.bfloat16)
-    p = 0.05 if m == 256 else 0.0  # the seed recipe's dropout, on one M per shape
+    p = 0.05 if m == 256 else 0.0  # the default recipe's LoRA dropout, on one M per shape
 
     results = []
     for fn in (K.lora_linear_4bit, K.lora_linear_4bit_reference):
