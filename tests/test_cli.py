@@ -27,7 +27,7 @@ def test_defaults_are_the_seed_card_recipe():
     cfg = parse_config(["--data", str(DEMO)])
     assert (cfg.r, cfg.alpha, cfg.dropout, cfg.quant) == (8, 16, 0.05, "nf4")
     assert cfg.targets == ["query_key_value", "o_proj", "qkv_proj", "gate_up_proj", "down_proj"]
-    assert cfg.model == "microsoft/Phi-3-mini-4k-instruct" and cfg.grad_checkpointing
+    assert cfg.model == "microsoft/Phi-3-mini-4k-instruct" and cfg.recompute == "selective"
 
 
 @pytest.mark.parametrize("suffix,text", [

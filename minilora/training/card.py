@@ -167,8 +167,10 @@ def render_card(run: dict, adapter_path: str) -> str:
         quant_line=quant_words + (", compute " + run["compute_dtype"] if quant != "none" else ""),
         precision=run["precision"], lr=cfg["lr"], warmup=result["warmup_steps"],
         batch_size=cfg["batch_size"], grad_accum=cfg["grad_accum"], steps=result["steps"],
-        epochs=result["epochs_done"], packing=", packed sequences" if cfg["packing"] else "",
-        grad_checkpointing="per decoder layer" if cfg["grad_checkpointing"] else "off",
+        epochs=result["epochs_done"],
+        packing=", packed sequences" if cfg["packing"] else ", padded batches" if cfg.get("padding") else
+        ", padding-free batches",
+        grad_checkpointing=f"{cfg['recompute']} recompute per decoder layer" if cfg["recompute"] != "none" else "off",
         total_params=f"{result['total_params']:,}", share=result["trainable_share"],
         wall_time=f"{wall:.1f} s" if wall < 120 else f"{wall / 60:.1f} min",
         tokens_per_s=f"{result['tokens_per_s']:,.0f}",

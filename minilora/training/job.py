@@ -18,7 +18,7 @@ import transformers
 
 from minilora.adapter import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from minilora.atomic import atomic_write_json, atomic_write_text
-from minilora.data.batching import make_batches
+from minilora.attention import use_varlen_attention, varlen_available
 from minilora.data.dataset import Dataset, load_dataset, split_eval
 from minilora.dispatch import check_kernel_mode, set_kernel_mode
 from minilora.errors import UserError
@@ -28,14 +28,14 @@ from minilora.training.card import render_card
 from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
 from minilora.training.config import TrainConfig
 from minilora.training.distributed import DistInfo, barrier, init_distributed, shutdown
-from minilora.training.loop import TrainingLoop, TrainingStopped
+from minilora.training.loop import TrainingLoop, TrainingStopped, epoch_batches
 from minilora.training.offload import OffloadSaved
 from minilora.training.plot import plot_losses, read_metrics
 from minilora.training.recompute import enable_recompute
 
 # Settings that may differ on --resume without changing what the run computes.
 RESUME_MAY_CHANGE = {"output", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints",
-                     "kernels", "max_bad_steps", "skip_bad_lines", "grad_checkpointing", "checkpoint_every",
+                     "kernels", "max_bad_steps", "skip_bad_lines", "recompute", "checkpoint_every",
                      "offload_activations"}
 RUN_FILES = ("run.json", "metrics.jsonl", "eval.json", "loss.png", "README.md", CONFIG_NAME, WEIGHTS_NAME)
 
@@ -199,14 +199,16 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora)
     if dist.enabled:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # but different dropout masks per rank
-    if cfg.grad_checkpointing:
+    if varlen_available(device, COMPUTE_DTYPE[precision]):
+        use_varlen_attention(model)  # padding-free rows without a (T, T) mask
+    if cfg.recompute != "none":
         offload = OffloadSaved() if cfg.offload_activations else None
-        enable_recompute(model, every=cfg.checkpoint_every, offload=offload)
-    say(f"model: {cfg.model} ({cfg.quant}, {precision}) on {hardware(device)}; {trainable_summary(model)}")
+        enable_recompute(model, every=cfg.checkpoint_every, offload=offload, mode=cfg.recompute)
+    say(f"model: {cfg.model} ({cfg.quant}, {precision}, attention {model.config._attn_implementation}) on "
+        f"{hardware(device)}; {trainable_summary(model)}")
 
     pad_id = tokenizer.pad_token_id
-    eval_batches = make_batches(data.eval_examples, cfg.batch_size * dist.world, 0, cfg.seed, pad_id, cfg.packing,
-                                cfg.seq_len)
+    eval_batches = epoch_batches(data.eval_examples, cfg, 0, pad_id, dist.world)
     trainer = TrainingLoop(model, cfg, data.train_examples, eval_batches, pad_id, device, precision, fp, dist)
     run = {"config": cfg.to_dict(), "precision": precision, "compute_dtype": str(COMPUTE_DTYPE[precision]),
            "double_quant": True, "device": str(device), "hardware": hardware(device), "versions": versions(),

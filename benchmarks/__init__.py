@@ -1,0 +1,1 @@
+"""minilora's benchmarks: `python -m benchmarks.<name>` from the repository root."""
