@@ -1,18 +1,23 @@
-"""Variable-length attention for padding-free rows on CUDA, with PyTorch's own flash kernel.
+"""Attention for padding-free rows that costs what the examples cost, not what the row would.
 
 A padding-free row holds several examples back to back, marked by `position_ids` restarting at 0.
 transformers' default path (sdpa) turns the restarts into a dense block-diagonal (T, T) mask and
-computes attention over the whole row; `torch.nn.attention.varlen.varlen_attn` instead takes the
-examples' boundaries (cumulative lengths) and computes each example's causal attention alone: no
-mask in memory and no work across examples. It is registered as a transformers attention function,
-so the model's own attention layers call it; anything it does not cover (no position ids, a cache,
-attention dropout, an explicit mask) goes to transformers' sdpa function unchanged.
+computes attention over the whole row: (sum of lengths)^2 work and memory where the examples need
+the sum of their squares. This module registers an attention function with transformers (the
+model's own attention layers call it) that computes each example's causal attention alone:
 
-Rows are treated as sequences that end where the next one starts, so right-padded rows are also
-exact: a causal example never looks at the padding after it.
+- on CUDA (Ampere or newer, fp16/bf16), with PyTorch's variable-length flash kernel
+  (`torch.nn.attention.varlen.varlen_attn`), all examples in one launch;
+- elsewhere, one `scaled_dot_product_attention(is_causal=True)` per example (a handful per layer).
+
+Anything it does not cover (no position ids, a cache, attention dropout, an explicit mask) goes to
+transformers' sdpa function unchanged. Rows are treated as sequences that end where the next one
+starts, so right-padded rows are exact too: a causal example never looks at the padding after it.
+A sliding window (Phi-3, Mistral: `sliding_window` attends to the last W positions) is applied.
 """
 
 import torch
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -59,24 +64,49 @@ class _BoundsCache:
 _bounds = _BoundsCache()
 
 
-def varlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """query (B, Hq, T, D), key/value (B, Hkv, T, D) -> ((B, T, Hq, D), None), as transformers expects."""
-    from torch.nn.attention.varlen import varlen_attn
+def _per_sequence_attention(query, key, value, cu_seq: torch.Tensor, scaling, window: int | None):
+    """query (N, Hq, D), key/value (N, Hkv, D) over flattened rows -> (N, Hq, D); sdpa per sequence."""
+    outs = []
+    bounds = cu_seq.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # (H, L, D)
+        n = end - start
+        if window is not None and n > window:
+            i = torch.arange(n, device=query.device)
+            band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)  # (L, L) causal, last W
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=band, scale=scaling,
+                                               enable_gqa=k.shape[0] != q.shape[0])
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
+                                               enable_gqa=k.shape[0] != q.shape[0])
+        outs.append(o.transpose(0, 1))  # (L, Hq, D)
+    return torch.cat(outs)
 
+
+def varlen_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                             sliding_window=None, **kwargs):
+    """query (B, Hq, T, D), key/value (B, Hkv, T, D) -> ((B, T, Hq, D), None), as transformers expects."""
     position_ids = kwargs.get("position_ids")
     batch, heads, width, dim = query.shape
     plain = position_ids is not None and position_ids.shape == (batch, width) and key.shape[2] == width
     if not plain or attention_mask is not None or dropout > 0:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+                                      sliding_window=sliding_window, **kwargs)
     cu_seq, longest = _bounds.get(position_ids)
     flat = lambda t: t.transpose(1, 2).reshape(batch * width, t.shape[1], dim)  # (B*T, H, D)
-    out = varlen_attn(flat(query), flat(key), flat(value), cu_seq, cu_seq, longest, longest, scale=scaling,
-                      window_size=(-1, 0), enable_gqa=key.shape[1] != heads)  # (B*T, Hq, D), causal
+    q, k, v = flat(query), flat(key), flat(value)
+    if varlen_available(query.device, query.dtype):
+        from torch.nn.attention.varlen import varlen_attn
+
+        left = sliding_window - 1 if sliding_window is not None and longest > sliding_window else -1
+        out = varlen_attn(q, k, v, cu_seq, cu_seq, longest, longest, scale=scaling, window_size=(left, 0),
+                          enable_gqa=k.shape[1] != heads)  # (B*T, Hq, D)
+    else:
+        out = _per_sequence_attention(q, k, v, cu_seq, scaling, sliding_window)
     return out.view(batch, width, heads, dim), None
 
 
 def use_varlen_attention(model: torch.nn.Module) -> None:
-    """Route `model`'s attention layers to the varlen kernel (call only where `varlen_available`)."""
+    """Route `model`'s attention layers to `varlen_attention_forward` (any device)."""
     AttentionInterface.register(NAME, varlen_attention_forward)
     model.config._attn_implementation = NAME

@@ -71,13 +71,20 @@ def test_rows_per_rank_shard_to_one_row_each():
         assert sum(p.n_target_tokens for p in parts) == b.n_target_tokens
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_padding_free_logits_equal_unpacked(attn):
-    """The mask path: transformers builds a block-diagonal causal mask from the restarting positions."""
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "minilora"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_padding_free_logits_equal_unpacked(attn, window):
+    """sdpa/eager: transformers builds a block-diagonal causal mask from the restarting positions;
+    minilora: minilora.attention's per-example attention (the CPU side of the varlen path).
+    `window`: a sliding window shorter than some examples (Phi-3 has one)."""
     model = build_model(seed=0)
-    model.config._attn_implementation = attn
+    model.config.sliding_window = window
     examples = make_examples([9, 4, 12, 6, 3, 7, 10], seed=1)
-    reference = _per_example_logits(model, examples)
+    reference = _per_example_logits(model, examples)  # sdpa, one example at a time
+    if attn == "minilora":
+        use_varlen_attention(model)
+    else:
+        model.config._attn_implementation = attn
     batches = make_padding_free_batches(examples, 3, 30, epoch=0, seed=0, pad_id=PAD)
     assert any(len(b.lines[0]) > 1 for b in batches)
     assert_rows_match(model, batches, examples, reference, atol=1e-5, rtol=0)

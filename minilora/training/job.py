@@ -18,7 +18,7 @@ import transformers
 
 from minilora.adapter import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from minilora.atomic import atomic_write_json, atomic_write_text
-from minilora.attention import use_varlen_attention, varlen_available
+from minilora.attention import use_varlen_attention
 from minilora.data.dataset import Dataset, load_dataset, split_eval
 from minilora.dispatch import check_kernel_mode, set_kernel_mode
 from minilora.errors import UserError
@@ -199,13 +199,11 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
     add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora)
     if dist.enabled:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # but different dropout masks per rank
-    if varlen_available(device, COMPUTE_DTYPE[precision]):
-        use_varlen_attention(model)  # padding-free rows without a (T, T) mask
+    use_varlen_attention(model)  # padding-free rows: each example's attention alone, no (T, T) mask
     if cfg.recompute != "none":
         offload = OffloadSaved() if cfg.offload_activations else None
         enable_recompute(model, every=cfg.checkpoint_every, offload=offload, mode=cfg.recompute)
-    say(f"model: {cfg.model} ({cfg.quant}, {precision}, attention {model.config._attn_implementation}) on "
-        f"{hardware(device)}; {trainable_summary(model)}")
+    say(f"model: {cfg.model} ({cfg.quant}, {precision}) on {hardware(device)}; {trainable_summary(model)}")
 
     pad_id = tokenizer.pad_token_id
     eval_batches = epoch_batches(data.eval_examples, cfg, 0, pad_id, dist.world)
