@@ -3,7 +3,8 @@ lever changed at a time, each in its own process (clean peak memory), the same b
 weights for all.
 
     baseline            every decoder layer recomputed, chunked loss on target tokens, fp32 AdamW
-    no_recompute        --no-grad-checkpointing
+    no_recompute        --recompute none
+    selective_recompute --recompute selective (keeps the products' outputs, recomputes the rest)
     recompute_every_2   --checkpoint-every 2
     offload             --offload-activations (CUDA only)
     adamw8bit           --optim adamw8bit
@@ -39,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 VARIANTS = {
     "baseline": {},
     "no_recompute": {"recompute": False},
+    "selective_recompute": {"mode": "selective"},
     "recompute_every_2": {"every": 2},
     "offload": {"offload": True},
     "adamw8bit": {"optim": "adamw8bit"},
@@ -83,7 +85,8 @@ def run_variant(name: str, folder: str, seq: int, batch: int, steps: int) -> dic
     torch.manual_seed(0)
     minilora.add_lora(model, r=8, alpha=16, dropout=0.05)
     if lever.get("recompute", True):
-        enable_recompute(model, every=lever.get("every", 1), offload=OffloadSaved() if lever.get("offload") else None)
+        enable_recompute(model, every=lever.get("every", 1), offload=OffloadSaved() if lever.get("offload") else None,
+                         mode=lever.get("mode", "full"))
     params = minilora.lora_parameters(model)
     opt = make_optimizer(lever.get("optim", "adamw"), params, 2e-4, 0.0, device)
     vocab = model.config.vocab_size

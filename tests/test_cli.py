@@ -9,8 +9,8 @@ from minilora.training.config import TrainConfig
 
 ISSUE_FLAGS = ["--model", "--output", "--r", "--alpha", "--dropout", "--targets", "--rslora", "--quant", "--epochs",
                "--max-steps", "--batch-size", "--grad-accum", "--lr", "--warmup-steps", "--seq-len", "--eval-fraction",
-               "--eval-file", "--eval-every", "--save-every", "--seed", "--precision", "--no-grad-checkpointing",
-               "--kernels", "--resume", "--packing", "--config"]
+               "--eval-file", "--eval-every", "--save-every", "--seed", "--precision", "--recompute", "--padding",
+               "--batch-tokens", "--kernels", "--resume", "--packing", "--config"]
 
 
 def test_help_explains_every_flag(capsys):
