@@ -10,9 +10,12 @@ model's own attention layers call it) that computes each example's causal attent
   (`torch.nn.attention.varlen.varlen_attn`), all examples in one launch;
 - elsewhere, one `scaled_dot_product_attention(is_causal=True)` per example (a handful per layer).
 
-Anything it does not cover (no position ids, a cache, attention dropout, an explicit mask) goes to
-transformers' sdpa function unchanged. Rows are treated as sequences that end where the next one
-starts, so right-padded rows are exact too: a causal example never looks at the padding after it.
+It is used only for architectures whose attention layers pass `position_ids` on and need nothing
+else (`SUPPORTED`), without attention dropout; other models keep transformers' mask path. With it,
+transformers builds no mask at all, so a call without position ids is an error, not a fallback; a
+call with a cache (generation) goes to transformers' sdpa function. Rows are treated as sequences
+that end where the next one starts, so right-padded rows are exact too: a causal example never
+looks at the padding after it.
 A sliding window (Phi-3, Mistral: `sliding_window` attends to the last W positions) is applied.
 """
 
@@ -22,6 +25,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 NAME = "minilora_varlen"
+# Model types whose attention layers hand position_ids (and sliding_window, if any) to the attention
+# function and use no other attention feature (soft-capping, sinks, ...): checked in transformers 5.x.
+SUPPORTED = frozenset({"phi3", "llama", "mistral", "qwen2", "gpt_neox"})
 
 
 def varlen_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -88,10 +94,13 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
     """query (B, Hq, T, D), key/value (B, Hkv, T, D) -> ((B, T, Hq, D), None), as transformers expects."""
     position_ids = kwargs.get("position_ids")
     batch, heads, width, dim = query.shape
-    plain = position_ids is not None and position_ids.shape == (batch, width) and key.shape[2] == width
-    if not plain or attention_mask is not None or dropout > 0:
+    if key.shape[2] != width or attention_mask is not None:  # decoding with a cache: one sequence per row
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       sliding_window=sliding_window, **kwargs)
+    if position_ids is not None and position_ids.shape == (1, width) and batch > 1:
+        position_ids = position_ids.expand(batch, width)  # transformers' default: the same positions per row
+    if position_ids is None or position_ids.shape != (batch, width) or dropout > 0:
+        raise RuntimeError(f"{NAME} attention needs (batch, length) position_ids and no attention dropout")
     cu_seq, longest = _bounds.get(position_ids)
     flat = lambda t: t.transpose(1, 2).reshape(batch * width, t.shape[1], dim)  # (B*T, H, D)
     q, k, v = flat(query), flat(key), flat(value)
@@ -106,7 +115,12 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout=
     return out.view(batch, width, heads, dim), None
 
 
-def use_varlen_attention(model: torch.nn.Module) -> None:
-    """Route `model`'s attention layers to `varlen_attention_forward` (any device)."""
+def use_varlen_attention(model: torch.nn.Module) -> bool:
+    """Route `model`'s attention layers to `varlen_attention_forward` (any device) where the
+    architecture is `SUPPORTED` and has no attention dropout; returns whether it did."""
+    config = model.config
+    if config.model_type not in SUPPORTED or getattr(config, "attention_dropout", 0.0):
+        return False
     AttentionInterface.register(NAME, varlen_attention_forward)
-    model.config._attn_implementation = NAME
+    config._attn_implementation = NAME
+    return True

@@ -159,3 +159,11 @@ def test_accumulated_gradients_do_not_depend_on_rows_per_micro_batch(tmp_path):
     for other in grads[1:]:
         for a, b in zip(grads[0], other, strict=True):
             torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-4)
+
+
+def test_varlen_attention_is_used_only_where_it_is_exact():
+    model = build_model(seed=0)
+    model.config.attention_dropout = 0.1  # the kernel has no dropout: transformers' mask path stays
+    assert not use_varlen_attention(model) and model.config._attn_implementation == "sdpa"
+    model.config.attention_dropout = 0.0
+    assert use_varlen_attention(model) and model.config._attn_implementation == "minilora_varlen"
