@@ -270,6 +270,8 @@ def main(argv=None) -> int:
     payload = {"env": environment(device), "settings": {"model": name, "seq_len": seq_len, "recipe": RECIPE},
                "datasets": {}, "goals": []}
     model = save_model(name, work / name)
+    save = lambda data: write_results("epoch", data, markdown(data), out_dir=args.out,
+                                      device_label="gpu" if gpu else "cpu")
     for kind in args.sets:
         count = n if kind == "alpaca" else n // 2
         records = make_data(kind, count + count // 20, seed=0, scale=scale)
@@ -288,7 +290,10 @@ def main(argv=None) -> int:
             result = (run_reference_child(model, train, out, seq_len, args.timeout_s) if extra is None
                       else run_minilora(model, train, out, seq_len, extra, args.timeout_s))
             result["held_out_loss"] = held_out_loss(model, held, out, seq_len)["loss"]
+            if hasattr(os, "getloadavg"):  # the CPU may be shared: how busy it was, run by run
+                result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
             d["runs"][run] = result
+            save(payload)  # after every run: a timeout keeps what finished
             print(f"  training {result['train_s']:.1f} s, wall {result['wall_s']:.1f} s, peak "
                   f"{result['peak_mem_mib']:,.0f} MiB, held-out loss {result['held_out_loss']:.4f}", flush=True)
         ref, ours = d["runs"]["reference"], d["runs"]["minilora"]
@@ -304,7 +309,7 @@ def main(argv=None) -> int:
                                      "pass": mem <= 0.6})
     if hasattr(os, "getloadavg"):
         payload["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
-    path = write_results("epoch", payload, markdown(payload), out_dir=args.out, device_label="gpu" if gpu else "cpu")
+    path = save(payload)
     print(markdown(payload))
     print(f"results: {path} (+ .md)")
     return 0
