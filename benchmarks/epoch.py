@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.harness import RESULTS, environment, write_results
+from benchmarks.harness import PACKAGES, RESULTS_DIR, environment, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
@@ -215,11 +215,11 @@ def held_out_loss(model_dir: Path, data: Path, adapter: Path, seq_len: int) -> d
 
 
 def markdown(payload: dict) -> str:
-    env, s = payload["env"], payload["settings"]
-    lines = [f"# Epoch benchmark: {env['device']}", "",
-             f"{env['date']}, commit {env['commit']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-             + f"; {env['threads']} threads on {env['cpus']} CPUs"
-             + (f", load average {env['load_average']} at the start" if "load_average" in env else "")
+    env, s = payload["environment"], payload["settings"]
+    versions = ", ".join(f"{k} {env[k]}" for k in PACKAGES if env.get(k))
+    lines = [f"# Epoch benchmark: {env['device_name']}", "",
+             f"{env['date']}, commit {env['commit']}; {versions}; {env['torch_threads']} threads on "
+             f"{env['cpu_count']} CPUs, load average {[round(x, 2) for x in env['load_avg']]} at the start"
              + (f" and {payload['load_average_end']} at the end" if "load_average_end" in payload else "") + ".", "",
              f"Model {s['model']} (random weights), seq-len {s['seq_len']}, recipe {json.dumps(RECIPE)}; one epoch.",
              "Training time: minilora's optimizer steps / Trainer.train's runtime. Wall: the whole process. "
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, help="training examples per set (default 1,200 alpaca + half as many chat)")
     p.add_argument("--sets", nargs="+", default=["alpaca", "chat"], choices=["alpaca", "chat"])
     p.add_argument("--variants", action="store_true", help="also minilora with each default switched off")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR)
     p.add_argument("--work", type=Path, help="folder for the model, data and adapters (default: a temporary one)")
     p.add_argument("--timeout-s", type=float, default=1800, help="per run")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="minilora-epoch-"))
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device("cuda" if gpu else "cpu")
-    payload = {"env": environment(device), "settings": {"model": name, "seq_len": seq_len, "recipe": RECIPE},
+    payload = {"environment": environment(device), "settings": {"model": name, "seq_len": seq_len, "recipe": RECIPE},
                "datasets": {}, "goals": []}
     model = save_model(name, work / name)
     save = lambda data: write_results("epoch", data, markdown(data), out_dir=args.out,
@@ -277,7 +277,7 @@ def main(argv=None) -> int:
         records = make_data(kind, count + count // 20, seed=0, scale=scale)
         train, held = write_jsonl(work / f"{kind}.jsonl", records[:count]), write_jsonl(work / f"{kind}-eval.jsonl",
                                                                                           records[count:])
-        lengths = sorted(len(t) for t in _lengths(model, train, seq_len))
+        lengths = sorted(_lengths(model, train, seq_len))
         d = payload["datasets"][kind] = {"n_train": count, "n_eval": len(records) - count, "runs": {},
                                          "real_tokens": sum(lengths), "median_len": lengths[len(lengths) // 2],
                                          "max_len": lengths[-1]}
@@ -315,11 +315,11 @@ def main(argv=None) -> int:
     return 0
 
 
-def _lengths(model: Path, data: Path, seq_len: int) -> list[list[int]]:
+def _lengths(model: Path, data: Path, seq_len: int) -> list[int]:
     import minilora
     from minilora.data.dataset import load_dataset
 
-    return [e.input_ids for e in load_dataset(str(data), minilora.load_tokenizer(str(model)), seq_len).examples]
+    return load_dataset(str(data), minilora.load_tokenizer(str(model)), seq_len).examples.lengths.tolist()
 
 
 if __name__ == "__main__":

@@ -24,16 +24,15 @@ SUITE_START=$SECONDS
 declare -a SUMMARY=()
 FAILED=0
 
-# bitsandbytes may only be there as a local wheel (the machine has no network).
+# The project is always installed (kernels/ becomes minilora.kernels). The machine has no network:
+# bitsandbytes may only be there as a local wheel in .whl/, and the project installs without fetching
+# its dependencies or a build environment.
 if ! python3 -c "import bitsandbytes" >/dev/null 2>&1 && compgen -G ".whl/*.whl" >/dev/null; then
-    echo "== installing bitsandbytes from .whl/ into .site/"
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .site .whl/*.whl
-    export PYTHONPATH="$PWD:$PWD/.site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "== installing bitsandbytes from .whl/"
+    python3 -m pip install -q --no-index --no-deps .whl/*.whl
 fi
-# An uninstalled checkout: minilora (and through it minilora.kernels) from the working tree.
-if ! python3 -c "import minilora" >/dev/null 2>&1; then
-    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-fi
+echo "== installing minilora (editable)"
+python3 -m pip install -q --no-deps --no-build-isolation -e .
 
 # step NAME TIMEOUT_S LOGFILE COMMAND...: run with a timeout, log stdout+stderr, record the status.
 step() {
@@ -92,21 +91,21 @@ step "pytest training (GPU)" 90 "$OUT/pytest_training_gpu.txt" \
 #    dispatch crossovers and split-K tiles. Short timing runs (--quick: 40 ms per measurement) over all
 #    four Phi-3-mini shapes and six M, so that the crossovers fit too. It stops starting measurements
 #    after --budget-s and writes what it has (kernels.json, kernels.md).
-step "kernel benchmark" 80 "$OUT/bench_kernels.txt" \
-    python3 benchmarks/bench_kernels.py --out "$OUT/kernels" --budget-s 50 --quick \
+step "kernel benchmark" 80 "$OUT/benchmark_kernels.txt" \
+    python3 -m benchmarks.kernels --out "$OUT/kernels" --budget-s 50 --quick \
     --shapes qkv_proj o_proj gate_up_proj down_proj --ms 1 16 64 256 1024 4096
 
-# 5. Training benchmark: Phi-3-mini (random weights, built from its config) at sequence 2048, minilora vs
-#    transformers + PEFT in the same hand-written loop vs transformers.Trainer: tokens/s, peak memory, time
-#    to first step, loss parity, MFU, where a step's time goes (results and goals in
+# 5. Training benchmark: Phi-3-mini (random weights, built from its config) at sequence 2048, minilora's own
+#    training loop vs transformers + PEFT in a hand-written reference loop vs transformers.Trainer: tokens/s,
+#    peak memory, time to first step, loss parity, MFU, where a step's time goes (results and goals in
 #    $OUT/train/*-train.{json,md}), then its bar chart. It gets what is left up to 430 s, less the plot and
-#    kill grace; bench_train.py starts no system that would outlast --budget-s and keeps what finished.
+#    kill grace; benchmarks.train starts no system that would outlast --budget-s and keeps what finished.
 TRAIN_LIMIT=$((430 - (SECONDS - SUITE_START)))
 if [ "$TRAIN_LIMIT" -ge 120 ]; then
-    step "training benchmark" "$TRAIN_LIMIT" "$OUT/bench_train.txt" \
-        python3 benchmarks/bench_train.py --seqs 2048 --out "$OUT/train" --budget-s "$((TRAIN_LIMIT - 20))"
+    step "training benchmark" "$TRAIN_LIMIT" "$OUT/benchmark_train.txt" \
+        python3 -m benchmarks.train --seqs 2048 --out "$OUT/train" --budget-s "$((TRAIN_LIMIT - 20))"
     step "training plot" 25 "$OUT/plot_train.txt" \
-        bash -c 'python3 benchmarks/plot.py "$1"/*-train.json' _ "$OUT/train"
+        bash -c 'python3 -m benchmarks.plot "$1"/*-train.json' _ "$OUT/train"
 else
     SUMMARY+=("$(printf '%-34s %-12s %4ss  %s' "training benchmark" "SKIPPED" 0 "only ${TRAIN_LIMIT}s left of 430")")
     FAILED=1
@@ -126,15 +125,15 @@ fi
 #    longest example per batch; real tokens/s, peak memory, held-out loss ($OUT/epoch/*-epoch.{json,md}).
 LEFT=$((470 - (SECONDS - SUITE_START)))
 if [ "$LEFT" -ge 240 ]; then
-    step "epoch benchmark" "$LEFT" "$OUT/bench_epoch.txt" \
+    step "epoch benchmark" "$LEFT" "$OUT/benchmark_epoch.txt" \
         python3 -m benchmarks.epoch --gpu --sets alpaca --n 300 --out "$OUT/epoch" --timeout-s "$((LEFT / 3))"
 else
     SUMMARY+=("$(printf '%-34s %-12s %4ss  %s' "epoch benchmark" "SKIPPED" 0 "only ${LEFT}s left")")
 fi
 LEFT=$((470 - (SECONDS - SUITE_START)))
 if [ "$LEFT" -ge 60 ]; then
-    step "levers benchmark" "$LEFT" "$OUT/bench_levers.txt" \
-        python3 benchmarks/bench_levers.py --seq 1024 --batch 2 --steps 5 --out "$OUT/levers" \
+    step "levers benchmark" "$LEFT" "$OUT/benchmark_levers.txt" \
+        python3 -m benchmarks.levers --seq 1024 --batch 2 --steps 5 --out "$OUT/levers" \
         --budget-s "$((LEFT - 15))"
 else
     SUMMARY+=("$(printf '%-34s %-12s %4ss  %s' "levers benchmark" "SKIPPED" 0 "only ${LEFT}s left")")
@@ -150,9 +149,9 @@ fi
         [ -f "$f" ] && echo "$(basename "$f"): $(grep -E '(passed|failed|error|skipped|no tests)' "$f" | tail -n 1)"
     done
     echo
-    sed -n '/^GOALS:/,$p' "$OUT/bench_kernels.txt" 2>/dev/null
+    sed -n '/^GOALS:/,$p' "$OUT/benchmark_kernels.txt" 2>/dev/null
     grep -h -E '^- (PASS|FAIL)' "$OUT/train/"*-train.md "$OUT/epoch/"*-epoch.md 2>/dev/null
-    grep -h '^goals:' "$OUT/bench_train.txt" 2>/dev/null
+    grep -h '^goals:' "$OUT/benchmark_train.txt" 2>/dev/null
 } | tee "$OUT/summary.txt"
 
 # The device tool brings back at most 8 files from $OUT: when the caller chose $OUT, pack everything

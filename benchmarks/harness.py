@@ -1,37 +1,91 @@
-"""What every benchmark records next to its numbers, and where its results go."""
+"""What every benchmark shares: the record of where its numbers were taken, and the one writer of results.
 
+    env = environment(device)                 # commit (+dirty), date, device, CPU threads, load, versions
+    path = write_results("train", payload, markdown)
+    # -> benchmarks/results/<date>-<device>-train.json (+ .md), payload["environment"] filled in
+
+A results file is always written whole (temporary file + rename), so a benchmark may rewrite it after each
+measurement and a run killed at any moment leaves the last complete version.
+"""
+
+import datetime
+import importlib.metadata
 import json
 import os
 import platform
-import re
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import device_name, git_commit, now, versions
+from minilora.atomic import atomic_write_text
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def environment(device: torch.device) -> dict:
-    """Commit, date, device, library versions, threads and (CPU) the load average at the start."""
-    env = {"commit": git_commit(), "date": now(), "device": device_name(device), "python": platform.python_version(),
-           "versions": versions("torch", "transformers", "bitsandbytes"), "threads": torch.get_num_threads(),
-           "cpus": os.cpu_count()}
-    if hasattr(os, "getloadavg"):
-        env["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    return env
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+# Recorded with every result: the libraries whose code the numbers measure (None where not installed).
+PACKAGES = ("torch", "transformers", "bitsandbytes", "triton", "peft")
 
 
-def write_results(name: str, payload: dict, markdown: str | None = None, out_dir: Path = RESULTS,
+def git_commit() -> str:
+    """HEAD's sha, with "+dirty" when the working tree has changes; "unknown" without git or a repository."""
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty and sha != "unknown" else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (from /proc/cpuinfo where there is one)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        lines = []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine() or "cpu")
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device | str) -> dict:
+    """Where and on what a benchmark ran: taken once at its start and saved with its results."""
+    device = torch.device(device)
+    return {"commit": git_commit(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "device": device.type, "device_name": device_name(device),
+            "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_avg": list(os.getloadavg()), "python": platform.python_version(),
+            **{name: package_version(name) for name in PACKAGES}, "argv": sys.argv}
+
+
+def device_slug(env: dict) -> str:
+    """The device part of a results file name: "cpu", or the GPU's name in short ("h100-80gb-hbm3")."""
+    if env["device"] == "cpu":
+        return "cpu"
+    name = env["device_name"].lower().replace("nvidia", "")
+    return "-".join("".join(c if c.isalnum() else " " for c in name).split()) or env["device"]
+
+
+def write_results(name: str, payload: dict, markdown: str | None = None, out_dir: str | Path = RESULTS_DIR,
                   device_label: str | None = None) -> Path:
-    """<out_dir>/<date>-<device label>-<name>.json (and .md); returns the JSON path."""
-    label = device_label or re.sub(r"[^a-z0-9]+", "-", payload.get("env", {}).get("device", "cpu").lower())[:24]
-    stem = f"{now()[:10]}-{label.strip('-')}-{name}"
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{stem}.json"
-    path.write_text(json.dumps(payload, indent=1) + "\n")
+    """Writes `<out_dir>/<date>-<device>-<name>.json` (and `.md` with `markdown`), each atomically; returns
+    the JSON path. payload["environment"] is filled in, once, where the caller has not put it there: a
+    benchmark that rewrites its file after each measurement keeps the record of its start (and its date)."""
+    env = payload.setdefault("environment", environment("cuda" if torch.cuda.is_available() else "cpu"))
+    stem = f"{env['date'][:10]}-{device_label or device_slug(env)}-{name}"
+    path = Path(out_dir) / f"{stem}.json"
     if markdown is not None:
-        (out_dir / f"{stem}.md").write_text(markdown)
+        atomic_write_text(path.with_suffix(".md"), markdown)
+    atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
     return path

@@ -1,6 +1,6 @@
-"""Bar charts from a training-benchmark results file (bench_train.py): tokens/s and peak memory per system.
+"""Bar charts from a training-benchmark results file (benchmarks.train): tokens/s and peak memory per system.
 
-    python benchmarks/plot.py benchmarks/results/<date>-<device>-train.json [more.json ...] [--out file.png]
+    python -m benchmarks.plot benchmarks/results/<date>-<device>-train.json [more.json ...] [--out file.png]
 
 One figure per file, written beside it as <stem>.png: left, training tokens/s (median, whiskers p20-p80);
 right, peak memory (GPU: max allocated, with reserved marked; CPU: peak RSS). One group of bars per run
@@ -18,8 +18,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-SYSTEMS = ("ours", "ref_loop", "trainer")
-LABELS = {"ours": "minilora", "ref_loop": "HF+PEFT, same loop", "trainer": "HF+PEFT, Trainer"}
+from .train_setup import SYSTEMS  # noqa: E402
+
+LABELS = {"ours": "minilora", "ref_loop": "HF+PEFT, reference loop", "trainer": "HF+PEFT, Trainer"}
 COLORS = {"ours": "tab:green", "ref_loop": "tab:blue", "trainer": "tab:gray"}
 WIDTH = 0.26
 
@@ -70,7 +71,7 @@ def _bars(ax, results: dict, value, ratio_key: str, ylabel: str, errors=None, ma
 
 
 def plot(results: dict, path: Path) -> Path:
-    env = results["env"]
+    env = results.get("environment") or results["env"]  # "env" in files written before benchmarks.harness
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5), dpi=110)
     _bars(left, results, lambda run, r: r.get("tokens_per_s"), "tokens_per_s", "training tokens/s (median)",
           errors=lambda r: (r["tokens_per_s_p20"], r["tokens_per_s_p80"]))
@@ -95,8 +96,8 @@ def plot(results: dict, path: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="+", type=Path, help="bench_train.py results file(s) (.json)")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", type=Path, help="benchmarks.train results file(s) (.json)")
     p.add_argument("--out", type=Path, help="PNG path (only with a single results file; default <stem>.png)")
     args = p.parse_args(argv)
     if args.out and len(args.results) > 1:

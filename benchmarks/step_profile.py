@@ -2,11 +2,11 @@
 operators (CPU) summed into a few categories, so a results file says not only how fast each system is
 but what it spends the time on.
 
-    profile_step(step, device) -> {"wall_ms", "total_ms", "categories": {name: ms}, "top": [...]}
+    profile_step(step, device) -> {"wall_ms", "total_ms", "categories": {name: ms}, "top": [...], "calls": {...}}
 
 On CUDA the times are the kernels' device time (the GPU's busy time; `wall_ms - total_ms` is roughly
 the time it waited for the host). On a CPU they are the operators' self time on the profiled thread.
-Used by train_systems.hand_loop after the timed steps (the profiled step is never one of them).
+Used by benchmarks.train_systems after the timed steps (the profiled steps are never among them).
 """
 
 import re
@@ -83,6 +83,8 @@ def profile_step(step, device: torch.device, repeat: int = 2) -> dict:
     return {"device": device.type, "steps": repeat, "wall_ms": wall_ms, "total_ms": sum(categories.values()),
             "categories": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
             "top": [{"name": n[:160], "category": c, "ms": ms, "count": k} for n, c, ms, k in rows[:TOP]],
+            # Calls per step of every operator or kernel: what ran how often, whatever its share of the time.
+            "calls": {n[:160]: k for n, _, _, k in rows},
             "what": "kernel device time" if cuda else "operator self CPU time"}
 
 

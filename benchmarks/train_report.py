@@ -1,16 +1,17 @@
 """The training benchmark's parent-side analysis: each system's rounds merged into one summary, the ratios
 ours / reference, the loss parity, the goal checks, and the results file and Markdown report.
 
-Pure functions of the results dict that bench_train.py builds; plot.py draws from the file written here.
+Pure functions of the results dict that benchmarks.train builds; benchmarks.plot draws from the file written
+here.
 """
 
-import json
 import math
 import statistics
 from pathlib import Path
 
-from step_profile import markdown as profile_table
-from train_setup import FLOPS_FORMULA, LORA, MAX_GRAD_NORM, REFERENCES, SYSTEMS
+from .harness import write_results
+from .step_profile import markdown as profile_table
+from .train_setup import FLOPS_FORMULA, LORA, MAX_GRAD_NORM, REFERENCES, SYSTEMS
 
 # Loss agreement between ours and each reference, relative. fp32 (CPU): only summation order and the
 # chunked loss differ. bf16 (GPU): the reference keeps its residual stream in fp32
@@ -19,11 +20,15 @@ PARITY_RTOL = {"fp32": 1e-4, "bf16": 1e-2}
 
 # How the numbers were taken: the report's Method section, also saved in the results file.
 NOTES = [
-    "ours and ref_loop run the same hand-written step (hand_loop); trainer is transformers.Trainer "
-    "(TrainingArguments: gradient (activation) checkpointing with use_reentrant=False, constant lr, sequential "
-    "sampler, "
-    "adamw_torch on CPU / adamw_torch_fused on GPU). ref_loop vs trainer isolates the loop; ours vs ref_loop "
-    "isolates the model.",
+    "ours is minilora's own training step: minilora.training.loop.TrainingLoop.train_step, driven step by step, "
+    "with the model and loop built as minilora.training.job builds them from a TrainConfig of this recipe "
+    "(constant lr: warm-up 0, cosine floor 1.0; one micro-batch per step; padded batching). ref_loop is a "
+    "hand-written reference step (AdamW as minilora's: foreach on CPU, fused on GPU; clipping) over the reference "
+    "model; trainer is transformers.Trainer (TrainingArguments: gradient (activation) checkpointing with "
+    "use_reentrant=False, constant lr, sequential sampler, adamw_torch on CPU / adamw_torch_fused on GPU). Each "
+    "system's code_path is saved with its results.",
+    "Same batches: the references build theirs with minilora.data.batching.make_batches, the call ours' loop "
+    "makes; each system saves a sha256 of the batches it trained on, and loss parity requires them equal.",
     "Loss: ours sums cross-entropy over target tokens in chunks (minilora.training.loss) and divides by their "
     "count; the "
     "references use the model's own loss from full logits (what users run). Both are the mean over B*(T-1) tokens.",
@@ -36,9 +41,10 @@ NOTES = [
     "sets it: no in-place repack of the 4-bit weights, so both sides compute the same thing.",
     "Each system runs in its own process, one after the other. Time to first step: from the start of the "
     "system's setup (its library imports after torch, loading, quantisation, LoRA setup) to the end of optimizer "
-    "step 1 (warm-up and, on GPU, kernel compilation included). Peak memory "
-    "is reset after loading, so it covers training (weights included). Step times exclude data loading and the "
-    "trainer's logging (on_step_begin -> on_step_end); all are device-synchronised.",
+    "step 1 (warm-up and, on GPU, kernel compilation included). Peak memory is reset after loading, so it covers "
+    "training (weights included). Step times: ours' whole train_step() (it takes its batch from the loop's "
+    "stream and moves it to the device itself), ref_loop's step on batches already on the device, the trainer's "
+    "on_step_begin -> on_step_end (its data loading and logging outside); all are device-synchronised.",
 ]
 
 
@@ -96,13 +102,16 @@ def compare(run: dict) -> None:
             r["time_to_first_step"] = ours["time_to_first_step_s"] / other["time_to_first_step_s"]
         run["ratios"][ref] = r
         a, b = ours["losses"], other["losses"]
+        same_batches = ours.get("batches_sha256") is not None and ours.get("batches_sha256") == other.get(
+            "batches_sha256")
         diffs = [abs(x - y) for x, y in zip(a, b, strict=False)]
         rel = [d / abs(y) for d, y in zip(diffs, b, strict=False)]
         run["parity"][ref] = {
             "steps": [len(a), len(b)], "max_abs_diff": max(diffs, default=None),
             "max_rel_diff": max(rel, default=None), "rtol": rtol,
-            "loss_change_ours": a[-1] - a[0] if a else None,
-            "ok": len(a) == len(b) > 0 and all(math.isfinite(x) for x in a + b) and max(rel) <= rtol}
+            "loss_change_ours": a[-1] - a[0] if a else None, "same_batches": same_batches,
+            "ok": same_batches and len(a) == len(b) > 0 and all(math.isfinite(x) for x in a + b)
+            and max(rel) <= rtol}
     if run["device"] == "cuda" and run.get("peak_flops"):
         for res in run["systems"].values():
             if res.get("tokens_per_s"):
@@ -110,7 +119,7 @@ def compare(run: dict) -> None:
 
 
 def goals(results: dict) -> list[dict]:
-    """The issue's goals, each PASS / FAIL / n/a with the measured value."""
+    """The benchmark's goals, each PASS / FAIL / n/a with the measured value."""
     out = []
 
     def add(text, value, ok):
@@ -126,8 +135,8 @@ def goals(results: dict) -> list[dict]:
         if run["device"] == "cpu":
             v = ratios.get("ref_loop", {}).get("tokens_per_s")
             loads = [x["load_avg_after"][0] for rs in run["raw"].values() for x in rs if "load_avg_after" in x]
-            noisy = (f" [noisy: load average up to {max(loads):.1f} on {results['env']['cpu_count']} CPUs]"
-                     if loads and max(loads) > results["env"]["cpu_count"] else "")
+            noisy = (f" [noisy: load average up to {max(loads):.1f} on {results['environment']['cpu_count']} CPUs]"
+                     if loads and max(loads) > results["environment"]["cpu_count"] else "")
             add(f"{tag}: tokens/s ours / ref_loop >= 1.0 (CPU){noisy}", v, None if v is None else v >= 1.0)
             continue
         if run["seq"] != 2048 or run["model"] != "phi3-mini":
@@ -149,11 +158,11 @@ def show(v, fmt="{:.2f}", none="-") -> str:
 
 
 def markdown(results: dict) -> str:
-    env = results["env"]
+    env = results["environment"]
     lines = [f"# Training benchmark: {env['device_name']}", "",
              f"{env['date']}, commit {env['commit']}; torch {env['torch']}, transformers {env['transformers']}, "
              f"bitsandbytes {env['bitsandbytes']}, peft {env['peft']}; {env['torch_threads']} threads on "
-             f"{env['cpu_count']} CPUs, load average {' / '.join(f'{x:.2f}' for x in env['load_avg_at_start'])} "
+             f"{env['cpu_count']} CPUs, load average {' / '.join(f'{x:.2f}' for x in env['load_avg'])} "
              "(1/5/15 min) at the start.", ""]
     s = results["settings"]
     lines += [f"LoRA r={LORA['r']}, alpha={LORA['alpha']}, dropout={LORA['dropout']} on "
@@ -196,11 +205,14 @@ def markdown(results: dict) -> str:
                     f" (ours / it {run['ratios'][name]['tokens_per_s_best_step']:.2f})"
                     if "tokens_per_s_best_step" in run.get("ratios", {}).get(name, {}) else "")
                 for name, r in run["systems"].items() if r.get("tokens_per_s_best_step")]
-        lines += ["", f"Fastest single step, tokens/s (the one least disturbed by other processes): {', '.join(best)}."]
-        if run["device"] == "cpu" and loads and max(loads) > results["env"]["cpu_count"]:
-            lines += ["", f"Other processes competed for the {results['env']['cpu_count']} CPUs (1-minute load average "
-                      f"after each run: {', '.join(f'{x:.1f}' for x in loads)}): step times are noisy, and ratios "
-                      "within the p20-p80 spread are not a measured difference."]
+        lines += ["", f"Fastest single step, tokens/s (the one least disturbed by other processes): {', '.join(best)}.",
+                  "", "Code path of each system:", "",
+                  *[f"- {name}: {r['code_path']}" for name, r in run["systems"].items() if r.get("code_path")]]
+        cpus = results["environment"]["cpu_count"]
+        if run["device"] == "cpu" and loads and max(loads) > cpus:
+            lines += ["", f"Other processes competed for the {cpus} CPUs (1-minute load average after each run: "
+                      f"{', '.join(f'{x:.1f}' for x in loads)}): step times are noisy, and ratios within the "
+                      "p20-p80 spread are not a measured difference."]
         lines.append("")
         lines += profile_table(run, ["ours", "ref_loop"])
         if run["device"] == "cuda":
@@ -212,12 +224,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write(results: dict, out: Path, stem: str) -> Path:
+def write(results: dict, out: Path) -> Path:
+    """The goals checked, then <out>/<date>-<device>-train.json and .md (benchmarks.harness.write_results)."""
     results["goals"] = goals(results)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{stem}.json"
-    path.write_text(json.dumps(results, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(markdown(results))
-    return path
-
-
+    return write_results("train", results, markdown(results), out_dir=out)

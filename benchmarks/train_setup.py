@@ -1,8 +1,9 @@
 """What the training benchmark's three systems share: the model configurations, the recipe, the synthetic
-batches, the model-FLOPs formula, and the random-weight base model they all load from disk.
+data, the model-FLOPs formula, and the random-weight base model they all load from disk.
 
-Used by the parent (bench_train.py) and by each system's process (train_systems.py). Imports only torch and
-the standard library at the top: a system's library imports belong to its measured time to first step.
+Used by the parent (benchmarks.train) and by each system's process (benchmarks.train_systems). Imports only
+torch and the standard library at the top: a system's library imports belong to its measured time to first
+step.
 """
 
 import gc
@@ -16,7 +17,8 @@ import torch
 SYSTEMS = ("ours", "ref_loop", "trainer")
 REFERENCES = ("ref_loop", "trainer")
 
-# Phi-3-mini-4k-instruct's architecture (shared/ANCHORS.md; sliding_window as in its config.json).
+# Phi-3-mini-4k-instruct's architecture, as in its config.json
+# (https://huggingface.co/microsoft/Phi-3-mini-4k-instruct/blob/main/config.json).
 PHI3_MINI = dict(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                  original_max_position_embeddings=4096, sliding_window=2047, tie_word_embeddings=False,
@@ -30,8 +32,9 @@ CPU_SMALL = dict(vocab_size=4096, hidden_size=512, intermediate_size=1408, num_h
                  bos_token_id=1, eos_token_id=2, pad_token_id=0)
 MODELS = {"phi3-mini": PHI3_MINI, "cpu-small": CPU_SMALL}
 
-# The seed card's recipe; lr is constant (no warm-up, no decay) in all three systems so the schedule
-# implementations cannot differ; it is high enough that the loss visibly moves within a few steps.
+# The LoRA recipe of https://github.com/amit-chaubey/finetune-LoRA-4bit (r 8, alpha 16, dropout 0.05). The lr
+# is constant (no warm-up, no decay) in all three systems, so the schedule implementations cannot differ; it
+# is high enough that the loss visibly moves within a few steps.
 LORA = dict(r=8, alpha=16, dropout=0.05)
 LR, MAX_GRAD_NORM, SEED = 1e-3, 1.0, 0
 # bf16 dense tensor-core peak, FLOP/s (NVIDIA datasheets: the "with sparsity" figures halved). First
@@ -43,7 +46,7 @@ FLOPS_FORMULA = ("model FLOPs/token = 6*N + 8*L*T*d. N = weights of every linear
                  "gets no weight gradient; LoRA's own FLOPs are ignored). Attention: QK^T and AV cost "
                  "2*T*d per token per layer over the causal half, times 4 (forward, recompute, backward 2x) "
                  "= 8*L*T*d. L layers, T sequence length, d hidden size. MFU = tokens/s * FLOPs/token / "
-                 "peak (bf16 dense). Same formula as shared/ANCHORS.md's ceiling figures.")
+                 "peak (bf16 dense).")
 
 
 def phi3_config(name: str):
@@ -63,6 +66,29 @@ def synthetic_tokens(vocab: int, seq: int, batch: int, steps: int, seed: int) ->
     token_of_rank = torch.randperm(vocab, generator=g)
     draws = torch.multinomial(probs / probs.sum(), steps * batch * seq, replacement=True, generator=g)
     return token_of_rank[draws].view(steps, batch, seq)
+
+
+def synthetic_examples(spec: dict) -> list:
+    """The run's training examples: steps x batch rows of `synthetic_tokens`, one epoch of exactly `steps`
+    batches, every token a target."""
+    tokens = synthetic_tokens(spec["vocab"], spec["seq"], spec["batch"], spec["steps"], spec["seed"])
+    return examples_from_tokens(tokens.view(-1, spec["seq"]))
+
+
+def examples_from_tokens(tokens: torch.Tensor) -> list:
+    """(n, T) token ids -> n minilora training examples with every token a target (labels = input ids)."""
+    from minilora.data.dataset import Example
+
+    return [Example(input_ids=row.tolist(), labels=row.tolist(), line=i + 1) for i, row in enumerate(tokens)]
+
+
+def batches_digest(batches) -> str:
+    """sha256 of the batches' input ids and labels in training order: equal digests, equal data."""
+    h = hashlib.sha256()
+    for batch in batches:
+        for t in (batch.input_ids, batch.labels):
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def linear_weights(config) -> int:

@@ -1,24 +1,32 @@
 """The training benchmark's child side: one system (ours, ref_loop or trainer) built, trained and measured
 in its own process.
 
-    ours      minilora.load_base + add_lora + enable_recompute, loss_sum, the hand-written step (hand_loop)
-    ref_loop  transformers 4-bit + prepare_model_for_kbit_training + PEFT LoRA, the model's own loss, the
-              SAME hand-written step
+    ours      minilora's own loop: minilora.training.loop.TrainingLoop.train_step, with the model and loop
+              built as minilora.training.job builds them (benchmarks.ours) from the recipe's TrainConfig
+    ref_loop  transformers 4-bit + prepare_model_for_kbit_training + PEFT LoRA, the model's own loss, a
+              hand-written reference step (reference_loop: AdamW, clipping, constant lr)
     trainer   the same reference model trained by transformers.Trainer
 
-bench_train.py starts `bench_train.py --child SYSTEM --spec FILE --child-out FILE`, which calls child_main;
-the tests call run_system in process. Imports only torch and the standard library at the top: each system's
-library imports happen inside it, so they count towards its time to first step.
+All three train on the same batches (the references build them with minilora.data.batching.make_batches,
+the call ours' loop makes; a digest of each system's batches is recorded and compared), from the same
+initial LoRA weights (ours saves them, the references copy them in), at the same constant lr, with
+`torch.manual_seed(seed + step)` before every step so all draw the same dropout masks.
+
+benchmarks.train starts `python -m benchmarks.train --child SYSTEM --spec FILE --child-out FILE`, which
+calls child_main; the tests call run_system in process. Imports only torch and the standard library at the
+top: each system's library imports happen inside it, so they count towards its time to first step.
 """
 
 import contextlib
 import dataclasses
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
-from train_setup import LORA, MAX_GRAD_NORM, synthetic_tokens
+
+from .train_setup import LORA, MAX_GRAD_NORM, batches_digest, synthetic_examples
 
 
 class Meter:
@@ -88,10 +96,68 @@ def autocast(spec: dict):
     return torch.autocast(spec["device"].split(":")[0], dtype=torch.bfloat16)
 
 
-def hand_loop(spec: dict, params: list, loss_fn, batches: list, meter: Meter) -> dict | None:
-    """The step `ours` and `ref_loop` share: AdamW (fused on CUDA, foreach on CPU, as minilora.training.loop),
-    constant lr, grad clipping at 1.0. Dropout is re-seeded per step, so all systems draw the same masks.
-    With spec["profile"], two more steps (not timed, losses not kept) run under the profiler: returned."""
+def profile_extra(spec: dict, step, meter: Meter) -> dict | None:
+    """With spec["profile"], two more steps of `step()` (after the timed ones, losses not kept) under
+    torch.profiler: where a step's time goes, by category. None without."""
+    if not spec.get("profile"):
+        return None
+    from .step_profile import profile_step
+
+    meter.freeze_peak_memory()  # the profiler's own buffers are not the system's memory
+    torch.manual_seed(spec["seed"] + spec["steps"])
+    try:
+        return profile_step(step, meter.device)
+    except Exception as err:  # noqa: BLE001 - the profile is extra: it must not cost the measured steps
+        return {"error": f"{type(err).__name__}: {err}"[:300]}
+
+
+def recipe_config(spec: dict):
+    """The benchmark's recipe as minilora's TrainConfig: constant lr (no warm-up, cosine floor 1.0), one
+    micro-batch per step, padded batching, no evaluation or checkpoints inside the timed steps."""
+    from minilora.training.config import TrainConfig
+
+    return TrainConfig(model=spec["model_dir"], output=str(Path(spec["work_dir"]) / "ours-run"), r=LORA["r"],
+                       alpha=LORA["alpha"], dropout=LORA["dropout"], batch_size=spec["batch"], grad_accum=1,
+                       max_steps=spec["steps"], lr=spec["lr"], warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
+                       max_grad_norm=MAX_GRAD_NORM, seq_len=spec["seq"], packing=False, eval_fraction=0.0,
+                       eval_every=0, save_every=0, seed=spec["seed"], precision=spec["precision"], optim="adamw")
+
+
+def run_ours(spec: dict, meter: Meter) -> dict:
+    from minilora.training.loss import CHUNK_ROWS
+
+    from .ours import CODE_PATH, build_loop, build_model, replay_last_batch
+
+    device, cfg = meter.device, recipe_config(spec)
+    t0 = time.perf_counter()
+    # The references start from exactly these initial LoRA weights (A kaiming-uniform, B zero).
+    model = build_model(cfg, device, spec["precision"], init_dir=spec["init_dir"])
+    loop = build_loop(model, cfg, synthetic_examples(spec), device, spec["precision"], spec["pad_id"])
+    load_s = time.perf_counter() - t0
+    mem = meter.reset_peak_memory()
+    for i in range(spec["steps"]):
+        torch.manual_seed(spec["seed"] + i)
+        meter.begin()
+        record = loop.train_step()
+        meter.end()
+        meter.losses.append(record["loss"] if record["loss"] is not None else math.nan)
+    profile = profile_extra(spec, lambda: replay_last_batch(loop), meter)
+    return {"load_s": load_s, **mem, "trainable": sum(p.numel() for p in loop.params), "profile": profile,
+            "code_path": CODE_PATH, "batches_sha256": batches_digest(loop.stream.batches(0)),
+            "loss_path": f"minilora.training.loss.loss_sum: target rows of the hidden states -> lm_head + CE in "
+                         f"{CHUNK_ROWS}-row chunks under checkpointing, never the full logits"}
+
+
+def reference_batches(spec: dict) -> list:
+    """The batches ours' loop trains on, built by the same call (minilora.data.batching.make_batches)."""
+    from minilora.data.batching import make_batches
+
+    return make_batches(synthetic_examples(spec), spec["batch"], 0, spec["seed"], spec["pad_id"])
+
+
+def reference_loop(spec: dict, params: list, loss_fn, batches: list, meter: Meter) -> dict | None:
+    """The reference's hand-written step: AdamW (fused on CUDA, foreach on CPU, as minilora's make_optimizer),
+    constant lr, grad clipping at 1.0, dropout re-seeded per step. Returns the extra steps' profile."""
     cuda = meter.device.type == "cuda"
     opt = torch.optim.AdamW(params, lr=spec["lr"], weight_decay=0.0, fused=cuda or None,
                             foreach=None if cuda else True)
@@ -111,52 +177,7 @@ def hand_loop(spec: dict, params: list, loss_fn, batches: list, meter: Meter) ->
         loss = step(batch)
         meter.end()
         meter.losses.append(loss.item())
-    if not (spec.get("profile") and batches):
-        return None
-    from step_profile import profile_step
-
-    meter.freeze_peak_memory()  # the profiler's own buffers are not the system's memory
-    torch.manual_seed(spec["seed"] + len(batches))
-    try:
-        return profile_step(lambda: step(batches[-1]), meter.device)
-    except Exception as err:  # noqa: BLE001 - the profile is extra: it must not cost the measured steps
-        return {"error": f"{type(err).__name__}: {err}"[:300]}
-
-
-def device_batches(spec: dict, device: torch.device) -> list[dict]:
-    ids = synthetic_tokens(spec["vocab"], spec["seq"], spec["batch"], spec["steps"], spec["seed"])
-    # Every token is a target (labels = inputs); the loss is the mean over the B*(T-1) shifted targets.
-    return [{"input_ids": x.to(device), "labels": x.to(device), "attention_mask": torch.ones_like(x).to(device)}
-            for x in ids]
-
-
-def run_ours(spec: dict, meter: Meter) -> dict:
-    import minilora
-    from minilora.data.batching import Batch
-    from minilora.training.loss import CHUNK_ROWS, loss_sum
-    from minilora.training.recompute import enable_recompute
-
-    device = meter.device
-    dtype = torch.float32 if spec["precision"] == "fp32" else torch.bfloat16
-    t0 = time.perf_counter()
-    model = minilora.load_base(spec["model_dir"], quant="nf4", compute_dtype=dtype, device=device)
-    torch.manual_seed(spec["seed"])
-    minilora.add_lora(model, **LORA)
-    # The references start from exactly these weights (A kaiming-uniform, B zero).
-    minilora.save_adapter(model, spec["init_dir"])
-    enable_recompute(model)
-    model.train()
-    params = minilora.lora_parameters(model)
-    load_s = time.perf_counter() - t0
-    mem = meter.reset_peak_memory()
-    seq = spec["seq"]
-    positions = torch.arange(seq, device=device).expand(spec["batch"], seq)
-    batches = [Batch(b["input_ids"], b["labels"], b["attention_mask"], positions, spec["batch"] * (seq - 1),
-                     spec["batch"] * seq, ()) for b in device_batches(spec, device)]
-    profile = hand_loop(spec, params, lambda b: loss_sum(model, b) / b.n_target_tokens, batches, meter)
-    return {"load_s": load_s, **mem, "trainable": sum(p.numel() for p in params), "profile": profile,
-            "loss_path": f"minilora.training.loss.loss_sum: target rows of the hidden states -> lm_head + CE in "
-                         f"{CHUNK_ROWS}-row chunks under checkpointing, never the full logits"}
+    return profile_extra(spec, lambda: step(batches[-1]), meter) if batches else None
 
 
 def reference_model(spec: dict, device: torch.device):
@@ -211,10 +232,15 @@ def run_ref_loop(spec: dict, meter: Meter) -> dict:
     t0 = time.perf_counter()
     model = reference_model(spec, meter.device)
     params = [p for p in model.parameters() if p.requires_grad]
+    batches = reference_batches(spec)
     load_s = time.perf_counter() - t0
     mem = meter.reset_peak_memory()
-    profile = hand_loop(spec, params, lambda b: model(**b).loss, device_batches(spec, meter.device), meter)
+    inputs = [{"input_ids": b.input_ids.to(meter.device), "attention_mask": b.attention_mask.to(meter.device),
+               "labels": b.labels.to(meter.device)} for b in batches]
+    profile = reference_loop(spec, params, lambda b: model(**b).loss, inputs, meter)
     return {"load_s": load_s, **mem, "trainable": sum(p.numel() for p in params), "profile": profile,
+            "code_path": "benchmarks.train_systems.reference_loop (hand-written AdamW step) over transformers "
+                         "4-bit + PEFT", "batches_sha256": batches_digest(batches),
             "loss_path": "model(input_ids, attention_mask, labels).loss: full logits, mean CE"}
 
 
@@ -226,13 +252,14 @@ def run_trainer(spec: dict, meter: Meter) -> dict:
     t0 = time.perf_counter()
     model = reference_model(spec, meter.device)
     load_s = time.perf_counter() - t0
-    # One dataset row per sequence; the sequential sampler rebuilds the hand-written loop's batches.
-    rows = [{k: v[i] for k, v in b.items()} for b in device_batches(spec, torch.device("cpu"))
-            for i in range(spec["batch"])]
+    batches = reference_batches(spec)
+    # One dataset row per sequence; the sequential sampler rebuilds the batches in order.
+    rows = [{"input_ids": b.input_ids[i], "attention_mask": b.attention_mask[i], "labels": b.labels[i]}
+            for b in batches for i in range(b.input_ids.shape[0])]
 
     class StepClock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            torch.manual_seed(spec["seed"] + state.global_step)  # the masks the hand-written loop draws
+            torch.manual_seed(spec["seed"] + state.global_step)  # the masks the other systems draw
             meter.begin()
 
         def on_step_end(self, args, state, control, **kwargs):
@@ -249,7 +276,7 @@ def run_trainer(spec: dict, meter: Meter) -> dict:
             return loss
 
         def _get_train_sampler(self, *args, **kwargs):
-            return SequentialSampler(self.train_dataset)  # the rows in order: the hand-written loop's batches
+            return SequentialSampler(self.train_dataset)  # the rows in order: the other systems' batches
 
     # Newer transformers renamed gradient_checkpointing to activation_checkpointing (the old name warns).
     fields = {f.name for f in dataclasses.fields(TrainingArguments)}
@@ -266,7 +293,8 @@ def run_trainer(spec: dict, meter: Meter) -> dict:
     output = trainer.train()
     meter.losses = [loss.item() for loss in step_losses]
     return {"load_s": load_s, **mem, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-            "train_runtime_s": output.metrics.get("train_runtime"),
+            "train_runtime_s": output.metrics.get("train_runtime"), "batches_sha256": batches_digest(batches),
+            "code_path": "transformers.Trainer.train over the same transformers 4-bit + PEFT model",
             "loss_path": "Trainer.compute_loss -> model(..., labels).loss: full logits, CE normalised by the "
                          "target count; optimizer " + args.optim}
 

@@ -17,16 +17,16 @@ kernel (base + LoRA); with dropout, the kernel computes the base part and the Lo
 back through dropout's own backward.
 """
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from . import tiles
-from .nf4 import QUANT_TYPES, Packed4bit, dequantize_packed, interpreted, load_w_tile, pack_state
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
+from .nf4 import Packed4bit, dequantize_packed, load_w_tile
+from .support import packed_for
+from .tiles import DEFAULT, KernelConfig, dot_precision, r_pad
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -178,15 +178,6 @@ def _splitk_reduce_kernel(ws_ptr, bias_ptr, out_ptr, numel, ncols, SPLIT,
 # Host launchers
 # ------------------------------------------------------------------------------------------------
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs would run as TF32 by default; PyTorch's fp32 matmul (our reference) is IEEE.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _r_pad(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))  # tl.dot needs every dim >= 16
-
-
 def _reduce(ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> None:
     numel, block = out.numel(), 1024
     _splitk_reduce_kernel[(triton.cdiv(numel, block),)](
@@ -195,14 +186,15 @@ def _reduce(ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor) -> N
 
 
 def base_lora_forward(x: torch.Tensor, pk: Packed4bit, s: torch.Tensor | None, lora_B: torch.Tensor | None,
-                      scale: float, bias: torch.Tensor | None, branch: str | None = None) -> torch.Tensor:
+                      scale: float, bias: torch.Tensor | None, branch: str | None = None,
+                      config: KernelConfig = DEFAULT) -> torch.Tensor:
     """Y (M, N) = x (M, K) @ W^T + s (M, r) @ (scale lora_B (N, r))^T + bias, in x's dtype.
 
     `s` None: no LoRA term. `bias` must already be in x's dtype. `branch` forces a dispatch branch.
     """
     m, k = x.shape
     n = pk.n
-    branch = branch or tiles.branch_for(m, x.dtype)
+    branch = branch or config.branch_for(m, x.dtype)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
@@ -215,7 +207,7 @@ def base_lora_forward(x: torch.Tensor, pk: Packed4bit, s: torch.Tensor | None, l
                 seed += bias
         return torch.mm(x, w.t(), out=out) if seed is None else torch.addmm(seed, x, w.t(), out=out)
 
-    cfg = tiles.fwd_config(branch, m, n, k, x.device)
+    cfg = config.fwd_config(branch, m, n, k, x.device)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.bk), cfg.split) * cfg.bk
     split = triton.cdiv(k, k_per_split)  # no empty splits
     partial = split > 1
@@ -227,9 +219,9 @@ def base_lora_forward(x: torch.Tensor, pk: Packed4bit, s: torch.Tensor | None, l
         s if s is not None else x, lora_B if lora_B is not None else x, bias if bias is not None else x,
         target, m, n, k, r, float(scale), k_per_split,
         x.stride(0), x.stride(1), s.stride(0) if s is not None else 0, out.stride(0),
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, R_PAD=_r_pad(r), BS=pk.blocksize, BS2=pk.blocksize2,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, R_PAD=r_pad(r), BS=pk.blocksize, BS2=pk.blocksize2,
         NESTED=pk.nested, HAS_LORA=s is not None, HAS_BIAS=bias is not None, PARTIAL=partial,
-        DOT_PRECISION=_dot_precision(x.dtype), GROUP_M=cfg.group_m,
+        DOT_PRECISION=dot_precision(x.dtype), GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pk.launch_options,
     )
     if partial:
@@ -238,11 +230,11 @@ def base_lora_forward(x: torch.Tensor, pk: Packed4bit, s: torch.Tensor | None, l
 
 
 def base_lora_dx(dy: torch.Tensor, pk: Packed4bit, g: torch.Tensor | None, lora_A: torch.Tensor | None,
-                 branch: str | None = None) -> torch.Tensor:
+                 branch: str | None = None, config: KernelConfig = DEFAULT) -> torch.Tensor:
     """dX (M, K) = dy (M, N) @ W + g (M, r) @ lora_A (r, K), in dy's dtype (`g` None: base only)."""
     m, n = dy.shape
     k = pk.k
-    branch = branch or tiles.branch_for(m, dy.dtype)
+    branch = branch or config.branch_for(m, dy.dtype)
     out = torch.empty(m, k, dtype=dy.dtype, device=dy.device)
     if m == 0:
         return out
@@ -252,7 +244,7 @@ def base_lora_dx(dy: torch.Tensor, pk: Packed4bit, g: torch.Tensor | None, lora_
             return torch.mm(dy, w, out=out)
         return torch.addmm(g @ lora_A.to(dy.dtype), dy, w, out=out)
 
-    cfg = tiles.dx_config(branch, m, n, k, dy.device)
+    cfg = config.dx_config(branch, m, n, k, dy.device)
     n_per_split = triton.cdiv(triton.cdiv(n, cfg.bn), cfg.split) * cfg.bn
     split = triton.cdiv(n, n_per_split)
     partial = split > 1
@@ -264,9 +256,9 @@ def base_lora_dx(dy: torch.Tensor, pk: Packed4bit, g: torch.Tensor | None, lora_
         g if g is not None else dy, lora_A if lora_A is not None else dy, target,
         m, n, k, r, n_per_split,
         dy.stride(0), dy.stride(1), g.stride(0) if g is not None else 0, out.stride(0),
-        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, R_PAD=_r_pad(r), BS=pk.blocksize, BS2=pk.blocksize2,
+        BM=cfg.bm, BN=cfg.bn, BK=cfg.bk, R_PAD=r_pad(r), BS=pk.blocksize, BS2=pk.blocksize2,
         NESTED=pk.nested, HAS_LORA=g is not None, PARTIAL=partial,
-        DOT_PRECISION=_dot_precision(dy.dtype), GROUP_M=cfg.group_m,
+        DOT_PRECISION=dot_precision(dy.dtype), GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, **pk.launch_options,
     )
     if partial:
@@ -286,16 +278,16 @@ class LoRALinear4bitFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, xd, lora_A, lora_B, bias, pk: Packed4bit, scale: float):
+    def forward(ctx, x, xd, lora_A, lora_B, bias, pk: Packed4bit, scale: float, config: KernelConfig):
         dt = x.dtype
         with torch.autocast(x.device.type, enabled=False):  # the small matmuls stay in x's dtype
             k = x.shape[-1]
             xl = (x if xd is None else xd).reshape(-1, k)  # (M, K) the LoRA input
             s = xl @ lora_A.to(dt).t()  # (M, r)
             y = base_lora_forward(x.reshape(-1, k), pk, s, lora_B, scale,
-                                  None if bias is None else bias.to(dt))  # (M, N)
+                                  None if bias is None else bias.to(dt), config=config)  # (M, N)
         ctx.save_for_backward(x if xd is None else xd, s, lora_A, lora_B)
-        ctx.pk, ctx.scale, ctx.dropout = pk, scale, xd is not None
+        ctx.pk, ctx.scale, ctx.dropout, ctx.config = pk, scale, xd is not None, config
         ctx.bias_dtype = None if bias is None else bias.dtype
         return y.reshape(*x.shape[:-1], pk.n)
 
@@ -313,7 +305,7 @@ class LoRALinear4bitFunction(torch.autograd.Function):
             if need_x:
                 # Without dropout the LoRA part of dX joins the fused kernel; with it, it is dXd.
                 fused = not ctx.dropout
-                dx = base_lora_dx(dy2, pk, g if fused else None, lora_A if fused else None)
+                dx = base_lora_dx(dy2, pk, g if fused else None, lora_A if fused else None, config=ctx.config)
                 dx = dx.reshape(xl.shape)
             if need_xd:
                 dxd = (g @ lora_A.to(dt)).reshape(xl.shape)
@@ -323,61 +315,56 @@ class LoRALinear4bitFunction(torch.autograd.Function):
                 db = ((dy2.t() @ s).to(torch.float32) * scale).to(lora_B.dtype)  # (N, r)
             if need_bias:
                 dbias = dy2.sum(0, dtype=torch.float32).to(ctx.bias_dtype)
-        return dx, dxd, da, db, dbias, None, None
+        return dx, dxd, da, db, dbias, None, None, None
 
 
 # ------------------------------------------------------------------------------------------------
 # Public functions
 # ------------------------------------------------------------------------------------------------
 
-def unsupported_reason(x: torch.Tensor, weight) -> str | None:
-    """None when the fused Triton path can compute this layer; else a short reason (use PyTorch)."""
-    qs = getattr(weight, "quant_state", None)
-    if qs is None:
-        return "weight is not a bitsandbytes 4-bit parameter (no quant_state)"
-    if getattr(qs, "packing_format_for_cpu", False):
-        return "cpu weights repacked by bitsandbytes (packing_format_for_cpu)"
-    if qs.quant_type not in QUANT_TYPES:
-        return f"quant_type {qs.quant_type} not supported"
-    if x.dtype not in _DTYPES:
-        return f"dtype {str(x.dtype).removeprefix('torch.')}"
-    if qs.shape is None or len(qs.shape) != 2:
-        return "weight is not 2-D"
-    n, k = qs.shape
-    bs = int(qs.blocksize)
-    if k % bs != 0:
-        return f"K % {bs} != 0"
-    if bs & (bs - 1):
-        return f"blocksize {bs} is not a power of two"
-    if qs.nested and (qs.state2.blocksize & (qs.state2.blocksize - 1)):
-        return f"nested blocksize {qs.state2.blocksize} is not a power of two"
-    if x.shape[-1] != k:
-        return f"x has {x.shape[-1]} features, the weight expects {k}"
-    if x.device != weight.device:
-        return f"x on {x.device}, weight on {weight.device}"
-    if x.device.type == "cpu" and not interpreted():
-        return "cpu tensors need the Triton interpreter (TRITON_INTERPRET=1 before import)"
-    if x.device.type not in ("cpu", "cuda"):
-        return f"device {x.device.type}"
-    return None
+@dataclass(frozen=True)
+class FusedLoRA4bit:
+    """The fused path of one LoRA layer over one 4-bit weight, for inputs of one device and dtype.
+
+    Built once by `prepare` (which checks that the kernels can compute the layer), then called on each
+    forward with the layer's current bias and adapter weights: no checks on the way to the kernels.
+    """
+
+    packed: Packed4bit
+    config: KernelConfig = DEFAULT
+
+    def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                 scale: float, dropout_p: float, training: bool) -> torch.Tensor:
+        xd = _lora_dropout(x, dropout_p, lora_A.dtype) if training and dropout_p > 0 else None
+        return LoRALinear4bitFunction.apply(x, xd, lora_A.contiguous(), lora_B.contiguous(), bias, self.packed,
+                                            float(scale), self.config)
+
+
+def prepare(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
+            config: KernelConfig = DEFAULT) -> FusedLoRA4bit:
+    """The fused path for inputs like `x` (device, dtype, features); ValueError with the reason when
+    the kernels cannot compute this layer (the caller uses PyTorch)."""
+    pk = packed_for(x, weight)
+    if lora_A.shape[1] != pk.k or lora_B.shape[0] != pk.n or lora_A.shape[0] != lora_B.shape[1]:
+        raise ValueError(f"lora_A {tuple(lora_A.shape)} and lora_B {tuple(lora_B.shape)} do not fit a "
+                         f"({pk.n}, {pk.k}) weight")
+    return FusedLoRA4bit(pk, config)
 
 
 def lora_linear_4bit(x: torch.Tensor, weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                     lora_B: torch.Tensor, scale: float, dropout_p: float, training: bool) -> torch.Tensor:
+                     lora_B: torch.Tensor, scale: float, dropout_p: float, training: bool,
+                     config: KernelConfig = DEFAULT) -> torch.Tensor:
     """y (..., N) = x W^T + bias + scale * B A dropout(x), in x's dtype, for x (..., K).
 
     `weight` is a bitsandbytes Params4bit (N, K); lora_A (r, K) and lora_B (N, r) are the fp32
     adapter weights (cast to x's dtype inside; their gradients come back in their own dtype).
+    Checks its arguments on every call: a layer calls `prepare` once and keeps what it returns.
     """
-    reason = unsupported_reason(x, weight)
-    if reason is not None:
-        raise ValueError(f"lora_linear_4bit: {reason}")
-    pk = pack_state(weight.data, weight.quant_state)
-    if lora_A.shape[1] != pk.k or lora_B.shape[0] != pk.n or lora_A.shape[0] != lora_B.shape[1]:
-        raise ValueError(f"lora_linear_4bit: lora_A {tuple(lora_A.shape)} and lora_B "
-                         f"{tuple(lora_B.shape)} do not fit a ({pk.n}, {pk.k}) weight")
-    xd = _lora_dropout(x, dropout_p, lora_A.dtype) if training and dropout_p > 0 else None
-    return LoRALinear4bitFunction.apply(x, xd, lora_A.contiguous(), lora_B.contiguous(), bias, pk, float(scale))
+    try:
+        fused = prepare(x, weight, lora_A, lora_B, config)
+    except ValueError as err:
+        raise ValueError(f"lora_linear_4bit: {err}") from None
+    return fused(x, bias, lora_A, lora_B, scale, dropout_p, training)
 
 
 def _lora_dropout(x: torch.Tensor, p: float, lora_dtype: torch.dtype) -> torch.Tensor:

@@ -56,7 +56,7 @@ def pack_state(packed: torch.Tensor, quant_state) -> Packed4bit:
         raise ValueError("cpu weights repacked by bitsandbytes (packing_format_for_cpu)")
     if quant_state.quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type {quant_state.quant_type!r} not supported")
-    shape = tuple(quant_state.shape)
+    shape = tuple(quant_state.shape or ())
     if len(shape) != 2:
         raise ValueError(f"weight shape {shape} is not 2-D")
     bs = int(quant_state.blocksize)
@@ -175,7 +175,7 @@ def dequantize_packed(pk: Packed4bit, dtype: torch.dtype, block: int = 1024, num
     """W as a (N, K) tensor of `dtype`, each value rounded once from its fp32 product.
 
     `block` elements per program (a power of two; raised to the quantization blocksize if smaller) and
-    `num_warps` are launch sizes: benchmarks/bench_kernels.py sweeps them against bitsandbytes.
+    `num_warps` are launch sizes: `python -m benchmarks.kernels` sweeps them against bitsandbytes.
     """
     if dtype not in _OUT_DTYPES:
         raise ValueError(f"dequantize to {dtype}: expected float16, bfloat16 or float32")

@@ -3,6 +3,7 @@
     adapter_config.json         {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": [...], ...}
     adapter_model.safetensors   base_model.model.<module path>.lora_A.weight  [r, in]   fp32
                                 base_model.model.<module path>.lora_B.weight  [out, r]  fp32
+                                base_model.model.<module path>.lora_magnitude_vector  [out]  fp32 (DoRA only)
 
 Our loader is strict where PEFT's is not (PEFT loads with strict=False, so a renamed key loads
 nothing and only warns): every missing or unexpected key and every shape mismatch is an error.
@@ -18,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from minilora.atomic import atomic_write, atomic_write_json
+from minilora.dora import DoRALinear
 from minilora.errors import AdapterError
 from minilora.inject import add_lora, lora_layers, matched_target_names
 
@@ -25,7 +27,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 # PEFT's key = PREFIX + module path + SUFFIX[our parameter name]
 PREFIX = "base_model.model."
-SUFFIX = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight"}
+SUFFIX = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight", "lora_magnitude_vector": ".lora_magnitude_vector"}
 
 
 def peft_key(module_path: str, param: str) -> str:
@@ -46,9 +48,13 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
     if not layers:
         raise AdapterError("the model has no LoRA layers to save")
     first = layers[0]
-    if any((m.r, m.alpha, m.use_rslora, m.dropout_p) != (first.r, first.alpha, first.use_rslora, first.dropout_p)
-           for m in layers):
-        raise AdapterError("LoRA layers differ in r, alpha, rsLoRA or dropout; one adapter config cannot describe them")
+
+    def settings(m):
+        return m.r, m.alpha, m.use_rslora, m.dropout_p, isinstance(m, DoRALinear)
+
+    if any(settings(m) != settings(first) for m in layers):
+        raise AdapterError("LoRA layers differ in r, alpha, rsLoRA, dropout or DoRA; one adapter config cannot "
+                           "describe them")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     return {
@@ -60,7 +66,7 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
         "lora_dropout": first.dropout_p,
         "target_modules": matched_target_names(model),
         "use_rslora": first.use_rslora,
-        "use_dora": False,
+        "use_dora": isinstance(first, DoRALinear),
         "bias": "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -92,8 +98,8 @@ def read_adapter_config(folder: str | Path) -> dict:
         raise AdapterError(f"{path}: missing (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise AdapterError(f"{path}: not valid JSON ({err})") from err
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise AdapterError(f"{path}: not valid JSON ({str(err) or 'nested too deeply'})") from err
     if not isinstance(config, dict):
         raise AdapterError(f"{path}: expected a JSON object")
     if config.get("peft_type") != "LORA":
@@ -103,9 +109,9 @@ def read_adapter_config(folder: str | Path) -> dict:
             raise AdapterError(f"{path}: '{key}' is missing or has the wrong type ({config.get(key)!r})")
     if config["r"] <= 0:
         raise AdapterError(f"{path}: r must be positive, got {config['r']}")
-    for key in ("use_dora",):
-        if config.get(key):
-            raise AdapterError(f"{path}: {key}=true is not supported by minilora")
+    for key in ("use_rslora", "use_dora"):  # PEFT writes true/false; a string "false" would read as true
+        if config.get(key) is not None and not isinstance(config[key], bool):
+            raise AdapterError(f"{path}: '{key}' must be true or false, got {config[key]!r}")
     for key in ("rank_pattern", "alpha_pattern"):
         if config.get(key):
             raise AdapterError(f"{path}: per-module {key} is not supported by minilora")
@@ -114,7 +120,7 @@ def read_adapter_config(folder: str | Path) -> dict:
     return config
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     path = folder / WEIGHTS_NAME
     if not path.is_file():
         raise AdapterError(f"{path}: missing")
@@ -132,15 +138,16 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     """
     folder = Path(folder)
     config = read_adapter_config(folder)
-    tensors = _read_weights(folder)
+    tensors = read_adapter_weights(folder)
     layers = lora_layers(model)
     if not layers:
         add_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=float(config.get("lora_dropout", 0.0)),
-                 targets=config["target_modules"], use_rslora=bool(config.get("use_rslora", False)))
+                 targets=config["target_modules"], use_rslora=config.get("use_rslora") is True,
+                 use_dora=config.get("use_dora") is True)
         layers = lora_layers(model)
     else:
         _check_existing_layers(layers, config, folder)
-    expected = {peft_key(path, p): (layer, p) for path, layer in layers.items() for p in SUFFIX}
+    expected = {peft_key(path, p): (layer, p) for path, layer in layers.items() for p in layer.adapter_params()}
     unexpected = sorted(set(tensors) - set(expected))
     if unexpected:
         raise AdapterError(f"{folder / WEIGHTS_NAME}: key {unexpected[0]!r} matches no LoRA layer of the model "
@@ -165,3 +172,6 @@ def _check_existing_layers(layers: dict, config: dict, folder: Path) -> None:
     if layer.r != config["r"] or not math.isclose(layer.scale, scale):
         raise AdapterError(f"{folder / CONFIG_NAME}: r={config['r']}, scale={scale:g} do not fit the model's "
                            f"LoRA layers (r={layer.r}, scale={layer.scale:g})")
+    if bool(config.get("use_dora", False)) != isinstance(layer, DoRALinear):
+        raise AdapterError(f"{folder / CONFIG_NAME}: use_dora={bool(config.get('use_dora', False))} does not fit "
+                           "the model's LoRA layers")

@@ -1,7 +1,9 @@
 """Crash-safe writes: write a temporary sibling, fsync it, then rename over the target.
 
 A rename within one directory is atomic on POSIX, so a reader (or a resumed run after `kill -9`)
-sees either the old file or the complete new one, never a half-written file.
+sees either the old file or the complete new one, never a half-written file. The temporary names are
+created private (0600 / 0700) and given the permissions of the user's umask before they are renamed,
+as a plain `open()` or `mkdir()` would have made them, so other users (a serving process) can read them.
 """
 
 import json
@@ -20,6 +22,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def current_umask() -> int:
+    try:  # Linux states it without changing it
+        with open("/proc/self/status", encoding="ascii") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
+
+
+def _as_if_created_plainly(path: str | os.PathLike, is_dir: bool) -> None:
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~current_umask())
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)` to produce the file, then atomically move it to `path`."""
     path = Path(path)
@@ -28,6 +44,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        _as_if_created_plainly(tmp, is_dir=False)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -61,6 +78,7 @@ def atomic_replace_dir(build: Callable[[Path], None], target: str | os.PathLike)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         build(tmp)
+        _as_if_created_plainly(tmp, is_dir=True)
         for f in tmp.iterdir():
             if f.is_file():
                 with open(f, "rb") as fh:

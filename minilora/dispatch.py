@@ -1,30 +1,41 @@
 """Which path computes a LoRA layer over a 4-bit base: the fused Triton kernels or plain PyTorch.
 
-Chosen per call from the mode (`auto`, `triton`, `torch`): set by `set_kernel_mode` (train.py's
-`--kernels`), else the `MINILORA_KERNELS` environment variable, else `auto`. `auto` uses Triton on
-CUDA when the layer's shape is supported and the kernels pass a one-time self-check against PyTorch
-on that device and dtype, and PyTorch otherwise; `triton` insists, and on a CPU it
-runs only inside Triton's interpreter (`TRITON_INTERPRET=1`), which is how CPU tests exercise it.
+Decided once per layer, input device and dtype, on the layer's first forward there (`fused_path`):
+the layer keeps the answer and later forwards only look it up. The mode (`auto`, `triton`, `torch`)
+is a setting of each layer: `minilora.set_kernel_mode(model, mode)` (train.py's `--kernels`), else
+`default_mode()`: the `MINILORA_KERNELS` environment variable, else `auto`.
+`auto` uses Triton on CUDA when the layer's shape is supported and the kernels pass a one-time
+self-check against PyTorch on that device and dtype, and PyTorch otherwise; `triton` insists, and
+on a CPU it runs only inside Triton's interpreter (`TRITON_INTERPRET=1`), which is how CPU tests
+exercise it.
 """
 
 import contextlib
 import os
 import warnings
-from functools import cache
+from collections.abc import Callable
+from functools import cache, partial
 
 import torch
 
 from minilora.errors import UserError
+from minilora.recipe import KERNEL_MODES
 
-MODES = ("auto", "triton", "torch")
-_mode: str | None = None
+MODES = KERNEL_MODES
 _warned: set[str] = set()
 
 
-def kernel_mode() -> str:
-    mode = _mode or os.environ.get("MINILORA_KERNELS", "auto")
+def default_mode() -> str:
+    """The mode a new LoRA layer starts with: MINILORA_KERNELS, else `auto`."""
+    mode = os.environ.get("MINILORA_KERNELS", "auto")
     if mode not in MODES:
         raise UserError(f"MINILORA_KERNELS={mode!r}: expected one of {', '.join(MODES)}")
+    return mode
+
+
+def checked_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise UserError(f"kernel mode {mode!r}: expected one of {', '.join(MODES)}")
     return mode
 
 
@@ -44,19 +55,44 @@ def check_kernel_mode(mode: str, device: torch.device | str) -> None:
             "in Triton's interpreter: slow, for testing); use --kernels auto or torch"
         )
     try:
-        from minilora._kernel_loader import load_kernels
-
-        load_kernels()
+        import minilora.kernels  # noqa: F401
     except ImportError as err:
         raise UserError(f"--kernels triton: the Triton kernels cannot be imported ({err})") from err
 
 
-def set_kernel_mode(mode: str | None) -> None:
-    """Set the mode for this process (None: back to MINILORA_KERNELS / auto)."""
-    global _mode
-    if mode is not None and mode not in MODES:
-        raise UserError(f"kernel mode {mode!r}: expected one of {', '.join(MODES)}")
-    _mode = mode
+def fused_path(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor, mode: str,
+               config=None) -> Callable | None:
+    """The fused kernel that computes a layer for inputs on x's device in x's dtype, or None for the
+    PyTorch path. `weight` is the base weight (a bnb Params4bit for the kernels), `config` a
+    `minilora.kernels.KernelConfig` (None: the kernels' default). Warns when `triton` mode cannot
+    use the kernels, or when `auto` mode's self-check turns them off."""
+    if mode == "torch" or getattr(weight, "quant_state", None) is None:
+        return None
+    if not (x.is_cuda or (mode == "triton" and triton_interpreted())):
+        if mode == "triton":
+            check_kernel_mode(mode, x.device)
+        return None
+    from minilora.kernels import DEFAULT_CONFIG, prepare  # imports triton: only where the kernels may run
+
+    try:
+        fused = prepare(x, weight, lora_A, lora_B, config or DEFAULT_CONFIG)
+    except ValueError as err:
+        if mode == "triton":
+            _warn_once(f"Triton kernels skipped for a layer ({err}); using PyTorch")
+        return None
+    if mode == "auto":
+        failed = self_check(str(x.device), x.dtype, config)
+        if failed:
+            _warn_once(f"Triton kernels disabled (self-check failed on {x.device} in {x.dtype}: {failed}); "
+                       "using PyTorch")
+            return None
+    return fused
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(f"minilora: {message}", stacklevel=5)  # at the caller of the layer's forward
 
 
 # Relative max error the fused path may show against PyTorch in the self-check, per compute dtype.
@@ -75,25 +111,31 @@ def _isolated(device_type: str):
 
 
 @cache
-def self_check(device: str, dtype: torch.dtype) -> str | None:
-    """None if the fused kernels reproduce the PyTorch path on this device and dtype, else why not.
+def self_check(device: str, dtype: torch.dtype, config=None) -> str | None:
+    """None if the fused kernels (with `config`, None: the default) reproduce the PyTorch path on this
+    device and dtype, else why not. Run once per (device, dtype, config) before `auto` trusts them."""
+    from minilora.kernels import DEFAULT_CONFIG, lora_linear_4bit
 
-    Run once per (device, dtype) before `auto` mode trusts the kernels: a small NF4 layer with LoRA,
-    at a decoding-size and a mid-size M (the split-K and tiled branches), forward and input gradient.
+    return check_against_pytorch(partial(lora_linear_4bit, config=config or DEFAULT_CONFIG), device, dtype)
+
+
+def check_against_pytorch(fused: Callable, device: str, dtype: torch.dtype) -> str | None:
+    """None if `fused` (`lora_linear_4bit`'s signature) computes what PyTorch does, else why not.
+
+    A small NF4 layer with LoRA, at a decoding-size and a mid-size M (the split-K and tiled branches),
+    forward and input gradient. An exception counts as a failure: a kernel that fails to compile or
+    launch here must not stop training.
     """
-    import bitsandbytes as bnb
-
-    from minilora._kernel_loader import load_kernels
-
     try:
         with _isolated(torch.device(device).type):
-            return _compare_with_pytorch(load_kernels(), bnb, device, dtype)
-    except Exception as err:  # a kernel that fails to compile or launch here must not stop training
+            return _compare_with_pytorch(fused, device, dtype)
+    except Exception as err:
         return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
 
 
-def _compare_with_pytorch(kernels, bnb, device: str, dtype: torch.dtype) -> str | None:
-    """Forward and input gradient of the fused path and of PyTorch on one small NF4 layer with LoRA."""
+def _compare_with_pytorch(fused: Callable, device: str, dtype: torch.dtype) -> str | None:
+    import bitsandbytes as bnb
+
     g = torch.Generator().manual_seed(0)
     n, k, r = 96, 128, 8
     base = bnb.nn.Linear4bit(k, n, bias=True, compute_dtype=dtype, quant_type="nf4", device="meta")
@@ -106,10 +148,10 @@ def _compare_with_pytorch(kernels, bnb, device: str, dtype: torch.dtype) -> str 
     for m in (5, 130):
         x = torch.randn(m, k, generator=g).to(device, dtype)
         outputs = []
-        for fused in (True, False):
+        for use_fused in (True, False):
             xi = x.clone().requires_grad_(True)
-            if fused:
-                y = kernels.lora_linear_4bit(xi, base.weight, base.bias, lora_a, lora_b, 2.0, 0.0, False)
+            if use_fused:
+                y = fused(xi, base.weight, base.bias, lora_a, lora_b, 2.0, 0.0, False)
             else:
                 y = base(xi) + ((xi.float() @ lora_a.T) @ lora_b.T * 2.0).to(dtype)
             y.float().square().sum().backward()
@@ -119,30 +161,3 @@ def _compare_with_pytorch(kernels, bnb, device: str, dtype: torch.dtype) -> str 
             if not err <= SELF_CHECK_TOL.get(dtype, 1e-4):
                 return f"differs from PyTorch by {err:.1e} (relative) at M={m}"
     return None
-
-
-def use_triton(x: torch.Tensor, weight) -> bool:
-    """True when this call should take the fused Triton path (`weight` is a bnb Params4bit)."""
-    mode = kernel_mode()
-    if mode == "torch" or getattr(weight, "quant_state", None) is None:
-        return False
-    runnable = x.is_cuda or (mode == "triton" and triton_interpreted())
-    if not runnable:
-        if mode == "triton":
-            check_kernel_mode(mode, x.device)
-        return False
-    from minilora._kernel_loader import load_kernels
-
-    reason = load_kernels().unsupported_reason(x, weight)
-    if reason is None and mode == "auto":
-        failed = self_check(str(x.device), x.dtype)
-        reason = f"self-check failed on {x.device} in {x.dtype}: {failed}" if failed else None
-        if failed and reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"minilora: Triton kernels disabled ({reason}); using PyTorch", stacklevel=3)
-    if reason is not None:
-        if mode == "triton" and reason not in _warned:
-            _warned.add(reason)
-            warnings.warn(f"minilora: Triton kernels skipped for a layer ({reason}); using PyTorch", stacklevel=3)
-        return False
-    return True

@@ -5,8 +5,8 @@ decoded by transformers' `generate` with the KV cache.
            ─► each step: LoRALinear ─► dispatch.py ─► fused NF4+LoRA Triton kernel on CUDA, PyTorch on CPU
            ─► new tokens until eos / <|end|> / --max-new-tokens ─► decoded text
 
-Greedy unless --temperature > 0. PEFT's path (the seed card's snippet) reads the same adapter folder;
-tests/test_generate.py checks both paths give the same tokens.
+Greedy unless --temperature > 0. PEFT's path (the "How to Get Started" snippet of the model card each
+run writes) reads the same adapter folder; tests/test_generate.py checks both paths give the same tokens.
 
     python -m minilora.generate --adapter out/ --prompt "The weather is good today." [--chat]
 """
@@ -17,13 +17,13 @@ import sys
 from pathlib import Path
 
 import torch
+from jinja2 import TemplateError
 from torch import nn
 
-from minilora.adapter import load_adapter, read_adapter_config
 from minilora.errors import UserError
-from minilora.merge import trained_base_settings
-from minilora.quant import QUANT_TYPES, load_base, load_tokenizer
-from minilora.training.cli import run_cli
+from minilora.failures import run_cli
+from minilora.quant import load_tokenizer
+from minilora.trained import load_trained, resolve_trained
 
 DEFAULT_MAX_NEW_TOKENS = 256
 CHAT_END = "<|end|>"  # Phi-3's end of a chat turn; a reply stops there as at eos
@@ -36,8 +36,11 @@ def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
         return tokenizer(prompt)["input_ids"]
     if not getattr(tokenizer, "chat_template", None):
         raise UserError("--chat: the tokenizer has no chat template; leave out --chat for plain text")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             tokenize=False)
+    except (TemplateError, ValueError) as err:  # a template may refuse a conversation with raise_exception
+        raise UserError(f"--chat: the tokenizer's chat template refused the prompt ({err})") from err
     return tokenizer(text, add_special_tokens=False)["input_ids"]  # the template writes bos itself
 
 
@@ -120,19 +123,11 @@ def load_for_generation(
     device: torch.device | str | None = None,
 ):
     """(model, tokenizer): the base (`model`, default the adapter's base_model_name_or_path) loaded as the
-    adapter was trained (quant from its run.json, else nf4; `quant` overrides), with the adapter on it."""
-    config = read_adapter_config(adapter) if adapter is not None else {}
-    base = model or config.get("base_model_name_or_path")
-    if not base:
-        raise UserError("--model is required: no --adapter, or its config names no base model")
-    if quant is not None and quant not in QUANT_TYPES:
-        raise UserError(f"--quant {quant!r}: expected one of {', '.join(QUANT_TYPES)}")
-    trained = trained_base_settings(adapter) if adapter is not None else {"quant": "nf4", "double_quant": True}
-    tokenizer = load_tokenizer(base)
-    net = load_base(base, quant=quant or trained["quant"], double_quant=trained["double_quant"], device=device)
-    if adapter is not None:
-        load_adapter(net, adapter)
-    return prepare_for_generation(net), tokenizer
+    adapter was trained (quant and compute dtype from its run.json, else nf4 and the device's default;
+    `quant` overrides), with the adapter on it."""
+    setup = resolve_trained(adapter, model, quant)
+    tokenizer = load_tokenizer(setup.base)
+    return prepare_for_generation(load_trained(setup, adapter, device)), tokenizer
 
 
 def read_prompts(path: str) -> list[str]:
@@ -192,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Console entry point: user errors become one `error:` line and exit code 2."""
+    """Console entry point: every failure is one `error:` line and an exit code (minilora/failures.py)."""
     sys.exit(run_cli(main))
 
 

@@ -6,13 +6,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from minilora.dora import DoRALinear
 from minilora.errors import UserError
 from minilora.lora import LoRALinear, is_4bit
+from minilora.recipe import DEFAULT_TARGETS
 from minilora.training.recompute import canonical_name
-
-# The seed card's list (../shared/seed/): Phi-3's fused projections, Llama/Mistral/Qwen2's o_proj
-# and down_proj, and GPT-NeoX's fused attention input. Names a model lacks are skipped.
-DEFAULT_TARGETS = ("query_key_value", "o_proj", "qkv_proj", "gate_up_proj", "down_proj")
 
 
 def _matches(name: str, targets: Sequence[str] | str) -> bool:
@@ -21,6 +19,12 @@ def _matches(name: str, targets: Sequence[str] | str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def unmatched_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """The entries of a target list that match no module of `model` (exact or `.`-suffix match)."""
+    names = [name for name, _ in model.named_modules() if name]
+    return [t for t in targets if not any(_matches(name, [t]) for name in names)]
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -39,8 +43,10 @@ def add_lora(
     dropout: float = 0.05,
     targets: Sequence[str] | str | None = None,
     use_rslora: bool = False,
+    use_dora: bool = False,
 ) -> list[str]:
-    """Replace each matching linear layer with a LoRALinear and freeze all other parameters.
+    """Replace each matching linear layer with a LoRALinear (a DoRALinear if `use_dora`) and freeze
+    all other parameters.
 
     Returns the names of the replaced modules. Raises UserError when nothing matches.
     """
@@ -59,10 +65,11 @@ def add_lora(
             f"linear layers it has: {', '.join(linear_layer_kinds(model)) or 'none'}"
         )
     model.requires_grad_(False)
+    layer_class = DoRALinear if use_dora else LoRALinear
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout, use_rslora))
+        setattr(parent, child, layer_class(getattr(parent, child), r, alpha, dropout, use_rslora))
     return names
 
 
@@ -151,6 +158,14 @@ class disable_adapter:
         return False
 
 
+def set_kernel_mode(model: nn.Module, mode: str | None, config=None) -> None:
+    """How every LoRA layer of `model` computes over a 4-bit base: "auto", "triton" or "torch" (None:
+    MINILORA_KERNELS, else "auto"; minilora/dispatch.py), with the kernels' `config` (a
+    minilora.kernels.KernelConfig; None: their default)."""
+    for layer in lora_layers(model).values():
+        layer.set_kernels(mode, config)
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in lora_layers(model).values() for p in m.adapter_params().values()]
 
@@ -158,6 +173,6 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
 __all__ = [
     "DEFAULT_TARGETS", "add_lora", "count_parameters",
     "disable_adapter", "linear_layer_kinds", "lora_layers", "lora_parameters",
-    "matched_target_names", "merge_lora", "print_trainable", "set_adapter_enabled",
-    "trainable_summary", "unmerge_lora",
+    "matched_target_names", "merge_lora", "print_trainable", "set_adapter_enabled", "set_kernel_mode",
+    "trainable_summary", "unmatched_targets", "unmerge_lora",
 ]

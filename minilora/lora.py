@@ -10,16 +10,23 @@ The base layer is held as a child and never modified (except by an explicit merg
 full-precision base). A is initialised kaiming-uniform(a=sqrt(5)) and B to zeros, as PEFT does,
 so a fresh adapter leaves the model's output unchanged. LoRA parameters are fp32: the optimizer
 updates them in full precision whatever the compute dtype.
+
+Over a 4-bit base the layer runs either the fused Triton kernels or the PyTorch path. Which one is
+decided on its first forward per input device and dtype (minilora/dispatch.py, from the layer's
+kernel mode and kernel config) and kept: later forwards look it up and call it. The decisions are
+dropped when the layer (or a module holding it) is moved or cast, loads a state dict, changes its
+kernel setting, or dequantizes its base; replace `base_layer` only through these.
 """
 
 import math
+from collections.abc import Callable
 
 import bitsandbytes as bnb
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from minilora.dispatch import use_triton
+from minilora import dispatch
 
 
 def is_4bit(layer: nn.Module) -> bool:
@@ -55,7 +62,12 @@ class LoRALinear(nn.Module):
         alpha: float,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        kernels: str | None = None,
+        kernel_config=None,
     ):
+        """`kernels`: the path over a 4-bit base, "auto", "triton" or "torch" (None: MINILORA_KERNELS,
+        else "auto", read when the layer decides; see dispatch.py); `kernel_config`: a
+        minilora.kernels.KernelConfig (None: the kernels' default)."""
         super().__init__()
         if r <= 0:
             raise ValueError(f"LoRA rank must be positive, got {r}")
@@ -72,6 +84,7 @@ class LoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
+        self.set_kernels(kernels, kernel_config)
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:
@@ -90,18 +103,42 @@ class LoRALinear(nn.Module):
         """scale * B @ A, [out, in] in fp32."""
         return (self.lora_B @ self.lora_A) * self.scale
 
+    @property
+    def kernel_mode(self) -> str:
+        return self._kernel_mode or dispatch.default_mode()
+
+    def set_kernels(self, mode: str | None, config=None) -> None:
+        """Choose the path over a 4-bit base: "auto", "triton" or "torch" (None: MINILORA_KERNELS, else
+        "auto"), with the kernels' `config` (a minilora.kernels.KernelConfig; None: their default).
+        Decided again on the next forward."""
+        self._kernel_mode = None if mode is None else dispatch.checked_mode(mode)
+        self._kernel_config = config
+        self.forget_paths()
+
+    def forget_paths(self) -> None:
+        """Drop the kept decisions (and the packed weight state they hold)."""
+        self._paths: dict[tuple[torch.device, torch.dtype], Callable | None] = {}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (..., in)
         if self.merged or self.disabled:
             return self.base_layer(x)
-        weight = self.base_layer.weight
-        if is_4bit(self.base_layer) and use_triton(x, weight):
-            from minilora._kernel_loader import load_kernels
+        fused = self.fused_kernel(x)
+        if fused is None:
+            return self._forward_torch(x)
+        return fused(x, self.base_layer.bias, self.lora_A, self.lora_B, self.scale, self.dropout_p, self.training)
 
-            return load_kernels().lora_linear_4bit(
-                x, weight, self.base_layer.bias, self.lora_A, self.lora_B,
-                self.scale, self.dropout_p, self.training,
-            )
-        return self._forward_torch(x)
+    def fused_kernel(self, x: torch.Tensor) -> Callable | None:
+        """The fused kernel for inputs on x's device in x's dtype, None for the PyTorch path: decided
+        on the first call there (dispatch.py), then one dict lookup. A subclass whose math the kernels
+        do not compute returns None."""
+        key = (x.device, x.dtype)
+        try:
+            return self._paths[key]
+        except KeyError:
+            fused = dispatch.fused_path(x, self.base_layer.weight, self.lora_A, self.lora_B, self.kernel_mode,
+                                        self._kernel_config)
+            self._paths[key] = fused
+            return fused
 
     def _forward_torch(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)  # (..., out)
@@ -139,6 +176,20 @@ class LoRALinear(nn.Module):
         """Replace a 4-bit base layer with an nn.Linear holding its dequantized weight."""
         if is_4bit(self.base_layer):
             self.base_layer = plain_linear(self.base_layer, dtype)
+            self.forget_paths()
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half() ... on this layer or a module above it: the base weight may move.
+        self.forget_paths()
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.forget_paths()  # loading may replace the base weight
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        # A copy or pickle decides again: the kept paths hold tensors of this layer's packed weight.
+        return {**super().__getstate__(), "_paths": {}}
 
     def extra_repr(self) -> str:
         state4 = getattr(self.base_layer.weight, "quant_state", None)

@@ -2,36 +2,39 @@
 
     adapter folder ─► base loaded as it was trained (run.json: nf4 / fp4 / none) ─► adapter (strict)
       ─► per LoRA layer: 4-bit W dequantized to fp32, W + scale·B@A in fp32, rounded once to --dtype
+         (DoRA layers: m / ||W + scale·B@A||_row · (W + scale·B@A), also in fp32; see minilora/dora.py)
       ─► every other 4-bit layer dequantized to --dtype, everything else cast to --dtype
       ─► LoRALinear replaced by its merged nn.Linear, so keys are the base's own (`...qkv_proj.weight`)
       ─► quantization markers removed from model and config ─► save_pretrained + tokenizer, atomically
 
 The update goes into a dequantized copy, never back into 4-bit: re-quantizing rounds an r=8 update
-away almost entirely (../shared/ANCHORS.md). The output loads with `AutoModelForCausalLM.from_pretrained`
-and so with vLLM and other servers that read Hugging Face folders.
+away almost entirely (most of its entries are smaller than half the gap between neighbouring NF4
+levels). The output loads with `AutoModelForCausalLM.from_pretrained` and so with vLLM and other
+servers that read Hugging Face folders.
 
     python -m minilora.merge --adapter out/ --output merged/ [--model NAME] [--dtype bf16|fp16|fp32]
 """
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer
+from transformers.utils.hub import convert_file_size_to_int
 
-from minilora.adapter import load_adapter, read_adapter_config
+from minilora.adapter import read_adapter_config
 from minilora.atomic import atomic_replace_dir
 from minilora.errors import UserError
+from minilora.failures import run_cli
+from minilora.lock import LOCK_NAME, FolderLock
 from minilora.lora import LoRALinear, is_4bit, plain_linear
-from minilora.quant import QUANT_TYPES, default_device, is_local_model, load_base, resolve_model_path
-from minilora.training.cli import run_cli
+from minilora.quant import is_local_model, resolve_model_path
+from minilora.trained import TrainedSetup, load_trained, resolve_trained
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
-RUN_FILE = "run.json"
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -44,43 +47,13 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-# --- how the base was trained ---------------------------------------------------------------------
-
-
-def find_run_file(adapter_dir: str | Path) -> Path | None:
-    """run.json of the training run that wrote `adapter_dir`: the final adapter sits next to it,
-    a checkpoint's adapter two levels below it (`<run>/checkpoints/step-N/`)."""
-    folder = Path(adapter_dir)
-    candidates = [folder / RUN_FILE]
-    if folder.parent.name == "checkpoints":
-        candidates.append(folder.parent.parent / RUN_FILE)
-    return next((p for p in candidates if p.is_file()), None)
-
-
-def trained_base_settings(adapter_dir: str | Path) -> dict:
-    """{"quant", "double_quant", "compute_dtype", "source"} the adapter was trained on.
-
-    Both the quantization and the dtype the base was loaded in decide the dequantized weights the
-    adapter learned against (bf16 loading rounds W before its absmax is taken, and rounds the
-    dequantized values), so reloading with the training run's settings reproduces them exactly.
-    Without a run.json: QLoRA's nf4 + double quant, and the device's default compute dtype.
-    """
-    settings = {"quant": "nf4", "double_quant": True, "compute_dtype": None, "source": "default"}
-    path = find_run_file(adapter_dir)
-    if path is None:
-        return settings
+def check_shard_size(size: str | int) -> None:
     try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise UserError(f"{path}: not readable as JSON ({err}); pass --quant to say how the base was loaded") from err
-    quant = run.get("config", {}).get("quant") if isinstance(run, dict) else None
-    if quant not in QUANT_TYPES:
-        return settings
-    dtype_name = str(run.get("compute_dtype", "")).removeprefix("torch.")
-    settings.update(quant=quant, double_quant=bool(run.get("double_quant", True)), source=str(path),
-                    compute_dtype=getattr(torch, dtype_name) if dtype_name in ("bfloat16", "float16", "float32")
-                    else None)
-    return settings
+        ok = convert_file_size_to_int(size) > 0
+    except (ValueError, TypeError):
+        ok = False
+    if not ok:
+        raise UserError(f"--max-shard-size {size!r}: expected a positive size such as 5GB or 500MB")
 
 
 # --- folding ----------------------------------------------------------------------------------------
@@ -181,26 +154,22 @@ def merge_adapter(
     """
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     dtype = parse_dtype(dtype)
+    check_shard_size(max_shard_size)  # save_pretrained would refuse it only after the whole merge
     config = read_adapter_config(adapter_dir)
-    base = model or config.get("base_model_name_or_path")
-    if not base:
-        raise UserError(f"{adapter_dir}: the adapter config names no base model; pass --model")
-    trained = trained_base_settings(adapter_dir)
-    if quant is not None and quant not in QUANT_TYPES:
-        raise UserError(f"--quant {quant!r}: expected one of {', '.join(QUANT_TYPES)}")
-    quant_source = "as given" if quant else ("from " + trained["source"] if trained["source"] != "default"
-                                               else "default, no run.json found")
-    quant = quant or trained["quant"]
-    _check_output(output_dir, adapter_dir, base, overwrite)
-    tokenizer = _base_tokenizer(base)
+    setup = resolve_trained(adapter_dir, model, quant)
+    base = setup.base
+    with FolderLock(output_dir.parent / f".{output_dir.name}{LOCK_NAME}", f"--output {output_dir}"):
+        _check_output(output_dir, adapter_dir, base, overwrite)
+        n_lora, n_other, tokenizer = _merge_into(output_dir, setup, adapter_dir, dtype, max_shard_size, device)
+    _print_summary(output_dir, base, setup.quant, setup.quant_source, dtype, n_lora, n_other, config, tokenizer)
+    return output_dir
 
-    try:
-        device = torch.device(device) if device is not None else default_device()
-    except RuntimeError as err:
-        raise UserError(f"--device {device!r}: {err}") from err
-    net = load_base(base, quant=quant, double_quant=trained["double_quant"],
-                    compute_dtype=trained["compute_dtype"], device=device)
-    load_adapter(net, adapter_dir)
+
+def _merge_into(output_dir: Path, setup: TrainedSetup, adapter_dir: Path, dtype: torch.dtype,
+                max_shard_size: str | int, device) -> tuple[int, int, object]:
+    base = setup.base
+    tokenizer = _base_tokenizer(base)
+    net = load_trained(setup, adapter_dir, device)
     n_lora, n_other = fold_lora(net, dtype)
     check_plain(net)
     net.config.dtype = dtype
@@ -213,8 +182,7 @@ def merge_adapter(
             tokenizer.save_pretrained(folder)
 
     atomic_replace_dir(build, output_dir)
-    _print_summary(output_dir, base, quant, quant_source, dtype, n_lora, n_other, config, tokenizer)
-    return output_dir
+    return n_lora, n_other, tokenizer
 
 
 def _human(n_bytes: int) -> str:
@@ -267,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Console entry point: user errors become one `error:` line and exit code 2."""
+    """Console entry point: every failure is one `error:` line and an exit code (minilora/failures.py)."""
     sys.exit(run_cli(main))
 
 

@@ -16,8 +16,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minilora.errors import UserError
+from minilora.recipe import QUANT_TYPES
 
-QUANT_TYPES = ("nf4", "fp4", "none")
 BUILTIN_PREFIX = "builtin:"
 
 
@@ -107,7 +107,7 @@ def load_tokenizer(name_or_path: str):
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as err:
+    except (OSError, ValueError) as err:  # ValueError: a folder whose files name no usable tokenizer
         raise UserError(f"cannot load the tokenizer of {name_or_path!r}: {str(err).splitlines()[0]}") from err
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id serves; eos is always there.

@@ -33,6 +33,22 @@ TINY_CONFIGS = {
 }
 
 
+@pytest.fixture
+def run_command(capsys):
+    """`run_command(main, argv)` runs a command line's `main` as its console script does: (exit code,
+    stdout, the `error` lines of stderr joined, each ending in a newline; loading bars are not errors)."""
+    from minilora.failures import run_cli
+
+    def call(main, argv: list[str]) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = run_cli(main, argv)
+        captured = capsys.readouterr()
+        errors = [line for line in captured.err.replace("\r", "\n").splitlines() if line.startswith("error")]
+        return code, captured.out, "".join(line + "\n" for line in errors)
+
+    return call
+
+
 def save_tiny(kind: str, folder) -> str:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(TINY_CONFIGS[kind](), dtype=torch.float32)

@@ -19,3 +19,15 @@ def randomize_lora(model, seed=1, std=0.1):
     with torch.no_grad():
         for layer in minilora.lora_layers(model).values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
+
+
+def save_random_adapter(base_dir, folder, quant="nf4", targets=None):
+    """A LoRA model on `base_dir` with non-zero B saved to `folder`: (folder, its logits on `tokens()`)."""
+    model = minilora.load_base(base_dir, quant=quant)
+    minilora.add_lora(model, r=8, alpha=16, dropout=0.05, targets=targets)
+    randomize_lora(model)
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens()).logits
+    minilora.save_adapter(model, folder, base_dir)
+    return folder, logits

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from lora_utils import ATOL, RTOL, randomize_lora, tokens
+from lora_utils import ATOL, RTOL, save_random_adapter, tokens
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
@@ -15,14 +15,7 @@ from minilora.errors import AdapterError, UserError
 @pytest.fixture
 def trained_adapter(tiny_model_dir, tmp_path):
     """A phi3 LoRA model with non-zero B saved to tmp_path/adapter, and its logits."""
-    model = minilora.load_base(tiny_model_dir("phi3"))
-    minilora.add_lora(model, r=8, alpha=16, dropout=0.05)
-    randomize_lora(model)
-    model.eval()
-    with torch.no_grad():
-        logits = model(tokens()).logits
-    minilora.save_adapter(model, tmp_path / "adapter")
-    return tmp_path / "adapter", logits
+    return save_random_adapter(tiny_model_dir("phi3"), tmp_path / "adapter")
 
 
 def test_saved_files_follow_peft_format(trained_adapter):
@@ -161,5 +154,23 @@ def test_config_that_does_not_fit_the_model(trained_adapter, tiny_model_dir):
     with pytest.raises(UserError, match="no module of Phi3ForCausalLM matches the LoRA targets"):
         minilora.load_adapter(_fresh(tiny_model_dir), folder)
     (folder / "adapter_config.json").write_text("{not json")
+    with pytest.raises(AdapterError, match="not valid JSON"):
+        minilora.load_adapter(_fresh(tiny_model_dir), folder)
+
+
+@pytest.mark.parametrize("key,value", [("use_rslora", "false"), ("use_rslora", 1), ("use_dora", "no")])
+def test_config_booleans_must_be_json_booleans(trained_adapter, tiny_model_dir, key, value):
+    """bool("false") is True: a string would silently switch rsLoRA on; it is an error instead."""
+    folder, _ = trained_adapter
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config[key] = value
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=f"'{key}' must be true or false, got {value!r}"):
+        minilora.load_adapter(_fresh(tiny_model_dir), folder)
+
+
+def test_deeply_nested_config_is_a_clear_error(trained_adapter, tiny_model_dir):
+    folder, _ = trained_adapter
+    (folder / "adapter_config.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(AdapterError, match="not valid JSON"):
         minilora.load_adapter(_fresh(tiny_model_dir), folder)

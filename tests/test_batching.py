@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from minilora.builtin import build_model
 from minilora.data.batching import IGNORE_INDEX, epoch_order, make_batches, seeded_permutation
-from minilora.data.dataset import Example
+from minilora.data.examples import Example
 
 X = IGNORE_INDEX
 PAD = 259

@@ -16,8 +16,8 @@ def test_generated_sets_are_fixed_and_long_tailed():
 
 def test_report_compares_every_run_with_the_reference():
     run = lambda s, loss: {"train_s": s, "wall_s": s + 5, "peak_mem_mib": 700.0, "held_out_loss": loss}
-    payload = {"env": {"device": "cpu", "date": "d", "commit": "c", "versions": {"torch": "x"}, "threads": 2,
-                       "cpus": 2},
+    payload = {"environment": {"device": "cpu", "device_name": "cpu", "date": "d", "commit": "c", "torch": "x",
+                               "torch_threads": 2, "cpu_count": 2, "load_avg": [1.0, 1.0, 1.0]},
                "settings": {"model": "tiny-phi3", "seq_len": 512},
                "datasets": {"alpaca": {"n_train": 10, "n_eval": 1, "real_tokens": 1000, "median_len": 90,
                                        "max_len": 512, "runs": {"reference": run(60.0, 2.0),

@@ -1,9 +1,9 @@
-"""The training benchmark's machinery at a tiny size, in process: the three systems train, their losses are
-compared step by step (and a difference is caught), and the results file, report and plot are written; both
-benchmarks record the commit with the same helper."""
+"""The training benchmark's machinery at a tiny size, in process: the three systems train (ours through
+minilora's own TrainingLoop), their losses are compared step by step (and a difference is caught), and the
+results file, report and plot are written; every benchmark records its environment and writes its results
+with the one harness."""
 
 import copy
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -12,19 +12,13 @@ import pytest
 import torch
 from transformers import AutoConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks import harness, kernels, levers, plot, step_profile
+from benchmarks import train as bt
+from benchmarks import train_report as report
+from benchmarks import train_setup as setup
+from benchmarks import train_systems as systems
+
 STEPS, WARMUP, SEQ, BATCH = 4, 1, 32, 2
-
-
-def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-bt = load_script("bench_train")  # the orchestrator; it puts benchmarks/ on sys.path for the modules below
-setup, systems, report = (importlib.import_module(m) for m in ("train_setup", "train_systems", "train_report"))
 
 
 @pytest.fixture(scope="module")
@@ -33,19 +27,22 @@ def tiny_run(tiny_model_dir, tmp_path_factory):
     model_dir = tiny_model_dir("phi3")
     config = AutoConfig.from_pretrained(model_dir)
     work = tmp_path_factory.mktemp("bench-work")
-    spec = bt.make_spec(Path(model_dir), torch.device("cpu"), SEQ, BATCH, STEPS, config.vocab_size, work,
-                        profile=True)
+    spec = bt.make_spec(Path(model_dir), torch.device("cpu"), SEQ, BATCH, STEPS, config, work, profile=True)
     run = bt.new_run("tiny-phi3", config, spec, "cpu")
     for system in setup.SYSTEMS:  # ours first: the references start from its initial LoRA weights
         bt.record(run, {**systems.run_system(system, spec), "round": 1}, WARMUP)
     return run
 
 
+@pytest.mark.slow
 def test_three_systems_train_and_their_losses_agree_step_by_step(tiny_run):
     losses = {name: tiny_run["systems"][name]["losses"] for name in setup.SYSTEMS}
     for name, values in losses.items():
         assert tiny_run["systems"][name]["status"] == "ok", name
         assert len(values) == STEPS, name
+    # ours is the product's loop, not a copy of it; all three trained on the same batches.
+    assert tiny_run["systems"]["ours"]["code_path"].startswith("minilora.training.loop.TrainingLoop.train_step")
+    assert len({tiny_run["systems"][name]["batches_sha256"] for name in setup.SYSTEMS}) == 1
     # The adapters really trained (the parity below is about updates, not only the first forward).
     assert losses["ours"][-1] < losses["ours"][0] - 0.01
     rtol = report.PARITY_RTOL["fp32"]
@@ -53,12 +50,14 @@ def test_three_systems_train_and_their_losses_agree_step_by_step(tiny_run):
         parity = tiny_run["parity"][ref]
         assert parity["steps"] == [STEPS, STEPS]
         assert parity["rtol"] == rtol
+        assert parity["same_batches"]
         assert parity["ok"], parity
         worst = max(abs(a - b) / abs(b) for a, b in zip(losses["ours"], losses[ref], strict=True))
         assert parity["max_rel_diff"] == pytest.approx(worst)
         assert worst <= rtol
 
 
+@pytest.mark.slow
 def test_parity_check_catches_a_diverging_or_missing_loss(tiny_run):
     diverged = copy.deepcopy(tiny_run)
     ref = diverged["systems"]["ref_loop"]
@@ -73,16 +72,24 @@ def test_parity_check_catches_a_diverging_or_missing_loss(tiny_run):
     assert short["parity"]["trainer"]["steps"] == [STEPS, STEPS - 1]
     assert not short["parity"]["trainer"]["ok"]
 
+    other_data = copy.deepcopy(tiny_run)
+    other_data["systems"]["trainer"]["batches_sha256"] = "0" * 64
+    report.compare(other_data)
+    assert not other_data["parity"]["trainer"]["same_batches"]
+    assert not other_data["parity"]["trainer"]["ok"]
 
+
+@pytest.mark.slow
 def test_results_file_report_and_plot_are_written(tiny_run, tmp_path):
-    env = bt.environment(torch.device("cpu"), torch.get_num_threads())
-    results = {"env": env, "settings": {"steps": STEPS, "warmup": WARMUP, "rounds": 1, "lr": setup.LR,
-                                        "targets": ["qkv_proj"]},
+    env = harness.environment(torch.device("cpu"))
+    results = {"environment": env, "settings": {"steps": STEPS, "warmup": WARMUP, "rounds": 1, "lr": setup.LR,
+                                                "targets": ["qkv_proj"]},
                "flops_formula": setup.FLOPS_FORMULA, "notes": report.NOTES, "runs": [tiny_run]}
-    path = report.write(results, tmp_path, "tiny-cpu-train")
+    path = report.write(results, tmp_path)
+    assert path == tmp_path / f"{env['date'][:10]}-cpu-train.json"
     saved = json.loads(path.read_text())
-    assert {"env", "settings", "runs", "goals", "flops_formula", "notes"} <= saved.keys()
-    assert {"device_name", "commit", "date", "torch", "transformers", "bitsandbytes", "peft"} <= saved["env"].keys()
+    assert {"environment", "settings", "runs", "goals", "flops_formula", "notes"} <= saved.keys()
+    assert saved["environment"] == env
     run = saved["runs"][0]
     for name in setup.SYSTEMS:
         assert {"tokens_per_s", "peak_rss_mib", "time_to_first_step_s", "losses"} <= run["systems"][name].keys()
@@ -90,14 +97,15 @@ def test_results_file_report_and_plot_are_written(tiny_run, tmp_path):
         assert {"tokens_per_s", "peak_memory", "time_to_first_step"} <= run["ratios"][ref].keys()
     assert any(g["goal"].startswith("seq 32: losses ours vs ref_loop") and g["status"] == "PASS"
                for g in saved["goals"])
-    assert "| ours |" in path.with_suffix(".md").read_text()
+    report_md = path.with_suffix(".md").read_text()
+    assert "| ours |" in report_md and "- ours: minilora.training.loop.TrainingLoop.train_step" in report_md
 
-    png = load_script("plot").plot(saved, tmp_path / "tiny.png")
+    png = plot.plot(saved, tmp_path / "tiny.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_an_extra_profiled_step_says_where_the_time_goes(tiny_run):
-    profile_module = importlib.import_module("step_profile")
     for name in ("ours", "ref_loop"):
         p = tiny_run["systems"][name]["profile"]
         assert 0 < p["total_ms"] <= p["wall_ms"] * 1.05  # self times of one thread fit in the step
@@ -106,13 +114,27 @@ def test_an_extra_profiled_step_says_where_the_time_goes(tiny_run):
         assert p["categories"]["dropout"] > 0
     # Counted per step (two were profiled): one dropout draw per LoRA layer call, in the forward and in
     # the recompute, 4 targets (qkv, o, gate_up, down) in each of the 2 layers.
-    top = {t["name"]: t["count"] for t in tiny_run["systems"]["ours"]["profile"]["top"]}
-    assert top.get("aten::bernoulli_") == 2 * 4 * 2, top
+    calls = tiny_run["systems"]["ours"]["profile"]["calls"]
+    assert calls.get("aten::bernoulli_") == 2 * 4 * 2, calls
     # The profiled step is extra: the timed steps and losses are the STEPS ones, the same as the trainer's.
     assert len(tiny_run["systems"]["ours"]["losses"]) == STEPS
     assert tiny_run["systems"]["trainer"].get("profile") is None
-    table = "\n".join(profile_module.markdown(tiny_run, ["ours", "ref_loop"]))
+    table = "\n".join(step_profile.markdown(tiny_run, ["ours", "ref_loop"]))
     assert "| dropout |" in table and "| **total** |" in table
+
+
+@pytest.mark.slow
+def test_levers_run_minilora_loop_and_the_full_logits_loss_matches_the_chunked_one(tiny_model_dir):
+    """The levers benchmark trains through TrainingLoop; swapping in transformers' full-logits loss changes the
+    memory, not the numbers (same batches, initial weights and dropout masks)."""
+    rows = {name: levers.run_variant(name, tiny_model_dir("phi3"), seq=16, batch=2, steps=3)
+            for name in ("baseline", "full_logits_loss", "no_recompute")}
+    for name, row in rows.items():
+        assert row["status"] == "ok", name
+        assert len(row["losses"]) == 3 and row["tokens_per_s"] > 0 and row["peak_mb"] > 0, name
+    assert rows["full_logits_loss"]["losses"] == pytest.approx(rows["baseline"]["losses"], rel=1e-5)
+    assert rows["no_recompute"]["losses"] == pytest.approx(rows["baseline"]["losses"], rel=1e-5)
+    assert rows["baseline"]["losses"][0] != rows["baseline"]["losses"][-1]  # the adapter trained
 
 
 @pytest.mark.parametrize("name,category", [
@@ -139,16 +161,38 @@ def test_an_extra_profiled_step_says_where_the_time_goes(tiny_run):
     ("MmBackward0", "autograd and Python"),
 ])
 def test_profile_categories_of_known_kernel_and_operator_names(name, category):
-    assert importlib.import_module("step_profile").categorize(name) == category
+    assert step_profile.categorize(name) == category
 
 
-def test_both_benchmarks_record_the_commit_the_same_way(monkeypatch):
-    common = importlib.import_module("common")
-    assert load_script("bench_kernels").git_commit is common.git_commit is bt.git_commit
-    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", common.git_commit())
+def test_every_benchmark_writes_with_the_one_harness():
+    assert report.write_results is levers.write_results is kernels.write_results is harness.write_results
+    assert levers.environment is kernels.environment is bt.environment is harness.environment
+
+
+def test_environment_records_commit_device_threads_load_and_versions(monkeypatch):
+    env = harness.environment("cpu")
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", env["commit"])
+    assert env["device"] == "cpu" and env["device_name"]
+    assert env["cpu_count"] >= 1 and env["torch_threads"] >= 1 and len(env["load_avg"]) == 3
+    assert env["torch"] == torch.__version__
+    assert {"python", "transformers", "bitsandbytes", "triton", "peft", "date"} <= env.keys()
 
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
-    monkeypatch.setattr(common.subprocess, "run", no_git)
-    assert common.git_commit() == "unknown"
+    monkeypatch.setattr(harness.subprocess, "run", no_git)
+    assert harness.git_commit() == "unknown"
+
+
+def test_write_results_names_the_file_and_keeps_the_first_environment(tmp_path):
+    payload = {"rows": [1, 2]}
+    path = harness.write_results("demo", payload, "# demo\n", out_dir=tmp_path)
+    env = payload["environment"]
+    assert path == tmp_path / f"{env['date'][:10]}-cpu-demo.json"
+    assert json.loads(path.read_text()) == payload
+    assert path.with_suffix(".md").read_text() == "# demo\n"
+    payload["rows"].append(3)  # rewritten after another measurement: same file, same environment record
+    assert harness.write_results("demo", payload, out_dir=tmp_path, device_label="box") == tmp_path / (
+        f"{env['date'][:10]}-box-demo.json")
+    assert json.loads((tmp_path / f"{env['date'][:10]}-box-demo.json").read_text())["environment"] == env
+    assert harness.device_slug({"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3"}) == "h100-80gb-hbm3"

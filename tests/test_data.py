@@ -8,14 +8,10 @@ from pathlib import Path
 import pytest
 
 from minilora.builtin import build_tokenizer
-from minilora.data.dataset import (
-    IGNORE_INDEX,
-    load_dataset,
-    prompt_ids,
-    read_records,
-    split_eval,
-    tokenize_record,
-)
+from minilora.data.dataset import load_dataset, split_eval
+from minilora.data.examples import IGNORE_INDEX
+from minilora.data.records import read_records
+from minilora.data.tokenize import prompt_ids, tokenize_record
 from minilora.errors import DataError
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -1,10 +1,12 @@
 """Generation: our LoRA model decodes the same tokens as PEFT on the same adapter folder, with or
-without the KV cache, and the seed card's "How to Get Started" snippet runs on a minilora adapter."""
+without the KV cache, and the model card's "How to Get Started" snippet runs on a minilora adapter."""
 
 import json
 import runpy
+import shutil
 import sys
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from lora_utils import randomize_lora
@@ -13,11 +15,10 @@ from torch import nn
 
 import minilora
 from minilora.generate import encode_prompt, generate, generate_ids, load_for_generation, main, stop_token_ids
-from minilora.quant import resolve_model_path
-from minilora.training.cli import run_cli
+from minilora.quant import load_tokenizer, resolve_model_path
 
 BASE = "builtin:tiny-phi3"
-PROMPT = "The weather is good today."  # the seed card's prompt
+PROMPT = "The weather is good today."  # the prompt of the model card's snippet (training/card.py)
 
 
 @pytest.fixture(scope="module")
@@ -54,9 +55,9 @@ def test_kv_cache_on_and_off_give_identical_greedy_tokens(ours):
 
 # The verbatim snippet sets no length, so transformers warns that it falls back to 20 new tokens.
 @pytest.mark.filterwarnings("ignore:Using the model-agnostic default:UserWarning")
-def test_seed_card_snippet_runs_on_our_adapter_and_matches_our_generate(adapter):
+def test_model_card_snippet_runs_on_our_adapter_and_matches_our_generate(adapter):
     base_model, lora_adapter = resolve_model_path(BASE), str(adapter)
-    # ---- the seed card's "How to Get Started" snippet, verbatim but for the two names above ----
+    # ---- the model card's "How to Get Started" snippet (training/card.py), verbatim but for the two names ----
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -76,6 +77,28 @@ def test_seed_card_snippet_runs_on_our_adapter_and_matches_our_generate(adapter)
     assert ids == inputs["input_ids"][0].tolist()
     assert generate_ids(ours_model, ours_tokenizer, ids, max_new_tokens=len(snippet_new)) == snippet_new
     assert printed == prompt + generate(ours_model, ours_tokenizer, prompt, max_new_tokens=len(snippet_new))
+
+
+def test_the_base_is_loaded_in_the_trained_compute_dtype(adapter, tmp_path):
+    """run.json says bf16: the base is loaded (and its 4-bit layers compute) in bf16, as in training,
+    not in the CPU's default fp32."""
+    trained = tmp_path / "run"
+    shutil.copytree(adapter, trained)
+    (trained / "run.json").write_text(json.dumps({"config": {"quant": "nf4"}, "compute_dtype": "torch.bfloat16"}))
+    model, _ = load_for_generation(trained)
+    assert model.dtype == torch.bfloat16
+    qkv = model.model.layers[0].self_attn.qkv_proj.base_layer
+    assert isinstance(qkv, bnb.nn.Linear4bit) and qkv.compute_dtype == torch.bfloat16
+    default, _ = load_for_generation(adapter)  # no run.json: the device's default
+    assert default.dtype == torch.float32
+
+
+def test_a_chat_template_that_refuses_the_prompt_is_a_user_error():
+    tokenizer = load_tokenizer(BASE)
+    tokenizer.chat_template = "{{ raise_exception('only system turns, please') }}"
+    with pytest.raises(minilora.UserError, match="--chat: the tokenizer's chat template refused the prompt "
+                                                 r"\(only system turns, please\)"):
+        encode_prompt(tokenizer, "hi", chat=True)
 
 
 def test_chat_prompt_is_one_user_turn_and_the_assistant_prompt(ours):
@@ -116,29 +139,22 @@ def test_sampling_is_reproducible_with_a_seed(ours):
     assert runs[0] == runs[1] and len(runs[0]) > 0
 
 
-def cli(argv, capsys):
-    capsys.readouterr()
-    code = run_cli(main, argv)
-    captured = capsys.readouterr()
-    errors = [line for line in captured.err.replace("\r", "\n").splitlines() if line.startswith("error")]
-    return code, captured.out, errors
-
-
-def test_cli_missing_adapter_is_one_error_line(tmp_path, capsys):
-    code, out, errors = cli(["--adapter", str(tmp_path / "nope"), "--prompt", "hi"], capsys)
+def test_cli_missing_adapter_is_one_error_line(tmp_path, run_command):
+    code, out, err = run_command(main, ["--adapter", str(tmp_path / "nope"), "--prompt", "hi"])
     assert code == 2 and out == ""
-    assert errors == [f"error: {tmp_path / 'nope'}: no such adapter folder"]
+    assert err == f"error: {tmp_path / 'nope'}: no such adapter folder\n"
 
 
-def test_cli_bad_sampling_values_are_one_error_line(adapter, capsys):
-    code, _, errors = cli(["--adapter", str(adapter), "--prompt", "hi", "--top-p", "0"], capsys)
-    assert code == 2 and errors == ["error: --top-p 0.0: must be in (0, 1]"]
+def test_cli_bad_sampling_values_are_one_error_line(adapter, run_command):
+    code, _, err = run_command(main, ["--adapter", str(adapter), "--prompt", "hi", "--top-p", "0"])
+    assert code == 2 and err == "error: --top-p 0.0: must be in (0, 1]\n"
 
 
-def test_cli_prompt_file_prints_one_json_line_per_prompt(adapter, ours, tmp_path, capsys):
+def test_cli_prompt_file_prints_one_json_line_per_prompt(adapter, ours, tmp_path, run_command):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello\n\nThe weather is good today.\n")
-    code, out, _ = cli(["--adapter", str(adapter), "--prompt-file", str(prompts), "--max-new-tokens", "6"], capsys)
+    argv = ["--adapter", str(adapter), "--prompt-file", str(prompts), "--max-new-tokens", "6"]
+    code, out, _ = run_command(main, argv)
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
     model, tokenizer = ours

@@ -29,9 +29,9 @@ def test_dispatch_uses_triton_on_cuda_for_supported_layers():
     minilora.add_lora(model)
     layer = model.model.layers[0].self_attn.qkv_proj
     x = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
-    assert minilora.dispatch.use_triton(x, layer.base_layer.weight)
+    assert layer.fused_kernel(x) is not None
     down = model.model.layers[0].mlp.down_proj  # K = 688, not a multiple of 64: PyTorch path
-    assert not minilora.dispatch.use_triton(torch.randn(3, 688, device="cuda"), down.base_layer.weight)
+    assert down.fused_kernel(torch.randn(3, 688, device="cuda")) is None
 
 
 def test_offload_on_cuda_keeps_gradients(tmp_path):
@@ -50,17 +50,16 @@ def test_kernels_pass_the_auto_mode_self_check_on_this_gpu(dtype):
 def test_auto_mode_training_run_takes_the_fused_path(tmp_path, monkeypatch):
     """Training evaluates before step 1 (under no_grad) and recomputes checkpointed layers: the
     self-check that the first fused call runs must pass there, or `auto` would quietly use PyTorch."""
-    from minilora._kernel_loader import load_kernels
-
-    kernels = load_kernels()
     fused_calls = []
-    real = kernels.lora_linear_4bit
+    real = minilora.LoRALinear.fused_kernel
 
-    def counting(x, *args):
-        fused_calls.append(torch.is_grad_enabled())
-        return real(x, *args)
+    def counting(layer, x):
+        fused = real(layer, x)
+        if fused is not None:  # the layer's forward runs the fused kernel
+            fused_calls.append(torch.is_grad_enabled())
+        return fused
 
-    monkeypatch.setattr(kernels, "lora_linear_4bit", counting)
+    monkeypatch.setattr(minilora.LoRALinear, "fused_kernel", counting)
     minilora.dispatch.self_check.cache_clear()
     minilora.dispatch._warned.clear()
     assert run_quick(tmp_path, kernels="auto", max_steps=3, precision="bf16", save_every=0) == 0

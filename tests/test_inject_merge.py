@@ -10,13 +10,13 @@ from minilora.errors import UserError
 
 
 def phi3_mini_config():
-    # microsoft/Phi-3-mini-4k-instruct's config.json (the numbers in ../shared/ANCHORS.md)
+    # https://huggingface.co/microsoft/Phi-3-mini-4k-instruct/blob/main/config.json
     return Phi3Config(vocab_size=32064, hidden_size=3072, intermediate_size=8192, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
                       tie_word_embeddings=False)
 
 
-def test_phi3_mini_trainable_count_on_meta_matches_the_seed_card():
+def test_phi3_mini_trainable_count_on_meta_matches_the_recipe_model_card():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(phi3_mini_config())
     assert minilora.count_parameters(model)[1] == 3_821_079_552

@@ -1,9 +1,8 @@
 """The Triton kernels compile for real GPUs (H100 sm_90, A100 sm_80) without spills or shared-memory
 overflow, checked on this CPU with Triton's compiler and the ptxas in the triton wheel
-(benchmarks/kernel_compile.py). The interpreter tests check the math; these check what only the GPU
+(python -m minilora.kernels.compile_check). The interpreter tests check the math; these check what only the GPU
 compiler sees, so a lent GPU's minutes are not spent on a launch that cannot compile."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,7 +12,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOL = ROOT / "benchmarks" / "kernel_compile.py"
 SHAPES = ["qkv_proj", "down_proj"]  # N > K and K > N
 MS = ["1", "32", "64", "256", "4096"]  # split-K with BM 16, 32 and 64, tiled, dequant + cuBLAS
 
@@ -35,9 +33,9 @@ def report(request, tmp_path_factory):
     out = tmp_path_factory.mktemp(f"sm{request.param}") / "report.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silences triton 3.9's notice; the kernels pass their own
-    run = subprocess.run([sys.executable, str(TOOL), "--arch", str(request.param), "--shapes", *SHAPES,
-                          "--ms", *MS, "--json", str(out)], capture_output=True, text=True, env=env,
-                         cwd=ROOT, timeout=600)
+    run = subprocess.run([sys.executable, "-m", "minilora.kernels.compile_check", "--arch", str(request.param),
+                          "--shapes", *SHAPES, "--ms", *MS, "--json", str(out)], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=600)
     assert out.is_file(), run.stdout[-3000:] + run.stderr[-3000:]
     data = json.loads(out.read_text())
     data["stdout"], data["returncode"] = run.stdout, run.returncode
@@ -69,15 +67,8 @@ def test_16bit_gemms_use_tensor_cores_and_fp32_goes_to_cublas(report):
             assert k["tensor_cores"] == expected, (k["launches"][0], k["tensor_cores"])
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location("kernel_compile", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_problems_flag_spills_shared_memory_compile_errors_and_missing_tensor_cores():
-    kc = _tool()
+    import minilora.kernels.compile_check as kc
 
     def entry(**kw):
         base = dict(kernel="_fwd_kernel", constants={"BM": 64}, options={"num_warps": 4, "num_stages": 3},

@@ -4,6 +4,8 @@ On a CPU the kernels run in Triton's interpreter (conftest sets TRITON_INTERPRET
 path as on a GPU, in fp32 here (the interpreter's bf16 dot is broken; bf16 is tested on GPUs).
 """
 
+import sys
+
 import bitsandbytes as bnb
 import pytest
 import torch
@@ -14,12 +16,6 @@ import minilora.dispatch
 from minilora.training.plot import read_metrics
 
 TOL = dict(atol=2e-5, rtol=1e-4)  # fp32, different summation order (tiled GEMM vs bnb dequant + mm)
-
-
-@pytest.fixture(autouse=True)
-def reset_mode():
-    yield
-    minilora.set_kernel_mode(None)
 
 
 def lora_4bit_layer(k=128, n=96, dropout=0.1):
@@ -38,7 +34,7 @@ def lora_4bit_layer(k=128, n=96, dropout=0.1):
 
 
 def run_layer(layer, x, mode):
-    minilora.set_kernel_mode(mode)
+    layer.set_kernels(mode)
     layer.zero_grad(set_to_none=True)
     x = x.detach().clone().requires_grad_(True)
     torch.manual_seed(7)  # same dropout mask on both paths
@@ -52,28 +48,50 @@ def test_triton_path_matches_the_torch_path_with_dropout(rows):
     layer = lora_4bit_layer()
     layer.train()
     x = torch.randn(rows, 128)
-    assert minilora.dispatch.use_triton(x, layer.base_layer.weight) is False  # auto on CPU: PyTorch
+    assert layer.kernel_mode == "auto" and layer.fused_kernel(x) is None  # auto on CPU: PyTorch
     torch_out = run_layer(layer, x, "torch")
     triton_out = run_layer(layer, x, "triton")
+    assert layer.fused_kernel(x) is not None
     for a, b in zip(torch_out, triton_out, strict=True):
         torch.testing.assert_close(b, a, **TOL)
 
 
 def test_auto_mode_never_imports_the_kernels_on_cpu(monkeypatch):
-    def fail():
-        raise AssertionError("kernels loaded on CPU in auto mode")
-
-    monkeypatch.setattr("minilora._kernel_loader.load_kernels", fail)
+    monkeypatch.setitem(sys.modules, "minilora.kernels", None)  # importing it now raises ImportError
     layer = lora_4bit_layer()
     layer(torch.randn(3, 128))
 
 
+def test_the_decision_is_kept_per_device_and_dtype_until_the_base_changes():
+    layer = lora_4bit_layer()
+    layer.set_kernels("triton")
+    x = torch.randn(3, 128)
+    fused = layer.fused_kernel(x)
+    assert fused is not None and layer.fused_kernel(x) is fused  # decided once, then looked up
+    assert layer.fused_kernel(x.half()) is not fused  # another dtype: its own decision
+    layer.to("cpu")  # a move (here a no-op) may replace the base weight: decide again
+    assert layer.fused_kernel(x) is not fused
+    layer.dequantize_base(torch.float32)
+    assert layer.fused_kernel(x) is None  # no 4-bit weight any more: PyTorch
+
+
+def test_set_kernel_mode_sets_every_lora_layer_of_a_model():
+    model = torch.nn.Sequential(lora_4bit_layer(), torch.nn.ReLU(), lora_4bit_layer(k=96, n=128))
+    minilora.set_kernel_mode(model, "torch")
+    assert [model[0].kernel_mode, model[2].kernel_mode] == ["torch", "torch"]
+    with pytest.raises(minilora.UserError, match="kernel mode 'fast'"):
+        minilora.set_kernel_mode(model, "fast")
+
+
 def test_environment_variable_chooses_the_mode(monkeypatch):
     monkeypatch.setenv("MINILORA_KERNELS", "torch")
-    assert minilora.dispatch.kernel_mode() == "torch"
+    assert lora_4bit_layer().kernel_mode == "torch"
     monkeypatch.setenv("MINILORA_KERNELS", "fast")
+    layer = lora_4bit_layer()
     with pytest.raises(minilora.UserError, match="MINILORA_KERNELS='fast'"):
-        minilora.dispatch.kernel_mode()
+        layer(torch.randn(2, 128))
+    layer.set_kernels("torch")  # a mode given as an argument wins over the environment
+    assert layer(torch.randn(2, 128)).shape == (2, 96)
 
 
 def test_triton_training_run_tracks_the_torch_run(tmp_path):
@@ -113,28 +131,21 @@ def test_self_check_passes_wherever_the_first_fused_call_happens(context):
     check.cache_clear()
 
 
-def test_self_check_passes_for_the_real_kernels_and_catches_broken_ones(monkeypatch):
+def test_self_check_passes_for_the_real_kernels_and_catches_broken_ones():
     """`auto` trusts the kernels on a device only after they reproduce PyTorch there (run here in
     the interpreter, in fp32); a kernel that computes something else, or raises, is turned off."""
     check = minilora.dispatch.self_check
     check.cache_clear()
     assert check("cpu", torch.float32) is None
 
-    class Broken:
-        @staticmethod
-        def lora_linear_4bit(x, weight, bias, a, b, scale, p, training):
-            return torch.zeros(*x.shape[:-1], b.shape[0], dtype=x.dtype) + x.sum() * 0
+    def broken(x, weight, bias, a, b, scale, p, training):
+        return torch.zeros(*x.shape[:-1], b.shape[0], dtype=x.dtype) + x.sum() * 0
 
-    monkeypatch.setattr("minilora._kernel_loader.load_kernels", lambda: Broken)
-    check.cache_clear()
-    assert "differs from PyTorch" in check("cpu", torch.float32)
+    assert "differs from PyTorch" in minilora.dispatch.check_against_pytorch(broken, "cpu", torch.float32)
 
-    class Raising:
-        @staticmethod
-        def lora_linear_4bit(*args):
-            raise RuntimeError("PTX compilation failed")
+    def raising(*args):
+        raise RuntimeError("PTX compilation failed")
 
-    monkeypatch.setattr("minilora._kernel_loader.load_kernels", lambda: Raising)
-    check.cache_clear()
-    assert check("cpu", torch.float32) == "RuntimeError: PTX compilation failed"
+    assert minilora.dispatch.check_against_pytorch(raising, "cpu", torch.float32) == \
+        "RuntimeError: PTX compilation failed"
     check.cache_clear()

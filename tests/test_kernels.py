@@ -20,30 +20,25 @@ if not torch.cuda.is_available():
 
 import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnbf  # noqa: E402
+import minilora.kernels as K  # noqa: E402
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from minilora.kernels import KernelConfig, TileConfig, fused_lora  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
-
-from minilora._kernel_loader import load_kernels  # noqa: E402
-
-K = load_kernels()
-fused = K.fused_lora
-tiles = K.tiles
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
-BRANCH_LIMITS = {  # (SMALL_M_MAX, LARGE_M_MIN) that send every M to one branch
+BRANCH_LIMITS = {  # (small_m_max, large_m_min) that send every M to one branch
     "splitk": (1 << 40, 1 << 41),
     "tiled": (0, 1 << 40),
     "dequant": (0, 0),
 }
 
 
-def force_branch(monkeypatch, branch):
+def forcing(branch) -> KernelConfig:
     """Every M to `branch`, fp32 included (on a GPU, fp32 would otherwise always take dequant + cuBLAS)."""
-    monkeypatch.setattr(tiles, "SMALL_M_MAX", BRANCH_LIMITS[branch][0])
-    monkeypatch.setattr(tiles, "LARGE_M_MIN", BRANCH_LIMITS[branch][1])
-    monkeypatch.setattr(tiles, "FP32_TO_CUBLAS", False)
+    small, large = BRANCH_LIMITS[branch]
+    return KernelConfig(small_m_max=small, large_m_min=large, fp32_to_cublas=False)
 
 
 def make_weight(n, k, *, nested=True, quant_type="nf4", blocksize=64, seed=0):
@@ -68,19 +63,19 @@ def assert_close(ours, ref, tol, what):
     assert err <= tol, f"{what}: relative max error {err:.2e} > {tol:.0e}"
 
 
-def run(fn, x, weight, bias, a, b, scale, p, training, seed):
+def run(fn, x, weight, bias, a, b, scale, p, training, seed, **config):
     """{"y", "dx", "dbias", "dA", "dB"} under one seed (so both sides draw the same dropout mask)."""
     x = x.detach().requires_grad_(x.requires_grad)
     torch.manual_seed(seed)
-    y = fn(x, weight, bias, a, b, scale, p, training)
+    y = fn(x, weight, bias, a, b, scale, p, training, **config)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(y)
     wrt = {name: t for name, t in (("dx", x), ("dbias", bias), ("dA", a), ("dB", b))
            if t is not None and t.requires_grad}
     return {"y": y, **dict(zip(wrt, torch.autograd.grad(y, list(wrt.values()), dy), strict=True))}
 
 
-def assert_all_close(fn_args, dtype, seed):
-    ours = run(K.lora_linear_4bit, *fn_args, seed=seed)
+def assert_all_close(fn_args, dtype, seed, config=K.DEFAULT_CONFIG):
+    ours = run(K.lora_linear_4bit, *fn_args, seed=seed, config=config)
     ref = run(K.lora_linear_4bit_reference, *fn_args, seed=seed)
     assert ours.keys() == ref.keys()
     for name in ref:
@@ -172,14 +167,13 @@ def make_x(m, k, dtype, three_d, noncontig):
 
 
 @pytest.mark.parametrize("branch,m,dtype,f", CASES)
-def test_fused_forward_and_gradients_match_reference(monkeypatch, branch, m, dtype, f):
-    force_branch(monkeypatch, branch)
+def test_fused_forward_and_gradients_match_reference(branch, m, dtype, f):
     n, k = f["n"], f["k"]
     weight = make_weight(n, k, nested=f["nested"])
     a, b, bias = make_lora(n, k, 4, dtype, f["bias"])
     x = make_x(m, k, dtype, f["three_d"], f["noncontig"]).requires_grad_()
     assert x.is_contiguous() != f["noncontig"]
-    assert_all_close((x, weight, bias, a, b, 2.0, f["dropout"], True), dtype, seed=5)
+    assert_all_close((x, weight, bias, a, b, 2.0, f["dropout"], True), dtype, seed=5, config=forcing(branch))
 
 
 @pytest.mark.parametrize("nested", [False, True])
@@ -191,29 +185,26 @@ def test_fused_gemms_read_exactly_the_dequantized_weight(branch, dtype, nested):
     weight = make_weight(n, k, nested=nested)
     pk = K.nf4.pack_state(weight.data, weight.quant_state)
     w = K.dequantize_4bit_reference(weight.data, weight.quant_state, dtype)  # (N, K)
-    y = fused.base_lora_forward(torch.eye(k, dtype=dtype, device=DEV), pk, None, None, 1.0, None, branch)
+    y = fused_lora.base_lora_forward(torch.eye(k, dtype=dtype, device=DEV), pk, None, None, 1.0, None, branch)
     assert torch.equal(y, w.t())
-    dx = fused.base_lora_dx(torch.eye(n, dtype=dtype, device=DEV), pk, None, None, branch)
+    dx = fused_lora.base_lora_dx(torch.eye(n, dtype=dtype, device=DEV), pk, None, None, branch)
     assert torch.equal(dx, w)
 
 
 TILE_CASES = [  # (blocksize, forward tiles, dX tiles): several blocks per tile, a tile inside a block
-    (32, tiles.TileConfig(16, 32, 64, split=2), tiles.TileConfig(16, 32, 64, split=3)),
-    (128, tiles.TileConfig(16, 64, 64, split=3), tiles.TileConfig(32, 16, 64, split=2)),
-    (64, tiles.TileConfig(32, 16, 128, split=1), tiles.TileConfig(16, 64, 128, split=1)),
+    (32, TileConfig(16, 32, 64, split=2), TileConfig(16, 32, 64, split=3)),
+    (128, TileConfig(16, 64, 64, split=3), TileConfig(32, 16, 64, split=2)),
+    (64, TileConfig(32, 16, 128, split=1), TileConfig(16, 64, 128, split=1)),
 ]
 
 
 @pytest.mark.parametrize("blocksize,fwd_cfg,dx_cfg", TILE_CASES)
-def test_tile_shapes_and_blocksizes(monkeypatch, blocksize, fwd_cfg, dx_cfg):
-    monkeypatch.setattr(tiles, "fwd_config", lambda *_: fwd_cfg)
-    monkeypatch.setattr(tiles, "dx_config", lambda *_: dx_cfg)
-    monkeypatch.setattr(tiles, "SMALL_M_MAX", 64)
-    monkeypatch.setattr(tiles, "FP32_TO_CUBLAS", False)
+def test_tile_shapes_and_blocksizes(blocksize, fwd_cfg, dx_cfg):
+    config = KernelConfig(small_m_max=64, fp32_to_cublas=False, fwd_tiles=fwd_cfg, dx_tiles=dx_cfg)
     weight = make_weight(100, 384, blocksize=blocksize)
     a, b, bias = make_lora(100, 384, 8, torch.float16, True)
     x = make_x(20, 384, torch.float16, False, False).requires_grad_()
-    assert_all_close((x, weight, bias, a, b, 0.5, 0.0, True), torch.float16, seed=0)
+    assert_all_close((x, weight, bias, a, b, 0.5, 0.0, True), torch.float16, seed=0, config=config)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -296,15 +287,14 @@ def test_checkpoint_gives_the_same_gradients():
 
 
 @pytest.mark.parametrize("branch", list(BRANCH_LIMITS))
-def test_backward_saves_no_full_precision_weight(monkeypatch, branch):
-    force_branch(monkeypatch, branch)
+def test_backward_saves_no_full_precision_weight(branch):
     n, k = 130, 192
     weight = make_weight(n, k)
     a, b, bias = make_lora(n, k, 4, torch.float16, True)
     x = make_x(8, k, torch.float16, False, False).requires_grad_()  # 8 rows: x is smaller than W
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        K.lora_linear_4bit(x, weight, bias, a, b, 2.0, 0.1, True)
+        K.lora_linear_4bit(x, weight, bias, a, b, 2.0, 0.1, True, config=forcing(branch))
     assert saved
     assert not [t.shape for t in saved if t.is_floating_point() and t.numel() >= n * k], \
         [t.shape for t in saved]

@@ -10,6 +10,8 @@ for the interpreter. Tolerances (max |ours - reference| / max |reference|, per t
 Dequant is exact: equal values to bitsandbytes' CUDA kernel, with and without double quant.
 """
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -27,9 +29,9 @@ TOL_BF16_ODD = {"y": 1e-2, "dx": 1e-2, "dbias": 1e-2, "dA": 2e-2, "dB": 2e-2}
 
 @pytest.fixture(scope="module")
 def K():
-    from minilora._kernel_loader import load_kernels
+    import minilora.kernels
 
-    return load_kernels()
+    return minilora.kernels
 
 
 @pytest.fixture(scope="module")
@@ -141,13 +143,12 @@ def test_split_k_is_deterministic(K, weights):
 
 @pytest.mark.parametrize("m", [1, 3, 17, 130])
 @pytest.mark.parametrize("branch", ["splitk", "tiled", "dequant"])
-def test_fused_bf16_odd_shapes_each_branch(K, monkeypatch, branch, m):
+def test_fused_bf16_odd_shapes_each_branch(K, branch, m):
     """Masks at odd N, K and M, in every dispatch branch (forced), with dropout and a bias."""
     import bitsandbytes as bnb
 
     limits = {"splitk": (1 << 40, 1 << 41), "tiled": (0, 1 << 40), "dequant": (0, 0)}[branch]
-    monkeypatch.setattr(K.tiles, "SMALL_M_MAX", limits[0])
-    monkeypatch.setattr(K.tiles, "LARGE_M_MIN", limits[1])
+    forced = K.KernelConfig(small_m_max=limits[0], large_m_min=limits[1])
     n, k = 130, 320
     torch.manual_seed(0)
     weight = bnb.nn.Params4bit((torch.randn(n, k) * 0.05).to(torch.bfloat16), requires_grad=False,
@@ -159,7 +160,7 @@ def test_fused_bf16_odd_shapes_each_branch(K, monkeypatch, branch, m):
     x = torch.randn(m, 2 * k, device="cuda", dtype=torch.bfloat16)[:, ::2]  # non-contiguous
     dy = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     results = []
-    for fn in (K.lora_linear_4bit, K.lora_linear_4bit_reference):
+    for fn in (partial(K.lora_linear_4bit, config=forced), K.lora_linear_4bit_reference):
         xi = x.detach().requires_grad_()
         torch.manual_seed(1)
         y = fn(xi, weight, bias, a, b, 2.0, 0.1, True)

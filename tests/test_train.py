@@ -14,7 +14,7 @@ import minilora
 from minilora.builtin import build_tokenizer
 from minilora.data.dataset import load_dataset
 from minilora.training.loop import TrainingLoop
-from minilora.training.plot import read_metrics
+from minilora.training.metrics import read_metrics
 from minilora.training.schedule import lr_at
 
 
@@ -25,6 +25,7 @@ def trained(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_loss_falls_and_held_out_perplexity_improves(trained):
     metrics = read_metrics(trained / "metrics.jsonl")
     train = [m["loss"] for m in metrics if m["kind"] == "train"]
@@ -36,6 +37,7 @@ def test_loss_falls_and_held_out_perplexity_improves(trained):
     assert [m["step"] for m in evals] == [0, 10, 20, 30]
 
 
+@pytest.mark.slow
 def test_output_folder_holds_every_promised_file(trained):
     for name in ("adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "eval.json", "run.json",
                  "loss.png", "README.md"):
@@ -53,6 +55,7 @@ def test_output_folder_holds_every_promised_file(trained):
     assert "PeftModel.from_pretrained(model, lora_adapter)" in card
 
 
+@pytest.mark.slow
 def test_trained_adapter_loads_in_peft_with_our_logits(trained):
     ours = minilora.load_base("builtin:tiny-phi3")
     minilora.load_adapter(ours, trained)
@@ -66,6 +69,7 @@ def test_trained_adapter_loads_in_peft_with_our_logits(trained):
     torch.testing.assert_close(peft_logits, our_logits, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_is_bit_identical(tmp_path):
     assert run_quick(tmp_path / "a") == 0
     assert run_quick(tmp_path / "b") == 0
@@ -85,27 +89,38 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path):
         run_quick(tmp_path / "empty", resume=True)
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_is_normalised_by_target_tokens(tmp_path):
-    """One step of 2 x 4 examples equals one step of 1 x 8 examples (same examples, same order).
-
-    Padded batches: each example's computation is then identical in both runs, so the weights after
-    one AdamW step (which amplifies rounding in near-zero gradients) agree to 1e-6; the padding-free
-    layout is checked on gradients in tests/test_padding_free.py."""
+    """One step of 2 x 4 examples has the gradients of one step of 1 x 8 examples (same examples, same
+    order). The gradients are compared as the optimizer receives them, not the weights after its step:
+    AdamW divides by sqrt(v), so where a gradient is near zero it turns rounding differences into
+    lr-sized ones, and how large those get depends on the CPU's summation order."""
     tokenizer = build_tokenizer()
     examples = load_dataset(DEMO, tokenizer, 128).examples[:64]
-    weights = []
+    grads = []
     for batch_size, accum in ((8, 1), (4, 2)):
-        cfg = quick_config(tmp_path / f"o{batch_size}", batch_size=batch_size, grad_accum=accum, dropout=0.0,
-                           padding=True)
+        cfg = quick_config(tmp_path / f"o{batch_size}", batch_size=batch_size, grad_accum=accum, dropout=0.0)
         (tmp_path / f"o{batch_size}").mkdir()
         torch.manual_seed(0)
         model = minilora.load_base("builtin:tiny-phi3")
         minilora.add_lora(model, dropout=0.0)
         trainer = TrainingLoop(model, cfg, examples, [], tokenizer.pad_token_id, torch.device("cpu"), "fp32", {})
+        seen = []
+
+        def record_then_step(*args, step=trainer.optimizer.step, params=trainer.params, seen=seen, **kwargs):
+            seen.append([p.grad.clone() for p in params])
+            return step(*args, **kwargs)
+
+        trainer.optimizer.step = record_then_step
         trainer.train_step()
-        weights.append([p.detach().clone() for p in minilora.lora_parameters(model)])
-    for one, two in zip(*weights, strict=True):
-        torch.testing.assert_close(one, two, atol=1e-6, rtol=1e-5)
+        assert len(seen) == 1  # the step was applied
+        grads.append(seen[0])
+    for one, two in zip(*grads, strict=True):
+        # The same fp32 terms summed in another grouping: they differ by a few float32 roundings of the
+        # largest term (eps 1.2e-7), so 1e-5 of the largest entry bounds the difference with room to
+        # spare; a per-micro-batch normalisation would be off by the token ratio of the micro-batches.
+        torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-5 * one.abs().max().item())
+    assert max(g.abs().max() for g in grads[0]) > 0  # lora_B's gradients (lora_A's are 0 while B is 0)
 
 
 def test_lr_schedule_is_a_pure_function_of_the_step():

@@ -1,9 +1,18 @@
-"""Helpers for tests that run the training loop on the built-in tiny model and the demo data."""
+"""Helpers for tests that train on the built-in tiny model and the demo data: whole runs, and one
+loss + backward (the oracle the recompute, offload and chunked-loss tests compare against)."""
 
 from pathlib import Path
 
+import torch
+
+import minilora
+from minilora.builtin import build_tokenizer
+from minilora.data.batching import make_batches
+from minilora.data.dataset import load_dataset
 from minilora.training.config import TrainConfig, validate
 from minilora.training.job import train_from_config
+from minilora.training.loss import loss_sum
+from minilora.training.recompute import enable_recompute
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "examples" / "demo.jsonl"
@@ -21,3 +30,28 @@ def quick_config(output, **overrides) -> TrainConfig:
 
 def run_quick(output, **overrides) -> int:
     return train_from_config(quick_config(output, **overrides))
+
+
+def argv_for(output, data, *extra):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items() if k != "data"]
+    return ["--data", str(data), "--output", str(output), *flags, *extra]
+
+
+def demo_batch(n=4):
+    tokenizer = build_tokenizer()
+    return make_batches(load_dataset(DEMO, tokenizer, 128).examples[:n], n, 0, 0, tokenizer.pad_token_id)[0]
+
+
+def lora_grads(batch, every=None, chunk_rows=2048, offload=None):
+    torch.manual_seed(0)
+    model = minilora.load_base("builtin:tiny-phi3")
+    minilora.add_lora(model, dropout=0.05)
+    with torch.no_grad():
+        for p in minilora.lora_parameters(model):
+            p.normal_(0, 0.05)
+    wrapped = enable_recompute(model, every=every, offload=offload) if every else 0
+    model.train()
+    torch.manual_seed(1)
+    loss = loss_sum(model, batch, chunk_rows=chunk_rows)
+    loss.backward()
+    return wrapped, [loss.detach()] + [p.grad for p in minilora.lora_parameters(model)]

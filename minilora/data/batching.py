@@ -1,7 +1,9 @@
-"""Epoch order and collation: examples -> padded or packed batches of tensors.
+"""Epoch order and collation: examples -> padded or packed batches of tensors, built when asked for.
 
 Everything here is a pure function of (examples, epoch, seed, ...): resuming at (epoch, batch index)
-rebuilds the same batches and skips the first ones, so the data position is two integers.
+rebuilds the same batches and skips the first ones, so the data position is two integers. An epoch's
+plan is two integer arrays (the order and the row boundaries); a batch's tensors exist only while it
+is used, so the batches of an epoch never sit in memory together.
 
 Packing and attention. A packed row holds several examples back to back with `position_ids`
 restarting at 0 at each example, and the batch carries no attention mask. transformers (5.x,
@@ -16,31 +18,16 @@ holding its examples back to back, so no token is padding and the attention cost
 examples themselves (`make_padding_free_batches`).
 """
 
-import random
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
-if TYPE_CHECKING:
-    from minilora.data.dataset import Example
+from minilora.data.examples import IGNORE_INDEX, Examples, as_examples, count_targets, seeded_permutation
 
-# The label value torch's cross_entropy skips by default; minilora.data.dataset re-exports it.
-IGNORE_INDEX = -100
-
-
-def seeded_permutation(n: int, key: str) -> list[int]:
-    """A permutation of range(n) fixed by `key`, identical across Python versions and platforms.
-
-    Fisher-Yates driven by `Random.random()`, the one method whose output Python promises not to
-    change for a given seed (`random.shuffle`'s index drawing has changed before).
-    """
-    rng = random.Random(f"minilora:{key}")
-    order = list(range(n))
-    for i in range(n - 1, 0, -1):
-        j = int(rng.random() * (i + 1))
-        order[i], order[j] = order[j], order[i]
-    return order
+__all__ = ["IGNORE_INDEX", "Batch", "EpochBatches", "epoch_order", "make_batches", "make_padding_free_batches",
+           "plan_padding_free_rows", "seeded_permutation"]
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
@@ -54,9 +41,10 @@ class Batch:
     labels: torch.Tensor  # (B, T) int64, IGNORE_INDEX on prompts, pads and (packed) example starts
     attention_mask: torch.Tensor | None  # (B, T) int64, 1 = token, 0 = pad; None when packed
     position_ids: torch.Tensor  # (B, T) int64, restarting at 0 at each packed example
-    n_target_tokens: int  # (labels[:, 1:] != IGNORE_INDEX).sum(): the tokens the shifted loss counts
-    n_tokens: int  # real tokens, padding excluded (for throughput)
+    n_target_tokens: int  # count_targets(labels): the tokens the shifted loss counts
+    n_tokens: int  # real tokens, padding excluded (for throughput): sum(row_tokens)
     lines: tuple[tuple[int, ...], ...]  # per row, source line of each example in it
+    row_tokens: tuple[int, ...] = ()  # per row, real tokens (padding excluded)
 
     def model_inputs(self) -> dict:
         """Keyword arguments for `model(**batch.model_inputs())`; labels stay out (the loop owns the loss)."""
@@ -79,79 +67,110 @@ class Batch:
         )
 
 
-def _pack(examples: list["Example"], seq_len: int) -> list[list["Example"]]:
-    """Next-fit packing in the given order: start a new row when the next example does not fit."""
-    rows, row, used = [], [], 0
-    for ex in examples:
-        if len(ex.input_ids) > seq_len:
-            raise ValueError(f"example from line {ex.line} has {len(ex.input_ids)} tokens > seq_len {seq_len}")
-        if row and used + len(ex.input_ids) > seq_len:
-            rows.append(row)
-            row, used = [], 0
-        row.append(ex)
-        used += len(ex.input_ids)
-    if row:
-        rows.append(row)
-    return rows
+def _row_bounds(examples: Examples, order: np.ndarray, packing: bool, seq_len: int | None) -> np.ndarray:
+    """Row r holds order[bounds[r]:bounds[r + 1]]. Packing is next-fit in the given order: a new row
+    starts when the next example does not fit in `seq_len`."""
+    if not packing:
+        return np.arange(len(order) + 1, dtype=np.int64)
+    if seq_len is None:
+        raise ValueError("packing needs seq_len")
+    lengths = examples.lengths[order].tolist()
+    bounds, used = [0], 0
+    for k, n in enumerate(lengths):
+        if n > seq_len:
+            line = int(examples.lines[order[k]])
+            raise ValueError(f"example from line {line} has {n} tokens > seq_len {seq_len}")
+        if k > bounds[-1] and used + n > seq_len:
+            bounds.append(k)
+            used = 0
+        used += n
+    if lengths:
+        bounds.append(len(lengths))
+    return np.array(bounds, dtype=np.int64)
 
 
-def _collate(rows: list[list["Example"]], pad_id: int, packed: bool) -> Batch:
-    width = max(sum(len(ex.input_ids) for ex in row) for row in rows)
-    ids, labels, positions, mask = [], [], [], []
-    for row in rows:
-        row_ids, row_labels, row_pos = [], [], []
-        for ex in row:
-            row_ids += ex.input_ids
-            # In a packed row the first token of an example must not be a target: it would be
-            # predicted from the end of the previous, unrelated example.
-            row_labels += ([IGNORE_INDEX] + ex.labels[1:]) if packed else ex.labels
-            row_pos += range(len(ex.input_ids))
-        n_pad = width - len(row_ids)
-        mask.append([1] * len(row_ids) + [0] * n_pad)
+def _collate(examples: Examples, rows: list[np.ndarray], pad_id: int, packed: bool) -> Batch:
+    row_tokens = [int(examples.lengths[row].sum()) for row in rows]
+    width = max(row_tokens)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)  # (B, T)
+    labels = np.full((len(rows), width), IGNORE_INDEX, dtype=np.int64)  # (B, T)
+    positions = np.empty((len(rows), width), dtype=np.int64)  # (B, T)
+    mask = np.zeros((len(rows), width), dtype=np.int64)  # (B, T)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row.tolist():
+            ex_ids, ex_labels = examples.arrays(i)
+            n = len(ex_ids)
+            ids[r, start : start + n] = ex_ids
+            labels[r, start : start + n] = ex_labels
+            if packed:
+                # The first token of a packed example must not be a target: it would be predicted from
+                # the end of the previous, unrelated example.
+                labels[r, start] = IGNORE_INDEX
+            positions[r, start : start + n] = np.arange(n)
+            start += n
+        mask[r, :start] = 1
         # Packed: the padding gets positions 0.. of its own, i.e. it is one more (ignored) sequence.
-        row_pos += range(n_pad) if packed else range(len(row_pos), width)
-        ids.append(row_ids + [pad_id] * n_pad)
-        labels.append(row_labels + [IGNORE_INDEX] * n_pad)
-        positions.append(row_pos)
-    labels_t = torch.tensor(labels, dtype=torch.long)
+        positions[r, start:] = np.arange(width - start) if packed else np.arange(start, width)
+    labels_t = torch.from_numpy(labels)
     return Batch(
-        input_ids=torch.tensor(ids, dtype=torch.long),
+        input_ids=torch.from_numpy(ids),
         labels=labels_t,
-        attention_mask=None if packed else torch.tensor(mask, dtype=torch.long),
-        position_ids=torch.tensor(positions, dtype=torch.long),
-        n_target_tokens=int((labels_t[:, 1:] != IGNORE_INDEX).sum()),
-        n_tokens=sum(len(ex.input_ids) for row in rows for ex in row),
-        lines=tuple(tuple(ex.line for ex in row) for row in rows),
+        attention_mask=None if packed else torch.from_numpy(mask),
+        position_ids=torch.from_numpy(positions),
+        n_target_tokens=count_targets(labels_t),
+        n_tokens=sum(row_tokens),
+        lines=tuple(tuple(int(x) for x in examples.lines[row]) for row in rows),
+        row_tokens=tuple(row_tokens),
     )
 
 
+class EpochBatches(Sequence):
+    """The batches of one epoch, in order, each collated when indexed (the last may be smaller)."""
+
+    def __init__(self, examples: Examples, order: np.ndarray, bounds: np.ndarray, batch_size: int, pad_id: int,
+                 packed: bool):
+        self.examples, self.order, self.bounds = examples, order, bounds
+        self.batch_size, self.pad_id, self.packed = batch_size, pad_id, packed
+        self.n_rows = len(bounds) - 1
+
+    def __len__(self) -> int:
+        return -(-self.n_rows // self.batch_size)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[k] for k in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"batch {i} of {len(self)}")
+        i %= len(self)
+        first, last = i * self.batch_size, min((i + 1) * self.batch_size, self.n_rows)
+        rows = [self.order[self.bounds[r] : self.bounds[r + 1]] for r in range(first, last)]
+        return _collate(self.examples, rows, self.pad_id, self.packed)
+
+
 def make_batches(
-    examples: list["Example"],
+    examples,
     batch_size: int,
     epoch: int,
     seed: int,
     pad_id: int,
     packing: bool = False,
     seq_len: int | None = None,
-) -> list[Batch]:
-    """All batches of one epoch, in order. The last batch may be smaller.
+) -> EpochBatches:
+    """All batches of one epoch (a list of `Example` or an `Examples`), in order, built lazily.
 
     Padding mode: `batch_size` examples per batch, padded to the longest. Packing mode: examples are
     packed (in shuffled order) into rows of at most `seq_len` tokens, `batch_size` rows per batch.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    ordered = [examples[i] for i in epoch_order(len(examples), epoch, seed)]
-    if packing:
-        if seq_len is None:
-            raise ValueError("packing needs seq_len")
-        rows = _pack(ordered, seq_len)
-    else:
-        rows = [[ex] for ex in ordered]
-    return [_collate(rows[i : i + batch_size], pad_id, packing) for i in range(0, len(rows), batch_size)]
+    examples = as_examples(examples)
+    order = np.array(epoch_order(len(examples), epoch, seed), dtype=np.int64)
+    bounds = _row_bounds(examples, order, packing, seq_len)
+    return EpochBatches(examples, order, bounds, batch_size, pad_id, packing)
 
 
-def plan_padding_free_rows(lengths: list[int], max_examples: int, max_tokens: int) -> list[list[int]]:
+def plan_padding_free_rows(lengths, max_examples: int, max_tokens: int) -> list[list[int]]:
     """Split a sequence of example lengths into consecutive rows (lists of indices into `lengths`).
 
     A row takes examples in the given order until the next one would exceed `max_examples` examples or
@@ -172,22 +191,24 @@ def plan_padding_free_rows(lengths: list[int], max_examples: int, max_tokens: in
 
 
 def make_padding_free_batches(
-    examples: list["Example"],
+    examples,
     batch_size: int,
     batch_tokens: int,
     epoch: int,
     seed: int,
     pad_id: int,
     rows_per_batch: int = 1,
-) -> list[Batch]:
-    """All micro-batches of one epoch, padding-free: each row holds up to `batch_size` examples and
-    `batch_tokens` tokens back to back, in epoch order, with restarting position ids (packed layout).
+) -> EpochBatches:
+    """All micro-batches of one epoch (a list of `Example` or an `Examples`), padding-free and built
+    lazily: each row holds up to `batch_size` examples and `batch_tokens` tokens back to back, in epoch
+    order, with restarting position ids (packed layout).
 
     `rows_per_batch` rows make one micro-batch: 1 on a single process; the number of ranks in data
     parallel training, so that each rank's shard is one row (rows of a micro-batch are padded to the
     longest of them; on one process there is no padding at all). The last micro-batch may have fewer rows.
     """
-    ordered = [examples[i] for i in epoch_order(len(examples), epoch, seed)]
-    plan = plan_padding_free_rows([len(ex.input_ids) for ex in ordered], batch_size, batch_tokens)
-    rows = [[ordered[i] for i in row] for row in plan]
-    return [_collate(rows[i : i + rows_per_batch], pad_id, packed=True) for i in range(0, len(rows), rows_per_batch)]
+    examples = as_examples(examples)
+    order = np.array(epoch_order(len(examples), epoch, seed), dtype=np.int64)
+    plan = plan_padding_free_rows(examples.lengths[order].tolist(), batch_size, batch_tokens)
+    bounds = np.array([0] + [row[-1] + 1 for row in plan], dtype=np.int64)
+    return EpochBatches(examples, order, bounds, rows_per_batch, pad_id, packed=True)

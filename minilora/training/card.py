@@ -1,5 +1,5 @@
-"""The adapter's model card (README.md), in the shape of the project's seed card, every field filled
-with what the run really did."""
+"""The adapter's model card (README.md), in the shape of the card of the recipe's source
+(https://github.com/amit-chaubey/finetune-LoRA-4bit), every field filled with what the run really did."""
 
 import json
 
@@ -92,12 +92,12 @@ print(tokenizer.decode(outputs[0], skip_special_tokens=True))
 - LoRA rank: {r}
 - LoRA alpha: {alpha}{rslora}
 - LoRA dropout: {dropout}
-- Target modules: {targets}
+- Target modules: {targets}{variants}
 - Quantization: {quant_line}
 - Precision: {precision}
 - Optimizer: AdamW (lr {lr}, {warmup} warm-up steps, cosine decay), batch {batch_size} x {grad_accum} accumulation
-- Optimizer steps: {steps} ({epochs:.2f} epochs){packing}
-- Gradient checkpointing: {grad_checkpointing}
+- Optimizer steps: {steps} ({epochs:.2f} epochs){packing}{resumes}
+- Gradient checkpointing: {recompute}
 
 #### Speeds, Sizes, Times
 
@@ -140,8 +140,33 @@ print(tokenizer.decode(outputs[0], skip_special_tokens=True))
 """
 
 
+def _resume_lines(resumes: list[dict]) -> str:
+    lines = []
+    for r in resumes:
+        changes = ", ".join(f"{k} {old} -> {new}" for k, (old, new) in r["changed"].items())
+        lines.append(f"\n- Resumed at step {r['step']}" + (f", changing {changes}" if changes else ""))
+    return "".join(lines)
+
+
+def _recompute_words(mode: str, every: int) -> str:
+    if mode == "none":
+        return "off"
+    return f"{mode} recompute, " + ("every decoder layer" if every == 1 else f"one decoder layer in {every}")
+
+
 def _fmt(value, digits=4):
     return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _variants(cfg: dict) -> str:
+    """Lines for DoRA and LoRA+, when the run used them."""
+    lines = ""
+    if cfg.get("dora"):
+        lines += "\n- DoRA: yes (weight-decomposed LoRA, https://arxiv.org/abs/2402.09353; `use_dora: true`)"
+    if cfg.get("lora_plus_ratio", 1.0) != 1.0:
+        lines += (f"\n- LoRA+ ratio: {cfg['lora_plus_ratio']:g} (B's learning rate = {cfg['lora_plus_ratio']:g} x A's, "
+                  "https://arxiv.org/abs/2402.12354)")
+    return lines
 
 
 def render_card(run: dict, adapter_path: str) -> str:
@@ -163,14 +188,15 @@ def render_card(run: dict, adapter_path: str) -> str:
         n_truncated=data["n_truncated"],
         skipped=f"; skipped lines: {data['n_skipped']}" if data.get("n_skipped") else "",
         r=cfg["r"], alpha=f"{cfg['alpha']:g}", rslora=" (rsLoRA: scale alpha/sqrt(r))" if cfg["rslora"] else "",
-        dropout=cfg["dropout"], targets=json.dumps(result["target_modules"]),
+        dropout=cfg["dropout"], targets=json.dumps(result["target_modules"]), variants=_variants(cfg),
         quant_line=quant_words + (", compute " + run["compute_dtype"] if quant != "none" else ""),
         precision=run["precision"], lr=cfg["lr"], warmup=result["warmup_steps"],
         batch_size=cfg["batch_size"], grad_accum=cfg["grad_accum"], steps=result["steps"],
         epochs=result["epochs_done"],
         packing=", packed sequences" if cfg["packing"] else ", padded batches" if cfg.get("padding") else
         ", padding-free batches",
-        grad_checkpointing=f"{cfg['recompute']} recompute per decoder layer" if cfg["recompute"] != "none" else "off",
+        resumes=_resume_lines(run.get("resumes", [])),
+        recompute=_recompute_words(cfg.get("recompute", "full"), cfg["recompute_every"]),
         total_params=f"{result['total_params']:,}", share=result["trainable_share"],
         wall_time=f"{wall:.1f} s" if wall < 120 else f"{wall / 60:.1f} min",
         tokens_per_s=f"{result['tokens_per_s']:,.0f}",

@@ -4,7 +4,7 @@
         adapter_config.json, adapter_model.safetensors   the adapter at step N (PEFT-loadable)
         training_state.pt    optimizer, grad scaler, RNG states per rank (Python, NumPy, torch, CUDA), step,
                              data position, the held-out loss before training
-        manifest.json        the run's fingerprint and a sha256 of each file above
+        manifest.json        the run's fingerprint, a sha256 of each file above, and one of itself
 
 A checkpoint is built in a temporary folder and renamed into place (minilora.atomic), so after a
 `kill -9` every `step-N` folder is complete; the manifest also catches a folder damaged later.
@@ -26,6 +26,11 @@ from minilora.atomic import atomic_replace_dir
 STATE_NAME = "training_state.pt"
 MANIFEST_NAME = "manifest.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
+SELF_KEY = "manifest_sha256"  # the manifest's checksum of its own other keys
+
+
+def _manifest_digest(body: dict) -> str:
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def rng_states() -> dict:
@@ -65,8 +70,8 @@ def save_checkpoint(output: str | Path, step: int, model, optimizer, scaler, ext
         save_adapter(model, folder, fingerprint.get("model"))
         torch.save(state, folder / STATE_NAME)
         files = {p.name: _sha256(p) for p in sorted(folder.iterdir())}
-        (folder / MANIFEST_NAME).write_text(json.dumps({"step": step, "fingerprint": fingerprint,
-                                                        "sha256": files}, indent=2))
+        body = {"step": step, "fingerprint": fingerprint, "sha256": files}
+        (folder / MANIFEST_NAME).write_text(json.dumps({**body, SELF_KEY: _manifest_digest(body)}, indent=2))
 
     atomic_replace_dir(build, target)
     for old in list_checkpoints(output)[:-keep]:
@@ -83,15 +88,27 @@ def list_checkpoints(output: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def remove_checkpoints_after(output: str | Path, step: int) -> None:
+    for folder in list_checkpoints(output):
+        if int(_STEP_DIR.fullmatch(folder.name).group(1)) > step:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def verify_checkpoint(folder: Path) -> str | None:
     """None if the folder is intact, else what is wrong with it."""
     manifest = folder / MANIFEST_NAME
     if not manifest.is_file():
         return "no manifest.json (written last)"
     try:
-        files = json.loads(manifest.read_text())["sha256"]
-    except (ValueError, KeyError) as err:
-        return f"unreadable manifest ({err})"
+        body = json.loads(manifest.read_text(encoding="utf-8"))
+        digest = body.pop(SELF_KEY)
+        files = body["sha256"]
+        if not isinstance(body["fingerprint"], dict) or not all(isinstance(v, str) for v in files.values()):
+            raise TypeError("fields of the wrong type")
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as err:
+        return f"unreadable manifest ({type(err).__name__}: {err})"
+    if digest != _manifest_digest(body):
+        return "manifest.json does not match its own checksum (changed or damaged)"
     for name, digest in files.items():
         if not (folder / name).is_file():
             return f"{name} is missing"

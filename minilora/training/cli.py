@@ -1,5 +1,5 @@
-"""`train.py`'s command line: flags generated from TrainConfig, an optional YAML/TOML config file,
-and the rule that a user's mistake is one `error:` line and exit code 2, never a traceback."""
+"""`train.py`'s command line: flags generated from TrainConfig and an optional YAML/TOML config file.
+Failures become one `error:` line and an exit code in minilora/failures.py."""
 
 import argparse
 import dataclasses
@@ -15,9 +15,13 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from minilora.errors import UserError
+from minilora.failures import run_cli
 from minilora.training.config import TrainConfig, validate
 
-EXIT_USER_ERROR = 2
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few dozen keys; more is a mistake (or hostile)
+# Config-file keys of earlier versions: the error names what replaced them.
+RENAMED_KEYS = {"grad_checkpointing": "recompute (none: no recompute) and recompute_every",
+                "checkpoint_every": "recompute_every"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,10 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         meta, flag = f.metadata, "--" + f.name.replace("_", "-")
         help_text = f"{meta['help']} (default: {_default(f)})"
         if f.type is bool or f.type == "bool":
-            if "flag" in meta:  # an on-by-default switch: --no-<name>
-                parser.add_argument(meta["flag"], dest=f.name, action="store_false", help=help_text)
-            else:
-                parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
+            parser.add_argument(flag, dest=f.name, action="store_true", help=help_text)
         elif f.name == "targets":
             parser.add_argument(flag, dest=f.name, nargs="+", metavar="NAME", help=help_text)
         else:
@@ -56,11 +57,15 @@ def read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{path}: no such config file (--config)")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserError(f"{path}: {p.stat().st_size:,} bytes is not a config file (at most {MAX_CONFIG_BYTES:,})")
     try:
         text = p.read_text(encoding="utf-8")
         values = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as err:
         raise UserError(f"{path}: cannot parse ({str(err).splitlines()[0]})") from err
+    except RecursionError as err:
+        raise UserError(f"{path}: cannot parse (nested too deeply)") from err
     values = values or {}
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a mapping of flag names to values")
@@ -68,6 +73,8 @@ def read_config_file(path: str) -> dict:
     out = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        if name in RENAMED_KEYS:
+            raise UserError(f"{path}: key {key!r} is now {RENAMED_KEYS[name]}")
         if name not in known:
             raise UserError(f"{path}: unknown key {key!r}")
         out[name] = _coerce(path, name, value, known[name])
@@ -75,18 +82,21 @@ def read_config_file(path: str) -> dict:
 
 
 def _coerce(path: str, name: str, value, f: dataclasses.Field):
+    """The value as the field's type, refusing any conversion that could change what the user meant
+    (3.7 for an int, null or a number for a string); an int is a fine float."""
     if name == "targets":
         value = value.split(",") if isinstance(value, str) else value
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise UserError(f"{path}: 'targets' must be a list of module names")
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise UserError(f"{path}: 'targets' must be a list of module names, got {value!r}")
         return value
     kind = _type(f) if f.type not in (bool, "bool") else bool
-    if kind is bool and not isinstance(value, bool):
-        raise UserError(f"{path}: '{name}' must be true or false, got {value!r}")
-    try:
-        return kind(value)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{path}: '{name}' must be {kind.__name__}, got {value!r}") from err
+    accepted = (int, float) if kind is float else (kind,)
+    if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
+        raise UserError(f"{path}: '{name}' must be {_TYPE_WORDS[kind]}, got {value!r}")
+    return kind(value)
+
+
+_TYPE_WORDS = {bool: "true or false", int: "int", float: "float", str: "str"}
 
 
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
@@ -100,25 +110,16 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
     return cfg
 
 
-def run_cli(entry: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run `entry`, turning UserError into `error: <message>` on stderr and exit code 2, and a
-    second Ctrl-C (the first one stops training cleanly) into a one-line notice."""
-    try:
-        return entry(argv) or 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("\ninterrupted: quit at once; checkpoints already written are intact (--resume continues from "
-              "the newest)", file=sys.stderr)
-        return 130
-
-
 def run(argv: list[str] | None = None) -> int:
     """train.py's whole command line; returns the exit code."""
-    from minilora.training.job import train_from_config
 
-    return run_cli(lambda a: train_from_config(parse_config(a)), argv)
+    def entry(args: list[str] | None) -> int:
+        cfg = parse_config(args)  # --help and flag errors end here, before torch is imported
+        from minilora.training.job import train_from_config
+
+        return train_from_config(cfg)
+
+    return run_cli(entry, argv)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,11 @@
 
 Each field's default carries its reason; `train.py --help` shows the `help` text of each. The
 resolved config is saved in `run.json` and in every checkpoint, and `--resume` compares against it.
+Fields marked `resume=FREE` change how the run is carried out or recorded, not what it computes: they
+may differ on a resume. Fields marked `resume=STEER` steer the rest of the run (learning rate and
+schedule, length, clipping): they may differ too, with a notice recorded in run.json and the card.
+All others define what the model sees or is, and a resume must repeat them. No torch here:
+`train.py --help` imports this module.
 """
 
 import dataclasses
@@ -9,8 +14,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minilora import recipe
 from minilora.errors import UserError
-from minilora.inject import DEFAULT_TARGETS
+
+FREE = "free"  # `resume=FREE`: may differ on --resume (the run computes the same numbers)
+STEER = "steer"  # `resume=STEER`: may differ on --resume, with a notice (the rest of the run changes)
 
 
 def _f(default, help: str, **kw):
@@ -22,29 +30,33 @@ def _f(default, help: str, **kw):
 @dataclass
 class TrainConfig:
     data: str = _f("", "training data, JSONL (alpaca, chat `messages`, prompt/completion or text)")
-    model: str = _f("microsoft/Phi-3-mini-4k-instruct",
-                    "base model: hub id, local folder, or builtin:tiny-phi3 (offline demo)")
-    output: str = _f("out", "output folder: adapter, metrics, checkpoints, model card")
-    # LoRA: the seed card's recipe
-    r: int = _f(8, "LoRA rank")
-    alpha: float = _f(16.0, "LoRA alpha; scale = alpha / r")
-    dropout: float = _f(0.05, "dropout on the LoRA input")
-    targets: list[str] = _f(list(DEFAULT_TARGETS), "module names to adapt (exact or .suffix match); absent ones skip")
+    model: str = _f(recipe.DEFAULT_MODEL, "base model: hub id, local folder, or builtin:tiny-phi3 (offline demo)")
+    output: str = _f("out", "output folder: adapter, metrics, checkpoints, model card", resume=FREE)
+    # LoRA: the recipe of minilora.recipe
+    r: int = _f(recipe.DEFAULT_R, "LoRA rank")
+    alpha: float = _f(recipe.DEFAULT_ALPHA, "LoRA alpha; scale = alpha / r")
+    dropout: float = _f(recipe.DEFAULT_DROPOUT, "dropout on the LoRA input")
+    targets: list[str] = _f(list(recipe.DEFAULT_TARGETS),
+                            "module names to adapt (exact or .suffix match); absent ones skip")
     rslora: bool = _f(False, "rank-stabilised scale alpha / sqrt(r)")
-    quant: str = _f("nf4", "base weights: nf4 (QLoRA), fp4, or none (full precision)", choices=("nf4", "fp4", "none"))
+    # research variants and statistics (Studying LoRA in the README)
+    dora: bool = _f(False, "DoRA: learn a per-row magnitude over the (dequantized) base + LoRA direction")
+    lora_plus_ratio: float = _f(1.0, "LoRA+: B's learning rate = this x A's (1: plain LoRA)")
+    log_lora_stats: int = _f(0, "every N steps, log per-module update and gradient norms (0: off)", resume=FREE)
+    quant: str = _f("nf4", "base weights: nf4 (QLoRA), fp4, or none (full precision)", choices=recipe.QUANT_TYPES)
     # schedule
-    epochs: float = _f(1.0, "passes over the training data (fractions allowed)")
-    max_steps: int = _f(0, "stop after this many optimizer steps (0: set by --epochs)")
+    epochs: float = _f(1.0, "passes over the training data (fractions allowed)", resume=STEER)
+    max_steps: int = _f(0, "stop after this many optimizer steps (0: set by --epochs)", resume=STEER)
     batch_size: int = _f(4, "examples per micro-batch (with padding-free batching: at most this many)")
     batch_tokens: int = _f(0, "padding-free batching: at most this many tokens per micro-batch and rank; a "
                               "micro-batch takes examples in epoch order until either limit (0: --batch-size x "
                               "--seq-len, so --batch-size alone decides)")
     grad_accum: int = _f(4, "micro-batches per optimizer step (loss normalised by target tokens)")
-    lr: float = _f(2e-4, "peak learning rate (QLoRA's value for 7B-scale models)")
-    warmup_steps: int = _f(10, "linear warm-up steps before cosine decay")
-    min_lr_ratio: float = _f(0.1, "cosine decays to lr * this")
-    weight_decay: float = _f(0.0, "AdamW weight decay on LoRA weights")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)")
+    lr: float = _f(2e-4, "peak learning rate (QLoRA's value for 7B-scale models)", resume=STEER)
+    warmup_steps: int = _f(10, "linear warm-up steps before cosine decay", resume=STEER)
+    min_lr_ratio: float = _f(0.1, "cosine decays to lr * this", resume=STEER)
+    weight_decay: float = _f(0.0, "AdamW weight decay on LoRA weights", resume=STEER)
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)", resume=STEER)
     seq_len: int = _f(2048, "longest sequence in tokens; longer examples are truncated")
     packing: bool = _f(False, "pack short examples into full sequences (no attention across examples)")
     padding: bool = _f(False, "pad each micro-batch's examples to its longest (the reference recipe's layout) "
@@ -52,30 +64,41 @@ class TrainConfig:
     # evaluation and checkpoints
     eval_fraction: float = _f(0.05, "share of the data held out for evaluation")
     eval_file: str = _f("", "held-out data file (instead of --eval-fraction)")
-    eval_every: int = _f(50, "evaluate every N optimizer steps (and before and after training)")
-    save_every: int = _f(100, "write a checkpoint every N optimizer steps (0: only at the end)")
-    keep_checkpoints: int = _f(3, "how many recent checkpoints to keep")
-    resume: bool = _f(False, "continue from the newest complete checkpoint in --output")
-    overwrite: bool = _f(False, "start afresh in an --output that holds another run (its files are replaced)")
+    eval_max_examples: int = _f(1000, "at most this many held-out examples (a seeded sample; 0: no cap)")
+    data_cache: str = _f("", "folder for prepared (tokenized) data; default $MINILORA_CACHE/data, "
+                             "else ~/.cache/minilora/data", resume=FREE)
+    eval_every: int = _f(50, "evaluate every N optimizer steps (and before and after training)", resume=FREE)
+    save_every: int = _f(100, "write a checkpoint every N optimizer steps (0: only at the end)", resume=FREE)
+    keep_checkpoints: int = _f(3, "how many recent checkpoints to keep", resume=FREE)
+    resume: bool = _f(False, "continue from the newest complete checkpoint in --output", resume=FREE)
+    overwrite: bool = _f(False, "start afresh in an --output that holds another run (its files are replaced)",
+                         resume=FREE)
     # numerics and speed
     seed: int = _f(42, "seed for LoRA init, data order, dropout")
     precision: str = _f("auto", "auto: bf16 on GPUs that support it, else fp16 (with a grad scaler); fp32 on CPU",
-                        choices=("auto", "bf16", "fp16", "fp32"))
-    recompute: str = _f("selective", "activation recompute in backward, per decoder layer: selective (keep matrix "
-                        "products and attention, recompute the element-wise rest), full (keep only the layer "
-                        "input: least memory), none (keep everything: most memory)",
-                        choices=("selective", "full", "none"))
-    checkpoint_every: int = _f(1, "recompute every K-th decoder layer only (1: all; larger: faster, more memory)")
-    offload_activations: bool = _f(False, "keep checkpointed layer inputs in pinned CPU memory (CUDA)")
+                        choices=recipe.PRECISIONS)
+    recompute: str = _f("selective", "what a recomputed decoder layer keeps for backward: selective (matrix "
+                        "products and attention; the element-wise rest is recomputed), full (only its input: "
+                        "least memory), none (no recompute: everything kept, most memory, fastest)",
+                        choices=recipe.RECOMPUTE_MODES, resume=FREE)
+    recompute_every: int = _f(1, "with --recompute selective or full, recompute every K-th decoder layer only "
+                                 "(1: every layer, least memory; larger: faster, more memory)", resume=FREE)
+    offload_activations: bool = _f(False, "keep recomputed layers' inputs in pinned CPU memory (CUDA; with "
+                                          "--recompute full)", resume=FREE)
     optim: str = _f("adamw", "optimizer: adamw, or bitsandbytes' adamw8bit / paged_adamw8bit (less state memory)",
-                    choices=("adamw", "adamw8bit", "paged_adamw8bit"))
+                    choices=recipe.OPTIMIZERS)
     kernels: str = _f("auto", "LoRA layer path: auto (Triton on CUDA where supported), triton, torch",
-                      choices=("auto", "triton", "torch"))
-    skip_bad_lines: bool = _f(False, "skip (and report) malformed data lines instead of stopping")
-    max_bad_steps: int = _f(5, "stop after this many consecutive non-finite steps")
+                      choices=recipe.KERNEL_MODES, resume=FREE)
+    skip_bad_lines: bool = _f(False, "skip (and report) malformed data lines instead of stopping", resume=FREE)
+    max_bad_steps: int = _f(5, "stop after this many consecutive non-finite steps", resume=FREE)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def resume_fields(kind: str) -> set[str]:
+    """The fields marked `resume=kind` (FREE or STEER)."""
+    return {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume") == kind}
 
 
 def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> None:
@@ -86,6 +109,11 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> None:
 
     if not cfg.data:
         raise UserError("--data is required (a JSONL file)")
+    for f in dataclasses.fields(TrainConfig):
+        if f.type is float and not math.isfinite(getattr(cfg, f.name)):
+            bad(f.name, "must be a finite number")
+    if not 0 <= cfg.seed < 2**32:
+        bad("seed", "must be in [0, 2**32)")  # what NumPy's seeding accepts
     if cfg.r < 1:
         bad("r", "the LoRA rank must be at least 1")
     if not cfg.alpha > 0:
@@ -94,14 +122,20 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> None:
         bad("dropout", "must be in [0, 1)")
     if not cfg.targets:
         bad("targets", "name at least one module")
+    if not (cfg.lora_plus_ratio > 0 and math.isfinite(cfg.lora_plus_ratio)):
+        bad("lora_plus_ratio", "must be positive (1: plain LoRA)")
+    if cfg.log_lora_stats < 0:
+        bad("log_lora_stats", "must not be negative")
     if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
         bad("lr", "the learning rate must be positive")
     if not cfg.epochs > 0:
         bad("epochs", "must be positive")
-    for name in ("batch_size", "grad_accum", "keep_checkpoints", "max_bad_steps", "checkpoint_every"):
+    for name in ("batch_size", "grad_accum", "keep_checkpoints", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             bad(name, "must be at least 1")
-    for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "batch_tokens"):
+    if cfg.recompute_every < 1:
+        bad("recompute_every", "must be at least 1 (for no recompute give --recompute none)")
+    for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "batch_tokens", "eval_max_examples"):
         if getattr(cfg, name) < 0:
             bad(name, "must not be negative")
     if cfg.seq_len < 8:

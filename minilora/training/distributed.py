@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from minilora.data.batching import IGNORE_INDEX, Batch
-from minilora.training.loss import loss_sum
+from minilora.data.batching import Batch
+from minilora.data.examples import count_targets
+from minilora.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -58,31 +59,37 @@ def shard(batch: Batch, info: DistInfo) -> Batch:
     rows = torch.tensor_split(torch.arange(batch.input_ids.shape[0]), info.world)[info.rank]
     take = lambda t: None if t is None else t[rows]
     labels = batch.labels[rows]
+    row_tokens = tuple(batch.row_tokens[i] for i in rows.tolist())
     return replace(batch, input_ids=batch.input_ids[rows], labels=labels,
                    attention_mask=take(batch.attention_mask), position_ids=batch.position_ids[rows],
-                   n_target_tokens=int((labels[:, 1:] != IGNORE_INDEX).sum()),
-                   n_tokens=int(batch.attention_mask[rows].sum()) if batch.attention_mask is not None
-                   else labels.numel(),
+                   n_target_tokens=count_targets(labels), n_tokens=sum(row_tokens), row_tokens=row_tokens,
                    lines=tuple(batch.lines[i] for i in rows.tolist()))
 
 
-class LossModule(nn.Module):
-    """`forward(batch)` = summed loss over the batch's target tokens: the unit DDP wraps."""
+def main_first(compute, info: DistInfo):
+    """`compute()` on rank 0, then on the others, which find rank 0's work ready (in the data cache).
 
-    def __init__(self, model: nn.Module, params: list[nn.Parameter]):
-        super().__init__()
-        self.model = model
-        self._params = params
+    A UserError on rank 0 (bad data) is raised on every rank with the same message, so all exit cleanly.
+    """
+    if not info.enabled:
+        return compute()
+    result, error = None, None
+    if info.main:
+        try:
+            result = compute()
+        except UserError as err:
+            error = err
+    box = [None if error is None else str(error)]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if box[0] is not None:
+        raise UserError(box[0])
+    return result if info.main else compute()
 
-    def forward(self, batch: Batch) -> torch.Tensor:
-        if batch.input_ids.shape[0] == 0:
-            # An empty shard (a short last batch) still joins the gradient all-reduce, with zeros.
-            return sum(p.sum() for p in self._params) * 0.0
-        return loss_sum(self.model, batch)
 
-
-def wrap(model: nn.Module, params: list[nn.Parameter], info: DistInfo) -> nn.Module:
-    module = LossModule(model, params)
+def wrap(module: nn.Module, info: DistInfo) -> nn.Module:
+    """`module` itself in one process; with several ranks, DDP over it (gradients all-reduced)."""
     if not info.enabled:
         return module
     device_ids = [info.local_rank] if torch.cuda.is_available() else None

@@ -9,6 +9,7 @@ import random
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,25 +20,33 @@ import transformers
 from minilora.adapter import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from minilora.atomic import atomic_write_json, atomic_write_text
 from minilora.attention import use_varlen_attention
-from minilora.data.dataset import Dataset, load_dataset, split_eval
-from minilora.dispatch import check_kernel_mode, set_kernel_mode
+from minilora.data.cache import default_root
+from minilora.data.dataset import Dataset, load_dataset, sample_eval, split_eval
+from minilora.dispatch import check_kernel_mode
 from minilora.errors import UserError
-from minilora.inject import add_lora, count_parameters, linear_layer_kinds, matched_target_names, trainable_summary
+from minilora.inject import (
+    add_lora,
+    count_parameters,
+    linear_layer_kinds,
+    matched_target_names,
+    set_kernel_mode,
+    trainable_summary,
+    unmatched_targets,
+)
+from minilora.lock import LOCK_NAME, FolderLock
 from minilora.quant import load_base, load_tokenizer, resolve_model_path
+from minilora.run_record import RUN_FILE, read_run_record, write_run_record
 from minilora.training.card import render_card
 from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
-from minilora.training.config import TrainConfig
-from minilora.training.distributed import DistInfo, barrier, init_distributed, shutdown
-from minilora.training.loop import TrainingLoop, TrainingStopped, epoch_batches
+from minilora.training.config import FREE, STEER, TrainConfig, resume_fields
+from minilora.training.distributed import DistInfo, barrier, init_distributed, main_first, shutdown
+from minilora.training.loop import StopRequest, TrainingLoop, TrainingStopped, epoch_batches
+from minilora.training.metrics import METRICS_NAME, read_metrics
 from minilora.training.offload import OffloadSaved
-from minilora.training.plot import plot_losses, read_metrics
+from minilora.training.plot import plot_run
 from minilora.training.recompute import enable_recompute
 
-# Settings that may differ on --resume without changing what the run computes.
-RESUME_MAY_CHANGE = {"output", "resume", "overwrite", "eval_every", "save_every", "keep_checkpoints",
-                     "kernels", "max_bad_steps", "skip_bad_lines", "recompute", "checkpoint_every",
-                     "offload_activations"}
-RUN_FILES = ("run.json", "metrics.jsonl", "eval.json", "loss.png", "README.md", CONFIG_NAME, WEIGHTS_NAME)
+RUN_FILES = (RUN_FILE, METRICS_NAME, "eval.json", "loss.png", "lora_stats.png", "README.md", CONFIG_NAME, WEIGHTS_NAME)
 
 
 def resolve_precision(requested: str, device: torch.device) -> str:
@@ -57,12 +66,15 @@ COMPUTE_DTYPE = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 
 def check_output(cfg: TrainConfig) -> None:
     out = Path(cfg.output)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output {cfg.output}: exists and is not a folder")
-    held = [name for name in (*RUN_FILES, "checkpoints") if (out / name).exists()]
-    if cfg.resume or not held:
+    # What only a run writes; a README.md alone may be the user's own (the card would replace it).
+    markers = (RUN_FILE, METRICS_NAME, "checkpoints", CONFIG_NAME, WEIGHTS_NAME)
+    held = [name for name in markers if (out / name).exists()]
+    if cfg.resume or cfg.overwrite:
         return
-    if not cfg.overwrite:
+    if not held and (out / "README.md").exists():
+        raise UserError(f"--output {cfg.output} holds a README.md that is not from a run; the model card would "
+                        "replace it. Choose another --output")
+    if held:
         raise UserError(f"--output {cfg.output} already holds a run ({', '.join(held[:3])}); add --resume to "
                         "continue it, --overwrite to replace it, or choose another --output")
 
@@ -82,18 +94,37 @@ class RunData:
     eval_sha256: str | None
 
 
-def prepare_data(cfg: TrainConfig, tokenizer) -> RunData:
-    dataset = load_dataset(cfg.data, tokenizer, cfg.seq_len, cfg.skip_bad_lines)
+def prepare_data(cfg: TrainConfig, tokenizer, dist: DistInfo | None = None) -> RunData:
+    """Rank 0 prepares (or finds) each file's token store in the data cache; the other ranks then map
+    the same files, so the token ids exist once in memory however many ranks run."""
+    dist, root = dist or DistInfo(), cfg.data_cache or default_root()
+
+    def load(path: str) -> Dataset:
+        return main_first(lambda: load_dataset(path, tokenizer, cfg.seq_len, cfg.skip_bad_lines, cache_dir=root,
+                                               progress=dist.main), dist)
+
+    dataset = load(cfg.data)
+    cap = cfg.eval_max_examples
     if cfg.eval_file:
-        held = load_dataset(cfg.eval_file, tokenizer, cfg.seq_len, cfg.skip_bad_lines)
-        return RunData(dataset, dataset.examples, held.examples, f"{cfg.eval_file}", held.sha256)
-    train, held = split_eval(dataset.examples, cfg.eval_fraction, cfg.seed)
-    source = f"{len(held)} examples ({cfg.eval_fraction:.0%}) held out of {cfg.data}" if held else "none"
+        held = load(cfg.eval_file)
+        chosen = sample_eval(held.examples, cfg.seed, cap)
+        sampled = f" ({len(chosen)} of {len(held.examples)} examples, a seeded sample)" if len(chosen) < len(
+            held.examples) else ""
+        return RunData(dataset, dataset.examples, chosen, f"{cfg.eval_file}{sampled}", held.sha256)
+    train, held = split_eval(dataset.examples, cfg.eval_fraction, cfg.seed, cap)
+    share = f"{cfg.eval_fraction:.0%}" + (f", at most {cap}" if cap and len(held) == cap else "")
+    source = f"{len(held)} examples ({share}) held out of {cfg.data}" if len(held) else "none"
     return RunData(dataset, train, held, source, None)
 
 
 def report_data(data: RunData, cfg: TrainConfig) -> None:
     d = data.train
+    if d.cached:
+        print(f"data: cached {d.store} ({d.n_tokens:,} tokens; checked in {d.seconds:.1f} s)")
+    else:
+        where = f"; cached in {d.store}" if d.store else ""
+        print(f"data: prepared {d.n_lines:,} lines in {d.seconds:.1f} s "
+              f"({d.n_lines / max(d.seconds, 1e-9):,.0f} examples/s){where}")
     print(f"data: {d.path}: {d.fmt} format, {len(d.examples)} examples from {d.n_lines} lines; "
           f"{len(data.train_examples)} train, {len(data.eval_examples)} held out")
     if d.n_truncated:
@@ -109,24 +140,29 @@ def report_data(data: RunData, cfg: TrainConfig) -> None:
 
 def fingerprint(cfg: TrainConfig, data: RunData, precision: str, world: int) -> dict:
     """What defines the run: a resume must match it exactly."""
-    values = {k: v for k, v in cfg.to_dict().items() if k not in RESUME_MAY_CHANGE}
+    free = resume_fields(FREE)
+    values = {k: v for k, v in cfg.to_dict().items() if k not in free}
     values.update(data_sha256=data.train.sha256, eval_sha256=data.eval_sha256, precision=precision,
                   world_size=world)
     return values
 
 
-def resume_point(cfg: TrainConfig, fp: dict) -> Path:
+def resume_point(cfg: TrainConfig, fp: dict) -> tuple[Path, dict]:
+    """The checkpoint to continue from, and the steering flags that changed ({name: [old, new]})."""
     folder, notes = newest_intact_checkpoint(cfg.output)
     for note in notes:
         print(f"resume: {note}")
     if folder is None:
         raise UserError(f"--resume: no complete checkpoint in {Path(cfg.output) / 'checkpoints'} to resume from")
-    saved = read_manifest(folder)["fingerprint"]
+    saved, steer = read_manifest(folder)["fingerprint"], resume_fields(STEER)
     diffs = [f"{k}: {saved.get(k)!r} -> {fp.get(k)!r}"
-             for k in sorted(set(saved) | set(fp)) if saved.get(k) != fp.get(k)]
+             for k in sorted(set(saved) | set(fp)) if k not in steer and saved.get(k) != fp.get(k)]
     if diffs:
         raise UserError(f"--resume: this command differs from the run in {cfg.output}: " + "; ".join(diffs))
-    return folder
+    changed = {k: [saved[k], fp[k]] for k in sorted(steer) if k in saved and saved[k] != fp[k]}
+    for k, (old, new) in changed.items():
+        print(f"resume: --{k.replace('_', '-')} {old!r} -> {new!r} for the rest of the run")
+    return folder, changed
 
 
 def check_targets(cfg: TrainConfig) -> None:
@@ -139,7 +175,9 @@ def check_targets(cfg: TrainConfig) -> None:
         skeleton = transformers.AutoModelForCausalLM.from_config(config)
     known = linear_layer_kinds(skeleton)
     add_lora(skeleton, r=cfg.r, alpha=cfg.alpha, targets=cfg.targets)  # raises UserError if none match
-    unknown = [t for t in cfg.targets if "." not in t and t not in known and t not in TrainConfig().targets]
+    # The default list names layers of several architectures, each absent from the others; a list the
+    # user gave must match in full (a typo would otherwise train fewer layers than asked, silently).
+    unknown = [] if cfg.targets == TrainConfig().targets else unmatched_targets(skeleton, cfg.targets)
     if unknown:
         raise UserError(f"--targets {', '.join(unknown)}: no such module in {type(skeleton).__name__} "
                         f"(its linear layers: {', '.join(known)})")
@@ -149,6 +187,21 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def build_model(cfg: TrainConfig, precision: str, device: torch.device):
+    """The 4-bit base with LoRA as the run trains it: seeded first, so every rank (and a benchmark that builds
+    it the same way) starts from the same LoRA weights; kernel mode and recomputation set."""
+    seed_everything(cfg.seed)
+    model = load_base(cfg.model, quant=cfg.quant, compute_dtype=COMPUTE_DTYPE[precision], device=device)
+    add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora,
+             use_dora=cfg.dora)
+    set_kernel_mode(model, cfg.kernels)
+    use_varlen_attention(model)  # padding-free rows: each example's attention alone, no (T, T) mask
+    if cfg.recompute != "none":
+        offload = OffloadSaved() if cfg.offload_activations else None
+        enable_recompute(model, every=cfg.recompute_every, offload=offload, mode=cfg.recompute)
+    return model
 
 
 def versions() -> dict:
@@ -166,25 +219,27 @@ def hardware(device: torch.device) -> str:
 
 def train_from_config(cfg: TrainConfig) -> int:
     dist = init_distributed()
+    # Rank 0 holds --output for the whole run (the other ranks write nothing there).
+    lock = FolderLock(Path(cfg.output) / LOCK_NAME, f"--output {cfg.output}") if dist.main else nullcontext()
     try:
-        return _train(cfg, dist)
+        with lock, StopRequest() as stop:  # a signal anywhere in the job stops it at the next safe point
+            return _train(cfg, dist, stop)
     finally:
         shutdown(dist)
 
 
-def _train(cfg: TrainConfig, dist: DistInfo) -> int:
+def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
     started = time.time()
     device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
     say = print if dist.main else (lambda *a, **k: None)
     precision = resolve_precision(cfg.precision, device)
     check_kernel_mode(cfg.kernels, device)
-    set_kernel_mode(cfg.kernels)
     check_output(cfg)
+    check_targets(cfg)  # the model's config and the targets, before the data is read (which may take long)
     tokenizer = load_tokenizer(cfg.model)
-    data = prepare_data(cfg, tokenizer)
+    data = prepare_data(cfg, tokenizer, dist)
     fp = fingerprint(cfg, data, precision, dist.world)
-    resume_from = resume_point(cfg, fp) if cfg.resume else None
-    check_targets(cfg)
+    resume_from, steered = resume_point(cfg, fp) if cfg.resume else (None, {})
     barrier(dist)  # every rank has checked the output folder before rank 0 changes it
     if dist.main:
         report_data(data, cfg)
@@ -194,40 +249,36 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
         if cfg.overwrite:
             clear_previous_run(out)
         out.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)  # the same LoRA init on every rank
-    model = load_base(cfg.model, quant=cfg.quant, compute_dtype=COMPUTE_DTYPE[precision], device=device)
-    add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora)
+    model = build_model(cfg, precision, device)
     if dist.enabled:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # but different dropout masks per rank
-    use_varlen_attention(model)  # padding-free rows: each example's attention alone, no (T, T) mask
-    if cfg.recompute != "none":
-        offload = OffloadSaved() if cfg.offload_activations else None
-        enable_recompute(model, every=cfg.checkpoint_every, offload=offload, mode=cfg.recompute)
     say(f"model: {cfg.model} ({cfg.quant}, {precision}) on {hardware(device)}; {trainable_summary(model)}")
 
     pad_id = tokenizer.pad_token_id
     eval_batches = epoch_batches(data.eval_examples, cfg, 0, pad_id, dist.world)
-    trainer = TrainingLoop(model, cfg, data.train_examples, eval_batches, pad_id, device, precision, fp, dist)
+    trainer = TrainingLoop(model, cfg, data.train_examples, eval_batches, pad_id, device, precision, fp, dist, stop)
     run = {"config": cfg.to_dict(), "precision": precision, "compute_dtype": str(COMPUTE_DTYPE[precision]),
            "double_quant": True, "device": str(device), "hardware": hardware(device), "versions": versions(),
            "architecture": type(model).__name__, "command": " ".join(sys.argv), "world_size": dist.world,
            "data": {"format": data.train.fmt, "n_lines": data.train.n_lines, "sha256": data.train.sha256,
                     "n_train": len(data.train_examples), "n_eval": len(data.eval_examples),
-                    "n_train_tokens": sum(len(e.input_ids) for e in data.train_examples),
-                    "n_train_target_tokens": sum(e.n_targets for e in data.train_examples),
+                    "n_train_tokens": data.train_examples.n_tokens,
+                    "n_train_target_tokens": data.train_examples.n_targets, "store": data.train.store,
                     "n_truncated": data.train.n_truncated, "n_skipped": len(data.train.skipped),
                     "skipped_lines": [line for line, _ in data.train.skipped], "eval_source": data.eval_source}}
     if resume_from is not None:
         trainer.restore(resume_from)
         say(f"resume: continuing from {resume_from} (step {trainer.state.step}/{trainer.total})")
+        earlier = (read_run_record(out) or {}).get("resumes", [])
+        run["resumes"] = [*earlier, {"step": trainer.state.step, "changed": steered}]
     if dist.main:
-        atomic_write_json(out / "run.json", run)
+        write_run_record(out, run)
 
     try:
         state = trainer.run()
     except TrainingStopped as stop:
         if dist.main:
-            plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png", f"{cfg.model} (stopped)")
+            plot_run(out, f"{cfg.model} (stopped)")
             print(f"stopped: {stop}", file=sys.stderr)
         return stop.exit_code
 
@@ -244,14 +295,17 @@ def _train(cfg: TrainConfig, dist: DistInfo) -> int:
         "trainable": trainable, "total_params": total, "trainable_share": f"{100 * trainable / total:.2f}%",
         "trainable_summary": trainable_summary(model), "target_modules": matched_target_names(model),
         "tokens_per_s": tokens_per_s, "wall_time_s": time.time() - started,
-        "peak_mem_mb": max((m.get("peak_mem_mb", 0) for m in read_metrics(out / "metrics.jsonl")), default=0),
+        "peak_mem_mb": max((m.get("peak_mem_mb", 0) for m in read_metrics(out / METRICS_NAME)), default=0),
     }
-    atomic_write_json(out / "run.json", run)
+    write_run_record(out, run)
     atomic_write_json(out / "eval.json", {"before": state.eval_before, "after": eval_after,
-                                          "held_out": data.eval_source})
-    plot_losses(read_metrics(out / "metrics.jsonl"), out / "loss.png", f"LoRA r={cfg.r} on {cfg.model}")
+                                          "held_out": data.eval_source, "n_examples": len(data.eval_examples)})
+    plot_run(out, f"LoRA r={cfg.r} on {cfg.model}")
     atomic_write_text(out / "README.md", render_card(run, str(out)))
     print_summary(cfg, run)
+    if stop.signal_name:
+        print(f"{stop.signal_name} came after the last step: all {state.step} steps are done and every output is "
+              "written", file=sys.stderr)
     return 0
 
 

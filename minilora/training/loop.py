@@ -8,12 +8,12 @@ so a resumed run on a CPU reproduces the uninterrupted one bit for bit.
 """
 
 import contextlib
-import json
+import copy
 import math
-import os
 import resource
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,19 +21,24 @@ import torch
 from tqdm.auto import tqdm
 
 from minilora.adapter import load_adapter, save_adapter
-from minilora.atomic import atomic_write_text
 from minilora.data.batching import Batch, make_batches, make_padding_free_batches
-from minilora.inject import lora_parameters
-from minilora.training.checkpoint import load_training_state, rng_states, save_checkpoint, set_rng_states
+from minilora.failures import EXIT_OUT_OF_MEMORY, first_line, is_out_of_memory
+from minilora.inject import lora_layers, lora_parameters
+from minilora.training.checkpoint import (
+    load_training_state,
+    remove_checkpoints_after,
+    rng_states,
+    save_checkpoint,
+    set_rng_states,
+)
 from minilora.training.config import TrainConfig
 from minilora.training.distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, shard, wrap
 from minilora.training.evaluate import evaluate
-from minilora.training.optim import make_optimizer
+from minilora.training.lora_stats import LoRAStats
+from minilora.training.loss import LossModule
+from minilora.training.metrics import METRICS_NAME, append_metric, truncate_metrics
+from minilora.training.optim import lora_plus_groups, make_optimizer
 from minilora.training.schedule import lr_at
-
-# Test hook: optimizer steps (numbered from 1 as in metrics.jsonl, comma-separated) whose loss is
-# replaced by NaN, to exercise the non-finite-step handling end to end. Never set in normal use.
-FAULT_NAN_STEPS_ENV = "MINILORA_FAULT_NAN_STEPS"
 
 
 class TrainingStopped(Exception):
@@ -44,7 +49,7 @@ class TrainingStopped(Exception):
         self.exit_code = exit_code
 
 
-def epoch_batches(examples, cfg: TrainConfig, epoch: int, pad_id: int, world: int = 1) -> list[Batch]:
+def epoch_batches(examples, cfg: TrainConfig, epoch: int, pad_id: int, world: int = 1) -> Sequence[Batch]:
     """The global micro-batches of one epoch in the layout the config chooses: padding-free (one row
     of up to batch_size examples and batch_tokens tokens per rank), padded (batch_size examples per
     rank) or packed (batch_size rows of seq_len per rank)."""
@@ -62,9 +67,9 @@ class BatchStream:
     def __init__(self, examples, cfg: TrainConfig, pad_id: int, world: int):
         self.examples, self.cfg, self.pad_id, self.world = examples, cfg, pad_id, world
         self.epoch, self.index = 0, 0
-        self._cache: tuple[int, list[Batch]] | None = None
+        self._cache: tuple[int, Sequence[Batch]] | None = None
 
-    def batches(self, epoch: int) -> list[Batch]:
+    def batches(self, epoch: int) -> Sequence[Batch]:
         if self._cache is None or self._cache[0] != epoch:
             self._cache = (epoch, epoch_batches(self.examples, self.cfg, epoch, self.pad_id, self.world))
         return self._cache[1]
@@ -84,8 +89,9 @@ class BatchStream:
 
 
 class StopRequest:
-    """SIGINT/SIGTERM: the first asks the loop to stop after the current step (and save); a second
-    SIGINT interrupts at once (writes are atomic, so nothing on disk is corrupted)."""
+    """SIGINT/SIGTERM for the whole job (installed by job.py around everything it does): the first asks
+    the job to stop at the next safe point (after the current step, with a checkpoint; before training,
+    at once); a second SIGINT interrupts at once (writes are atomic, so nothing on disk is corrupted)."""
 
     def __init__(self):
         self.signal_name: str | None = None
@@ -95,8 +101,12 @@ class StopRequest:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal_name = signal.Signals(signum).name
-        tqdm.write(f"\n{self.signal_name}: stopping after this step and saving a checkpoint "
+        tqdm.write(f"\n{self.signal_name}: stopping at the next safe point, with everything saved "
                    "(Ctrl-C again to quit at once)")
+
+    @property
+    def exit_code(self) -> int:
+        return 143 if self.signal_name == "SIGTERM" else 130
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -137,21 +147,26 @@ class TrainingLoop:
     """Holds what the steps share; `run()` is the loop."""
 
     def __init__(self, model, cfg: TrainConfig, train_examples, eval_batches: list[Batch], pad_id: int,
-                 device: torch.device, precision: str, fingerprint: dict, dist: DistInfo | None = None):
+                 device: torch.device, precision: str, fingerprint: dict, dist: DistInfo | None = None,
+                 stop: StopRequest | None = None):
         dist = dist or DistInfo()
+        self.stop = stop or StopRequest()  # job.py installs its signal handlers for the whole job
         self.model, self.cfg, self.device, self.precision, self.dist = model, cfg, device, precision, dist
         self.eval_batches, self.fingerprint = eval_batches, fingerprint
         self.output = Path(cfg.output)
         self.params = lora_parameters(model)
-        self.loss_module = wrap(model, self.params, dist)  # DDP over the LoRA parameters when world > 1
-        self.optimizer = make_optimizer(cfg.optim, self.params, cfg.lr, cfg.weight_decay, device)
+        self.loss_module = wrap(LossModule(model, self.params), dist)  # DDP over the LoRA parameters, world > 1
+        groups = (lora_plus_groups(lora_layers(model).values(), cfg.lr, cfg.lora_plus_ratio)
+                  if cfg.lora_plus_ratio != 1 else self.params)
+        self.optimizer = make_optimizer(cfg.optim, groups, cfg.lr, cfg.weight_decay, device)
+        self.lora_stats = LoRAStats(model, cfg.log_lora_stats) if cfg.log_lora_stats else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.stream = BatchStream(train_examples, cfg, pad_id, world=dist.world)
         self.total = total_steps(cfg, len(self.stream.batches(0)))
         # Warm-up longer than half the run would leave no decay: cap it (the card reports the value used).
         self.warmup = min(cfg.warmup_steps, self.total // 2)
         self.state = LoopState()
-        self.fault_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS_ENV, "").split(",") if s.strip()}
+        self._rollback_point: dict | None = None
 
     def autocast(self):
         if self.precision == "fp32":
@@ -174,20 +189,21 @@ class TrainingLoop:
         load_adapter(self.model, folder)
         saved = load_training_state(folder)
         self.optimizer.load_state_dict(saved["optimizer"])
+        for group in self.optimizer.param_groups:  # the saved groups carry the old value; it may be steered
+            group["weight_decay"] = self.cfg.weight_decay
         self.scaler.load_state_dict(saved["scaler"])
         set_rng_states(saved["rng_per_rank"][self.dist.rank])
         self.stream.epoch, self.stream.index = saved["data_position"]["epoch"], saved["data_position"]["index"]
         self.state.step, self.state.tokens_seen = saved["step"], saved["tokens_seen"]
         self.state.eval_before, self.state.eval_last = saved["eval_before"], saved["eval_last"]
         if self.dist.main:
-            _truncate_metrics(self.output / "metrics.jsonl", self.state.step)
+            truncate_metrics(self.output / METRICS_NAME, self.state.step)
 
     # --- logging ----------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
         if not self.dist.main:
             return
-        with open(self.output / "metrics.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        append_metric(self.output / METRICS_NAME, record)
 
     def run_eval(self, label: str) -> dict | None:
         if not self.eval_batches:
@@ -202,9 +218,10 @@ class TrainingLoop:
     # --- one optimizer step -----------------------------------------------------------------------
     def train_step(self) -> dict:
         cfg, state = self.cfg, self.state
+        before = self._snapshot()
         lr = lr_at(state.step, cfg.lr, self.warmup, self.total, cfg.min_lr_ratio)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_ratio", 1.0)  # LoRA+ groups carry their ratio
         micro = [self.stream.next() for _ in range(cfg.grad_accum)]
         n_targets = max(1, sum(b.n_target_tokens for b in micro))  # over the global batch, all ranks
         n_tokens = sum(b.n_tokens for b in micro)
@@ -217,12 +234,12 @@ class TrainingLoop:
             with sync:
                 with self.autocast():
                     micro_loss = self.loss_module(shard(batch, self.dist))
-                if state.step + 1 in self.fault_steps:
-                    micro_loss = micro_loss * float("nan")
                 self.scaler.scale(micro_loss * (self.dist.world / n_targets)).backward()
             loss_total += micro_loss.detach()
         all_reduce_sum(loss_total, self.dist)
         self.scaler.unscale_(self.optimizer)
+        stats_due = self.lora_stats is not None and self.lora_stats.due(state.step + 1)
+        lora_grads = self.lora_stats.grad_norms() if stats_due else None  # unscaled, before clipping
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         # One host sync per step: the loss and norm decide whether the step may be applied.
@@ -255,9 +272,13 @@ class TrainingLoop:
             record["skipped"] = "grad scaler: inf/NaN gradients" if scaler_skip else "non-finite gradients"
         else:
             state.bad_steps = 0
+        if "skipped" not in record or self._rollback_point is None:
+            self._rollback_point = before  # before the newest update (or before any bad step)
         if "skipped" in record:
             self.say(f"step {state.step}: {record['skipped']}; optimizer step skipped")
         self.log(record)
+        if lora_grads is not None:
+            self.log(self.lora_stats.record(state.step, lora_grads))
         return record
 
     # --- the loop ---------------------------------------------------------------------------------
@@ -266,54 +287,90 @@ class TrainingLoop:
         self.model.train()
         if state.step == 0 and state.eval_before is None:
             state.eval_before = self.run_eval("before")
+        if self._stop_requested():  # during loading or the first evaluation: nothing new to save
+            again = "--resume to continue" if state.step else "--overwrite to start afresh"
+            raise TrainingStopped(f"{self.stop.signal_name or 'a signal on another rank'}: stopped before training "
+                                  f"step {state.step + 1}; run the same command plus {again}",
+                                  exit_code=self.stop.exit_code)
         bar = tqdm(total=self.total, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
                    disable=not self.dist.main)
         try:
-            with StopRequest() as stop:
-                while state.step < self.total:
-                    record = self._guarded_step()
-                    bar.update(1)
-                    bar.set_postfix(self._postfix(record), refresh=False)
-                    if state.bad_steps >= cfg.max_bad_steps:
-                        path = self.save()
-                        raise TrainingStopped(
-                            f"{state.bad_steps} optimizer steps in a row had a non-finite loss or gradient "
-                            f"(steps {state.skipped_steps[-state.bad_steps:]}); stopped without applying them. "
-                            f"The last good state is in {path}. Lower --lr, check the data, or use "
-                            "--precision bf16/fp32", exit_code=1)
-                    last = state.step == self.total
-                    if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
-                        self.run_eval("during")
-                    if (cfg.save_every and state.step % cfg.save_every == 0) or last:
-                        self.save()
-                    if any_rank(stop.signal_name is not None, self.dist, self.device) and not last:
-                        path = self.save()
-                        if self.dist.main:
-                            save_adapter(self.model, self.output, self.cfg.model)
-                        code = 143 if stop.signal_name == "SIGTERM" else 130
-                        name = stop.signal_name or "a signal on another rank"
-                        raise TrainingStopped(
-                            f"{name}: stopped at step {state.step}/{self.total}; checkpoint {path}. "
-                            f"Continue with the same command plus --resume", exit_code=code)
+            while state.step < self.total:
+                record = self._guarded_step()
+                bar.update(1)
+                bar.set_postfix(self._postfix(record), refresh=False)
+                if state.bad_steps >= cfg.max_bad_steps:
+                    path = self._save_rollback_point()
+                    raise TrainingStopped(
+                        f"{state.bad_steps} optimizer steps in a row had a non-finite loss or gradient "
+                        f"(steps {state.skipped_steps[-state.bad_steps:]}); stopped without applying them. The state "
+                        f"before the update that led to them is in {path}. Continue from it with a lower learning "
+                        f"rate: the same command plus --resume --lr {cfg.lr / 4:g}; or check the data", exit_code=1)
+                last = state.step == self.total
+                if cfg.eval_every and state.step % cfg.eval_every == 0 and not last:
+                    self.run_eval("during")
+                if (cfg.save_every and state.step % cfg.save_every == 0) or last:
+                    self.save()
+                if not last and self._stop_requested():
+                    path = self.save()
+                    if self.dist.main:
+                        save_adapter(self.model, self.output, self.cfg.model)
+                    name = self.stop.signal_name or "a signal on another rank"
+                    raise TrainingStopped(
+                        f"{name}: stopped at step {state.step}/{self.total}; checkpoint {path}. "
+                        f"Continue with the same command plus --resume", exit_code=self.stop.exit_code)
         finally:
             bar.close()
         return state
 
+    # --- after non-finite steps ----------------------------------------------------------------------
+    def _snapshot(self) -> dict:
+        """What the next step changes, copied (LoRA weights and AdamW state: ~3x the adapter's size)."""
+        return {"params": [p.detach().clone() for p in self.params],
+                "optimizer": copy.deepcopy(self.optimizer.state_dict()), "scaler": self.scaler.state_dict(),
+                "rng": rng_states(), "position": self.stream.position(),
+                "step": self.state.step, "tokens_seen": self.state.tokens_seen}
+
+    def _save_rollback_point(self) -> Path:
+        """Go back to before the update that preceded the non-finite steps (its weights are finite but
+        led to them), drop newer checkpoints, and checkpoint that state: a resume with a lower --lr
+        redoes that update."""
+        point = self._rollback_point
+        with torch.no_grad():
+            for p, saved in zip(self.params, point["params"], strict=True):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(point["optimizer"])
+        if self.scaler.is_enabled():
+            self.scaler.load_state_dict(point["scaler"])
+        set_rng_states(point["rng"])
+        self.stream.epoch, self.stream.index = point["position"]["epoch"], point["position"]["index"]
+        self.state.step, self.state.tokens_seen = point["step"], point["tokens_seen"]
+        if self.dist.main:
+            remove_checkpoints_after(self.output, self.state.step)
+        return self.save()
+
+    def _stop_requested(self) -> bool:
+        """Collective: every rank stops if any was signalled."""
+        return any_rank(self.stop.signal_name is not None, self.dist, self.device)
+
     def _guarded_step(self) -> dict:
         try:
             return self.train_step()
-        except torch.OutOfMemoryError as err:
+        except Exception as err:
+            if not is_out_of_memory(err):
+                raise
             self.optimizer.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             batch = self.cfg.batch_size
+            where = "GPU" if isinstance(err, torch.OutOfMemoryError) else "CPU"
             raise TrainingStopped(
-                f"out of GPU memory at step {self.state.step + 1} (batch {batch}, --seq-len {self.cfg.seq_len}): "
-                f"{str(err).splitlines()[0]}. Lower memory with --batch-size {max(1, batch // 2)} "
+                f"out of {where} memory at step {self.state.step + 1} (batch {batch}, --seq-len {self.cfg.seq_len}): "
+                f"{first_line(err)}. Lower memory with --batch-size {max(1, batch // 2)} "
                 f"--grad-accum {self.cfg.grad_accum * 2} (same effective batch), a shorter --seq-len or "
-                "--recompute full (least activation memory). Checkpoints written so far are intact; "
-                "add --resume to continue",
-                exit_code=3) from None
+                "--recompute full --recompute-every 1 (least activation memory). Checkpoints written so far are "
+                "intact; add --resume to continue",
+                exit_code=EXIT_OUT_OF_MEMORY) from None
 
     def say(self, text: str) -> None:
         if self.dist.main:
@@ -325,12 +382,3 @@ class TrainingLoop:
         if self.device.type == "cuda":
             post["mem"] = f"{record['peak_mem_mb'] / 1024:.1f}G"
         return post
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metric lines from after the checkpoint being resumed (they will be written again)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in kept))

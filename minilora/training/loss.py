@@ -39,3 +39,19 @@ def loss_sum(model: nn.Module, batch: Batch, chunk_rows: int = CHUNK_ROWS) -> to
         else:
             total = total + _chunk_loss_sum(h, t, head)
     return total
+
+
+class LossModule(nn.Module):
+    """`forward(batch)` = summed loss over the batch's target tokens: the unit a training step calls
+    (and DDP wraps with several ranks, distributed.wrap)."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]):
+        super().__init__()
+        self.model = model
+        self._params = params
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        if batch.input_ids.shape[0] == 0:
+            # An empty shard (a short last batch) still joins the gradient all-reduce, with zeros.
+            return sum(p.sum() for p in self._params) * 0.0
+        return loss_sum(self.model, batch)

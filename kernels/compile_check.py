@@ -3,15 +3,15 @@
 The CPU tests run the kernels in Triton's interpreter, which checks the math but not what only the GPU
 compiler sees: whether each launch compiles for the target at all (bf16 paths, tl.dot shapes), how much
 shared memory its pipeline needs, whether it spills registers, and whether its GEMMs reach the tensor
-cores. This script answers those for an H100 (sm_90, default) or an A100 (sm_80) with Triton's own
+cores. This module answers those for an H100 (sm_90, default) or an A100 (sm_80) with Triton's own
 compiler and the ptxas/cuobjdump that ship in the triton wheel:
 
     an offline Triton driver   reports the target, owns no device and launches nothing
     Triton's jit_cache_hook    is called with each launch's signature before Triton would compile it;
                                we compile it for the target, record its resources and return True,
                                which tells Triton not to compile or launch it itself
-    the launchers              (kernels/fused_lora.py, kernels/nf4.py) run unchanged on `meta` tensors
-                               of Phi-3-mini's layer shapes: no memory, no compute, the real dispatch
+    the launchers              (fused_lora.py, nf4.py) run unchanged on `meta` tensors of
+                               Phi-3-mini's layer shapes: no memory, no compute, the real dispatch
                                branches, tile configs and split-K sizes (the SM count is the target's)
 
 Per distinct compiled kernel: registers per thread, local memory per thread (stack: spills), shared memory,
@@ -19,13 +19,16 @@ tensor-core instructions in the PTX (wgmma on sm_90, mma.sync), and the launches
 Problems (exit 1): a launch that does not compile, shared memory over the target's per-block limit,
 register spills or all 255 registers in use, a 16-bit GEMM that misses the tensor cores.
 
-    python benchmarks/kernel_compile.py                        # sm_90, bf16 + fp16 + fp32, all shapes
-    python benchmarks/kernel_compile.py --arch 80 --dtypes bfloat16 --json out.json
+    python -m minilora.kernels.compile_check                  # sm_90, bf16 + fp16 + fp32, all shapes
+    python -m minilora.kernels.compile_check --arch 80 --dtypes bfloat16 --json out.json
+    python -m minilora.kernels.compile_check --arch 90 --out benchmarks/results
+                        # also writes benchmarks/results/<date>-kernel-compile-sm90-triton<x.y>.md
 
 Must run without TRITON_INTERPRET (the kernels must be compiled, not interpreted).
 """
 
 import argparse
+import datetime
 import itertools
 import json
 import os
@@ -38,11 +41,13 @@ from pathlib import Path
 
 import torch
 
-HERE = str(Path(__file__).resolve().parent)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-from bench_kernels import PHI3  # noqa: E402
-from common import git_commit, use_checkout  # noqa: E402
+from . import fused_lora, nf4
+from .tiles import KernelConfig
+
+# (N out, K in) of the four Phi-3-mini linears LoRA targets: hidden_size 3072, intermediate_size 8192,
+# 32 query and 32 key-value heads (https://huggingface.co/microsoft/Phi-3-mini-4k-instruct, config.json).
+PHI3 = {"qkv_proj": (9216, 3072), "o_proj": (3072, 3072), "gate_up_proj": (16384, 3072),
+        "down_proj": (3072, 8192)}
 
 # Per target: SM count (split-K sizes depend on it) and the most shared memory one block may use
 # (CUDA C Programming Guide, "Compute capabilities" table: 227 KiB on 9.0, 163 KiB on 8.0).
@@ -133,6 +138,16 @@ class Recorder:
         entry.registers, entry.stack_bytes, entry.local_bytes = _resource_usage(kernel.asm["cubin"])
 
 
+def git_commit() -> str:
+    """The checkout's commit ("+dirty" with changes), "unknown" outside a git checkout."""
+    try:
+        run = subprocess.run(["git", "describe", "--always", "--dirty=+dirty", "--abbrev=40", "--exclude=*"],
+                             capture_output=True, text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return run.stdout.strip() or "unknown"
+
+
 def _plain(value):
     return value if isinstance(value, (bool, int, float, str, type(None))) else str(value)
 
@@ -152,11 +167,7 @@ def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
 
 def record_launches(recorder: Recorder, dtypes: list[torch.dtype], shapes: list[str], ms: list[int]) -> None:
     """Runs the host launchers on meta tensors for every case; the recorder sees each kernel launch."""
-    from minilora._kernel_loader import load_kernels
-
-    kernels = load_kernels()
-    fused, nf4, tiles = kernels.fused_lora, kernels.nf4, kernels.tiles
-    tiles.META_SM_COUNT = TARGETS[recorder.arch]["sms"]  # split-K sizes as on the target
+    config = KernelConfig(meta_sm_count=TARGETS[recorder.arch]["sms"])  # split-K sizes as on the target
     meta = torch.device("meta")
 
     for dtype, name, m in itertools.product(dtypes, shapes, ms):
@@ -168,13 +179,13 @@ def record_launches(recorder: Recorder, dtypes: list[torch.dtype], shapes: list[
         lora_A = torch.empty(RANK, k, device=meta)
         lora_B = torch.empty(n, RANK, device=meta)
         dy = torch.empty(m, n, dtype=dtype, device=meta)
-        branch = tiles.branch_for(m, dtype)
+        branch = config.branch_for(m, dtype)
         recorder.label = f"forward {tag} ({branch})"
-        fused.base_lora_forward(x, pk, s, lora_B, 2.0, None)
+        fused_lora.base_lora_forward(x, pk, s, lora_B, 2.0, None, config=config)
         recorder.label = f"dX {tag} ({branch})"
-        fused.base_lora_dx(dy, pk, s, lora_A)
+        fused_lora.base_lora_dx(dy, pk, s, lora_A, config=config)
         recorder.label = f"dX with dropout {tag} ({branch})"
-        fused.base_lora_dx(dy, pk, None, None)
+        fused_lora.base_lora_dx(dy, pk, None, None, config=config)
     # The variants the Phi-3 shapes do not reach: a bias, plain (not double-quantized) absmax.
     n, k = PHI3[shapes[0]]
     for dtype, m in itertools.product(dtypes, (16, 256)):
@@ -183,26 +194,24 @@ def record_launches(recorder: Recorder, dtypes: list[torch.dtype], shapes: list[
         s = torch.empty(m, RANK, dtype=dtype, device=meta)
         lora_B = torch.empty(n, RANK, device=meta)
         recorder.label = f"forward + bias {tag}"
-        fused.base_lora_forward(x, _packed(n, k, True, meta), s, lora_B, 2.0, torch.empty(n, dtype=dtype, device=meta))
+        fused_lora.base_lora_forward(x, _packed(n, k, True, meta), s, lora_B, 2.0,
+                                     torch.empty(n, dtype=dtype, device=meta), config=config)
         recorder.label = f"forward, no double quant {tag}"
-        fused.base_lora_forward(x, _packed(n, k, False, meta), s, lora_B, 2.0, None)
+        fused_lora.base_lora_forward(x, _packed(n, k, False, meta), s, lora_B, 2.0, None, config=config)
         recorder.label = f"dequantize, no double quant {tag}"
         nf4.dequantize_packed(_packed(n, k, False, meta), dtype)
 
 
 def _packed(n: int, k: int, nested: bool, device: torch.device):
     """A Packed4bit with bitsandbytes' dtypes and sizes (blocksize 64, nested 256) and no data."""
-    from minilora._kernel_loader import load_kernels
-
-    Packed4bit = load_kernels().nf4.Packed4bit
     blocks = n * k // 64
     data = torch.empty((n * k + 1) // 2, dtype=torch.uint8, device=device)
     code = torch.empty(16, device=device)
     if not nested:
-        return Packed4bit(data, torch.empty(blocks, device=device), code, code, code, code, False, 64, 1, n, k)
-    return Packed4bit(data, torch.empty(blocks, dtype=torch.uint8, device=device), code,
-                      torch.empty(-(-blocks // 256), device=device), torch.empty(256, device=device),
-                      torch.empty((), device=device), True, 64, 256, n, k)
+        return nf4.Packed4bit(data, torch.empty(blocks, device=device), code, code, code, code, False, 64, 1, n, k)
+    return nf4.Packed4bit(data, torch.empty(blocks, dtype=torch.uint8, device=device), code,
+                          torch.empty(-(-blocks // 256), device=device), torch.empty(256, device=device),
+                          torch.empty((), device=device), True, 64, 256, n, k)
 
 
 def problems(compiled: list[Compiled], arch: int) -> list[str]:
@@ -265,11 +274,13 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", nargs="+", default=list(PHI3), choices=list(PHI3))
     p.add_argument("--ms", nargs="+", type=int, default=MS, help=f"rows M (default {MS})")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--out", help="also write the report as <out>/<date>-kernel-compile-sm<arch>-triton<x.y>.md "
+                                 "(e.g. benchmarks/results)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("kernel_compile: unset TRITON_INTERPRET: this compiles the kernels for the GPU", file=sys.stderr)
+        print("compile_check: unset TRITON_INTERPRET: this compiles the kernels for the GPU", file=sys.stderr)
         return 2
-    use_checkout()
+    import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.runtime.driver import driver
@@ -282,10 +293,15 @@ def main(argv=None) -> int:
     record_launches(recorder, [getattr(torch, d) for d in args.dtypes], args.shapes, args.ms)
     compiled = list(recorder.compiled.values())
     found = problems(compiled, args.arch)
-    print(markdown(compiled, args.arch, found, time.perf_counter() - t0))
+    report = markdown(compiled, args.arch, found, time.perf_counter() - t0)
+    print(report)
+    if args.out:
+        version = ".".join(triton.__version__.split(".")[:2])
+        path = Path(args.out) / f"{datetime.date.today()}-kernel-compile-sm{args.arch}-triton{version}.md"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(report)
+        print(f"wrote {path}")
     if args.json:
-        import triton
-
         Path(args.json).write_text(json.dumps({"arch": args.arch, "target": TARGETS[args.arch]["name"],
                                                "triton": triton.__version__, "commit": git_commit(),
                                                "kernels": [asdict(c) for c in compiled], "problems": found},

@@ -4,12 +4,12 @@ Three systems train the same base (a Phi-3 architecture with random weights, sav
 each from disk) on the same synthetic batches with the same optimizer, learning rate, seed, dropout
 masks and initial LoRA weights:
 
-    ours      minilora: load_base (NF4, double quant) + add_lora + enable_recompute, loss_sum (chunked,
-              target tokens only), the hand-written step (train_systems.hand_loop)
+    ours      minilora itself: the recipe as a minilora.training.config.TrainConfig, the model and
+              minilora.training.loop.TrainingLoop built as the training job builds them (load_base NF4 +
+              double quant, add_lora, enable_recompute), and the loop's own train_step() driven step by step
     ref_loop  transformers 4-bit (BitsAndBytesConfig nf4, double quant) + prepare_model_for_kbit_training
               + PEFT LoraConfig + gradient checkpointing (use_reentrant=False), the model's own loss
-              (`model(..., labels=...)`: full logits, as users run it), the SAME hand-written step:
-              the difference to `ours` is the model, not the loop
+              (`model(..., labels=...)`: full logits, as users run it), in a hand-written reference step
     trainer   the same reference model trained by transformers.Trainer, as users run it
 
 Per system: training tokens/s (median over the steps after warm-up), peak memory (GPU: max allocated
@@ -17,30 +17,29 @@ and reserved; CPU: peak RSS while training), time to first step (from the start 
 of optimizer step 1) and the loss at every step. The losses must agree within a tolerance, or the
 speed means nothing. On GPU also the model FLOPs utilisation (formula in train_setup.FLOPS_FORMULA).
 For ours and ref_loop, two extra steps (after the timed ones) run under torch.profiler: where the time
-goes, summed by category (GEMMs, NF4 dequant, attention, dropout, ...; step_profile.py).
+goes, summed by category (GEMMs, NF4 dequant, attention, dropout, ...; benchmarks.step_profile).
 
 Each system runs in its own process (clean peak memory; an OOM or crash costs only that system);
 the parent writes <out>/<date>-<device>-train.json and .md after each one, so a timeout keeps data.
+From the repository root:
 
-    python benchmarks/bench_train.py --quick                      # CPU: small Phi-3, < 5 min on 2 cores
-    python benchmarks/bench_train.py                              # GPU: Phi-3-mini at seq 2048 and 512
-    python benchmarks/bench_train.py --seqs 2048 --out DIR --budget-s 300
-    python benchmarks/plot.py benchmarks/results/<date>-<device>-train.json
+    python -m benchmarks.train --quick                      # CPU: small Phi-3, < 5 min on 2 cores
+    python -m benchmarks.train                              # GPU: Phi-3-mini at seq 2048 and 512
+    python -m benchmarks.train --seqs 2048 --out DIR --budget-s 300
+    python -m benchmarks.plot benchmarks/results/<date>-<device>-train.json
 
-This file plans the runs, starts each system's process and writes the files. The rest lives beside it:
-train_setup.py (the models, recipe, synthetic data and FLOP formula all systems share), train_systems.py
-(one system built, trained and measured: the child process), step_profile.py (the profiled step),
-train_report.py (rounds merged, ratios, loss parity, goals, the JSON and Markdown), common.py (commit,
-device, versions, date: shared with bench_kernels.py).
+This module plans the runs, starts each system's process and writes the files. The rest lives beside it:
+train_setup (the models, recipe, synthetic data and FLOP formula all systems share), train_systems (one
+system built, trained and measured: the child process), ours (minilora built and driven as train.py does),
+step_profile (the profiled steps), train_report (rounds merged, ratios, loss parity, goals, the report),
+harness (the environment record and the results writer every benchmark uses).
 """
 
 import argparse
-import datetime
 import json
 import logging
 import math
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -51,14 +50,9 @@ from pathlib import Path
 
 import torch
 
-# The benchmark's modules import each other by name: benchmarks/ is sys.path[0] when this runs as a script;
-# loaded from its file path (the tests), it puts the folder there itself.
-HERE = str(Path(__file__).resolve().parent)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-from common import ROOT, device_name, git_commit, now, use_checkout, versions  # noqa: E402
-from train_report import NOTES, compare, markdown, memory_mib, merge_rounds, show, write  # noqa: E402
-from train_setup import (  # noqa: E402
+from .harness import RESULTS_DIR, ROOT, environment
+from .train_report import NOTES, compare, markdown, memory_mib, merge_rounds, show, write
+from .train_setup import (
     FLOPS_FORMULA,
     LORA,
     LR,
@@ -72,7 +66,7 @@ from train_setup import (  # noqa: E402
     phi3_config,
     saved_model,
 )
-from train_systems import child_main  # noqa: E402
+from .train_systems import child_main
 
 # Rows per step: GPU sizes fit an H100 80 GB; 256 is the CPU quick size (one row keeps a step ~1-2 s).
 BATCH_FOR_SEQ = {256: 1, 512: 16, 1024: 8, 2048: 4, 4096: 2}
@@ -81,7 +75,7 @@ MIN_RUN_S = {True: 20, False: 60}  # by --quick: a system's process takes at lea
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="CPU-sized: model cpu-small, seq 256, batch 1, 8 steps (2 warm-up), 2 rounds")
@@ -95,7 +89,7 @@ def parse_args(argv=None):
                         "drifts; 1 GPU)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS),
                    help="ours always runs first: the references start from its initial LoRA weights")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"), help="folder for the results files")
+    p.add_argument("--out", default=str(RESULTS_DIR), help="folder for the results files")
     p.add_argument("--budget-s", type=float,
                    help="start no system that would end after this many seconds; results so far are kept "
                         f"(default {QUICK_BUDGET_S}s with --quick, none otherwise)")
@@ -109,26 +103,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def environment(device: torch.device, threads: int) -> dict:
-    return {"device": device.type, "device_name": device_name(device), "cpu_count": os.cpu_count(),
-            "torch_threads": threads, "python": platform.python_version(),
-            **versions("torch", "transformers", "bitsandbytes", "peft"), "commit": git_commit(), "date": now(),
-            "argv": sys.argv, "load_avg_at_start": os.getloadavg()}
-
-
-def device_slug(env: dict) -> str:
-    if env["device"] == "cpu":
-        return "cpu"
-    name = env["device_name"].lower().replace("nvidia", "")
-    return "-".join("".join(c if c.isalnum() else " " for c in name).split()) or "gpu"
-
-
-def make_spec(model_dir: Path, device: torch.device, seq: int, batch: int, steps: int, vocab: int,
-              work: Path, profile: bool = False) -> dict:
+def make_spec(model_dir: Path, device: torch.device, seq: int, batch: int, steps: int, config, work: Path,
+              profile: bool = False) -> dict:
     """Everything a system's process needs, JSON-serialisable."""
     return {"model_dir": str(model_dir), "device": str(device), "profile": profile,
             "precision": "bf16" if device.type == "cuda" else "fp32", "seq": seq, "batch": batch, "steps": steps,
-            "lr": LR, "seed": SEED, "vocab": vocab, "threads": torch.get_num_threads(),
+            "lr": LR, "seed": SEED, "vocab": config.vocab_size, "pad_id": config.pad_token_id,
+            "threads": torch.get_num_threads(),
             "init_dir": str(work / "init_adapter"), "work_dir": str(work)}
 
 
@@ -154,11 +135,12 @@ def run_child(system: str, spec: dict, work: Path, timeout_s: float) -> dict:
     spec_path, out_path, log_path = work / "spec.json", work / f"{system}.json", work / f"{system}.log"
     spec_path.write_text(json.dumps(spec, indent=1))
     out_path.unlink(missing_ok=True)  # never read an earlier round's result as this one's
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", system, "--spec", str(spec_path),
+    cmd = [sys.executable, "-m", "benchmarks.train", "--child", system, "--spec", str(spec_path),
            "--child-out", str(out_path)]
     with open(log_path, "w") as log:
         try:
-            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s, cwd=work).returncode
+            rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s,
+                                cwd=ROOT).returncode
         except subprocess.TimeoutExpired:
             return {"system": system, "status": f"TIMEOUT after {timeout_s:.0f}s (budget)"}
     if out_path.is_file():
@@ -170,7 +152,6 @@ def run_child(system: str, spec: dict, work: Path, timeout_s: float) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    use_checkout()  # an uninstalled checkout: minilora from the working tree, here and in the children
     # bitsandbytes logs a missing optional CPU-inference kernel on import; that path is switched off.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if args.child:
@@ -190,19 +171,17 @@ def main(argv=None) -> int:
     deadline = started + budget
     systems = ["ours"] + [s for s in args.systems if s != "ours"]
 
-    env = environment(device, torch.get_num_threads())
-    stem = f"{datetime.date.today()}-{device_slug(env)}-train"
+    env = environment(device)
     out = Path(args.out)
     import minilora
 
     precision = "bf16" if cuda else "fp32"
-    results = {"env": env, "settings": {"model": model_name, "seqs": seqs, "steps": steps, "warmup": warmup,
-                                        "lr": LR, "seed": SEED, "precision": precision, "lora": LORA,
-                                        "targets": list(minilora.DEFAULT_TARGETS), "quick": quick,
-                                        "rounds": rounds, "budget_s": budget},
-               "flops_formula": FLOPS_FORMULA, "notes": NOTES, "runs": []}
+    settings = {"model": model_name, "seqs": seqs, "steps": steps, "warmup": warmup, "lr": LR, "seed": SEED,
+                "precision": precision, "lora": LORA, "targets": list(minilora.DEFAULT_TARGETS), "quick": quick,
+                "rounds": rounds, "budget_s": budget}
+    results = {"environment": env, "settings": settings, "flops_formula": FLOPS_FORMULA, "notes": NOTES, "runs": []}
     print(f"{env['device_name']}: {model_name}, seqs {seqs}, {steps} steps ({warmup} warm-up), {rounds} round(s), "
-          f"{precision}; load average {env['load_avg_at_start'][0]:.2f}", flush=True)
+          f"{precision}; load average {env['load_avg'][0]:.2f}", flush=True)
     t0 = time.monotonic()
     model_dir = saved_model(model_name, torch.bfloat16 if cuda else torch.float32, device, Path(args.model_cache))
     print(f"base model: {model_dir} ({time.monotonic() - t0:.0f}s)", flush=True)
@@ -213,7 +192,7 @@ def main(argv=None) -> int:
             work = work_root / f"seq{seq}"
             work.mkdir()
             spec = make_spec(model_dir, device, seq, args.batch or BATCH_FOR_SEQ.get(seq, max(1, 8192 // seq)),
-                             steps, config.vocab_size, work, args.profile)
+                             steps, config, work, args.profile)
             run = new_run(model_name, config, spec, env["device_name"])
             results["runs"].append(run)
             for rnd in range(rounds):
@@ -230,7 +209,7 @@ def main(argv=None) -> int:
                         res = run_child(system, spec, work, left)
                         res.update(round=rnd + 1, wall_s=time.monotonic() - t, load_avg_after=os.getloadavg())
                     record(run, res, warmup)
-                    write(results, out, stem)
+                    write(results, out)
                     rate = statistics.median(res["tokens_per_step"] / s for s in res["step_s"][warmup:]) \
                         if len(res.get("step_s", [])) > warmup else None
                     print(f"seq {seq} round {rnd + 1} {system:8s} {res['status']:>4s}  {show(rate, '{:,.0f}')} tokens/s"
@@ -242,7 +221,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work_root, ignore_errors=True)
     results["wall_s"] = time.monotonic() - started
-    path = write(results, out, stem)
+    path = write(results, out)
     print(markdown(results))
     print(f"wrote {path} and {path.with_suffix('.md')} ({results['wall_s']:.0f}s)")
     counts = {k: sum(g["status"] == k for g in results["goals"]) for k in ("PASS", "FAIL", "n/a")}

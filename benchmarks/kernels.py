@@ -8,19 +8,18 @@ For each Phi-3-mini LoRA target shape and M (rows = batch x tokens), forward and
             without quantization, which ours should match at large M
 First (cheap, and a goal of its own) the NF4 dequant alone against bitsandbytes' CUDA kernel, at a
 few launch sizes. Then, in priority order while --budget-s lasts: the time of each dispatch branch
-per M (forward and dX) to set SMALL_M_MAX / LARGE_M_MIN from, and a small tile sweep of the split-K
+per M (forward and dX) to set KernelConfig's small_m_max / large_m_min from, and a small tile sweep of the split-K
 kernel at M <= 16.
 
 Times are CUDA-event medians with p20/p80 (triton.testing.do_bench, L2 flushed before each run), in
-ms. Writes <out>/kernels.json (rows + device, versions, commit, date) and <out>/kernels.md (ratio
-tables, goal checks, crossovers), rewritten after each shape so a timeout still leaves data.
+ms. Writes <out>/<date>-<gpu>-kernels.json (rows, settings, environment) and .md (ratio tables, goal
+checks, crossovers), rewritten after each shape so a timeout still leaves data. From the repository root:
 
-    python benchmarks/bench_kernels.py --out benchmarks/results/gpu-DATE [--quick] [--budget-s 200]
+    python -m benchmarks.kernels --out benchmarks/results/gpu-DATE [--quick] [--budget-s 200]
 """
 
 import argparse
 import datetime
-import json
 import sys
 import time
 from functools import partial
@@ -28,19 +27,16 @@ from pathlib import Path
 
 import torch
 
-# benchmarks/ is sys.path[0] when this runs as a script; loaded from its file path, it puts the folder there.
-HERE = str(Path(__file__).resolve().parent)
-if HERE not in sys.path:
-    sys.path.insert(0, HERE)
-from common import ROOT, device_name, git_commit, now, use_checkout, versions  # noqa: E402
+from .harness import RESULTS_DIR, environment, write_results
 
-# (N out, K in) of the four Phi-3-mini linears LoRA targets (ANCHORS.md).
+# (N out, K in) of the four Phi-3-mini linears LoRA targets (hidden 3072, intermediate 8192, 32 heads of 96:
+# https://huggingface.co/microsoft/Phi-3-mini-4k-instruct/blob/main/config.json).
 PHI3 = {"qkv_proj": (9216, 3072), "o_proj": (3072, 3072), "gate_up_proj": (16384, 3072),
         "down_proj": (3072, 8192)}
 MS = [1, 16, 64, 256, 1024, 4096, 8192]
 QUICK_MS = [1, 16, 256, 4096]
 QUICK_SHAPES = ["qkv_proj", "down_proj"]
-RANK, SCALE = 8, 2.0  # r=8, alpha=16: the seed recipe
+RANK, SCALE = 8, 2.0  # r=8, alpha=16: minilora's default recipe
 DEVICE, DTYPE = "cuda", torch.bfloat16
 # Goals (from the project brief): small M is where fusing the dequant pays; large M must not lose
 # to cuBLAS on a plain bf16 weight.
@@ -52,7 +48,7 @@ DEQUANT_SWEEP = [(1024, 4), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.kernels", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results/gpu-<date>)")
     p.add_argument("--quick", action="store_true",
@@ -216,32 +212,28 @@ def branches(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
 
 def splitk_tiles(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
     """Split-K forward at M <= 16 over a few (bm, bn, bk, split): what the defaults should pick."""
-    fused, tiles = K.fused_lora, K.tiles
+    fused = K.fused_lora
     n, k = PHI3[name]
     base, _ = layer
     pk = K.nf4.pack_state(base.weight.data, base.weight.quant_state)
     g = torch.Generator(device=DEVICE).manual_seed(3)
     b = torch.randn(n, RANK, device=DEVICE, generator=g) * 0.02
-    orig = tiles.fwd_config
-    try:
-        for m in [v for v in ms if v <= GOAL_SMALL_M]:
-            x = torch.randn(m, k, device=DEVICE, dtype=DTYPE, generator=g)
-            s = torch.randn(m, RANK, device=DEVICE, dtype=DTYPE, generator=g)
-            for bm, bn, bk in SPLITK_SWEEP:
-                for split in (1, 2, 4, 8):
-                    if not bench.time_left():
-                        return
-                    cfg = tiles.TileConfig(bm, bn, bk, split=split, num_warps=4, num_stages=4)
-                    tiles.fwd_config = lambda *_, cfg=cfg: cfg
-                    with torch.no_grad():
-                        t = bench.measure(partial(fused.base_lora_forward, x, pk, s, b, SCALE, None, "splitk"))
-                    bench.rows.append({"kind": "splitk_tiles", "shape": name, "n": n, "k": k, "m": m,
-                                       "impl": f"bm{bm}-bn{bn}-bk{bk}-split{split}", "mode": "fwd", **t})
-    finally:
-        tiles.fwd_config = orig
+    for m in [v for v in ms if v <= GOAL_SMALL_M]:
+        x = torch.randn(m, k, device=DEVICE, dtype=DTYPE, generator=g)
+        s = torch.randn(m, RANK, device=DEVICE, dtype=DTYPE, generator=g)
+        for bm, bn, bk in SPLITK_SWEEP:
+            for split in (1, 2, 4, 8):
+                if not bench.time_left():
+                    return
+                tiles = K.TileConfig(bm, bn, bk, split=split, num_warps=4, num_stages=4)
+                config = K.KernelConfig(fwd_tiles=tiles)
+                with torch.no_grad():
+                    t = bench.measure(partial(fused.base_lora_forward, x, pk, s, b, SCALE, None, "splitk", config))
+                bench.rows.append({"kind": "splitk_tiles", "shape": name, "n": n, "k": k, "m": m,
+                                   "impl": f"bm{bm}-bn{bn}-bk{bk}-split{split}", "mode": "fwd", **t})
 
 
-def markdown(meta: dict, rows: list[dict]) -> tuple[str, list[str]]:
+def markdown(env: dict, meta: dict, rows: list[dict]) -> tuple[str, list[str]]:
     """The report and the goal-check lines."""
     def get(kind, shape, m, impl, mode):
         for r in rows:
@@ -249,9 +241,9 @@ def markdown(meta: dict, rows: list[dict]) -> tuple[str, list[str]]:
                 return r["ms"]
         return None
 
-    lines = [f"# Kernel benchmark: {meta['device']}", "",
-             f"torch {meta['torch']}, triton {meta['triton']}, bitsandbytes {meta['bitsandbytes']}, "
-             f"commit {meta['commit']}, {meta['date']}. LoRA r={RANK}, scale {SCALE}, dropout "
+    lines = [f"# Kernel benchmark: {env['device_name']}", "",
+             f"torch {env['torch']}, triton {env['triton']}, bitsandbytes {env['bitsandbytes']}, "
+             f"commit {env['commit']}, {env['date']}. LoRA r={RANK}, scale {SCALE}, dropout "
              f"{meta['dropout']}. Median ms (CUDA events, L2 flushed). Ratios > 1: ours is faster.", ""]
     shapes = list(dict.fromkeys(r["shape"] for r in rows))
     goals = []
@@ -316,8 +308,8 @@ def markdown(meta: dict, rows: list[dict]) -> tuple[str, list[str]]:
                 if best_by_m:
                     lines.append(f"| {shape} | | {mode} best | " + ", ".join(
                         f"M={m}: {b}" for m, b in best_by_m.items()) + " | | |")
-        lines += ["", "Set SMALL_M_MAX to the largest M where splitk wins and LARGE_M_MIN to the smallest "
-                  "M where dequant wins (kernels/tiles.py).", ""]
+        lines += ["", "Set small_m_max to the largest M where splitk wins and large_m_min to the smallest "
+                  "M where dequant wins (KernelConfig in kernels/tiles.py).", ""]
 
     tile_rows = [r for r in rows if r["kind"] == "splitk_tiles"]
     if tile_rows:
@@ -332,30 +324,27 @@ def markdown(meta: dict, rows: list[dict]) -> tuple[str, list[str]]:
     return "\n".join(lines), goals
 
 
-def write(out: Path, meta: dict, rows: list[dict]) -> list[str]:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "kernels.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    text, goals = markdown(meta, rows)
-    (out / "kernels.md").write_text(text)
-    return goals
+def write(out: Path, env: dict, meta: dict, rows: list[dict]) -> tuple[Path, list[str]]:
+    """The results file and report (benchmarks.harness.write_results); returns its path and the goal lines."""
+    text, goals = markdown(env, meta, rows)
+    return write_results("kernels", {"environment": env, "settings": meta, "rows": rows}, text, out_dir=out), goals
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("no CUDA: skipped (bench_kernels.py measures GPU kernels)")
+        print("no CUDA: skipped (benchmarks.kernels measures GPU kernels)")
         return 0
-    use_checkout()  # an uninstalled checkout: minilora from the working tree
-    from minilora._kernel_loader import load_kernels
+    import minilora.kernels as K
 
-    K = load_kernels()
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"gpu-{datetime.date.today()}")
+    out = Path(args.out or RESULTS_DIR / f"gpu-{datetime.date.today()}")
     shapes = args.shapes or (QUICK_SHAPES if args.quick else list(PHI3))
     ms = args.ms or (QUICK_MS if args.quick else MS)
-    meta = {"device": device_name(torch.device(DEVICE)), **versions("torch", "triton", "bitsandbytes"),
-            "commit": git_commit(), "date": now(), "dropout": args.dropout,
+    env = environment(DEVICE)
+    meta = {"dropout": args.dropout,
             "rank": RANK, "scale": SCALE, "quick": args.quick, "argv": sys.argv,
-            "thresholds": {"SMALL_M_MAX": K.tiles.SMALL_M_MAX, "LARGE_M_MIN": K.tiles.LARGE_M_MIN}}
+            "thresholds": {"small_m_max": K.DEFAULT_CONFIG.small_m_max,
+                           "large_m_min": K.DEFAULT_CONFIG.large_m_min}}
     bench = Bench(args)
     layers = {}
     passes = [dequant, compare] if args.no_sweeps else [dequant, compare, branches, splitk_tiles]  # by priority
@@ -364,14 +353,14 @@ def main(argv=None) -> int:
             if name not in layers:
                 layers[name] = make_layer(name)
             run_pass(bench, K, name, layers[name], ms)
-            write(out, meta, bench.rows)
+            write(out, env, meta, bench.rows)
             if bench.out_of_time:
                 break
         if bench.out_of_time:
             print(f"budget of {args.budget_s:.0f}s spent in {run_pass.__name__}: partial results")
             break
-    goals = write(out, {**meta, "complete": not bench.out_of_time}, bench.rows)
-    print(f"wrote {out / 'kernels.json'} and {out / 'kernels.md'}")
+    path, goals = write(out, env, {**meta, "complete": not bench.out_of_time}, bench.rows)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
     print("GOALS:")
     for line in goals:
         print("  " + line)

@@ -1,0 +1,204 @@
+"""Stream a JSONL file through validation and tokenization into a token store, over worker processes.
+
+The main process reads the file in chunks of lines and hands them to workers (forked, so they share
+the tokenizer without pickling it); each worker parses, validates and tokenizes its chunk and sends
+back flat arrays, which the main process appends to the store in file order. At most a few chunks
+are in flight, so memory stays bounded whatever the file's size. A bad line stops the run with the
+first bad line's `file:line` (as a sequential read would report it), and the caller removes the
+half-written folder.
+"""
+
+import os
+import time
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from minilora.data.records import BadLine, check_file, check_record, first_record, iter_lines, no_valid_line
+from minilora.data.store import StoreWriter
+from minilora.data.tokenize import Encoder, has_chat_template
+from minilora.errors import DataError
+
+CHUNK_LINES = 512
+# Below this size a file is prepared in the calling process: starting workers costs more than it saves.
+PARALLEL_MIN_BYTES = 4 << 20
+
+
+@dataclass
+class Job:
+    """What every chunk needs: the file's format (decided on line `first`) and how to tokenize."""
+
+    fmt: str
+    first: int
+    seq_len: int
+    skip_bad_lines: bool
+    encoder: Encoder | None  # None: validate only (chat data without a chat template)
+    ids_dtype: np.dtype  # the store's: a chunk's ids travel back from its worker in it
+
+
+@dataclass
+class Chunk:
+    n_valid: int = 0
+    skipped: list = field(default_factory=list)  # (line, reason)
+    error: tuple[int, str] | None = None  # the first bad line when not skipping
+    ids: np.ndarray | None = None  # (sum(lengths),) flat
+    trained: np.ndarray | None = None  # (sum(lengths),) bool
+    lengths: np.ndarray | None = None  # (n,)
+    lines: np.ndarray | None = None  # (n,)
+    targets: np.ndarray | None = None  # (n,)
+    n_truncated: int = 0
+    n_dropped: int = 0
+
+
+def process_chunk(job: Job, lines: list[tuple[int, bytes]]) -> Chunk:
+    chunk, records, record_lines = Chunk(), [], []
+    for lineno, line in lines:
+        try:
+            records.append(check_record(line, lineno, job.fmt, job.first))
+            record_lines.append(lineno)
+        except BadLine as bad:
+            if not job.skip_bad_lines:
+                chunk.error = (lineno, str(bad))
+                return chunk
+            chunk.skipped.append((lineno, str(bad)))
+    chunk.n_valid = len(records)
+    if job.encoder is None or not records:
+        return chunk
+    ids, trained, lengths, kept_lines, targets = [], [], [], [], []
+    for (example_ids, example_trained), lineno in zip(job.encoder.encode(records), record_lines, strict=True):
+        truncated = len(example_ids) > job.seq_len
+        example_ids, example_trained = example_ids[: job.seq_len], example_trained[: job.seq_len]
+        n_targets = int(example_trained[1:].sum())  # = count_targets of its labels: the first is never predicted
+        if n_targets == 0:
+            chunk.n_dropped += 1
+            continue
+        chunk.n_truncated += truncated
+        ids.append(example_ids)
+        trained.append(example_trained)
+        lengths.append(len(example_ids))
+        kept_lines.append(lineno)
+        targets.append(n_targets)
+    chunk.ids = np.concatenate(ids).astype(job.ids_dtype) if ids else np.zeros(0, dtype=job.ids_dtype)
+    chunk.trained = np.concatenate(trained) if trained else np.zeros(0, dtype=bool)
+    chunk.lengths, chunk.lines = np.array(lengths, dtype=np.int64), np.array(kept_lines, dtype=np.int64)
+    chunk.targets = np.array(targets, dtype=np.int64)
+    return chunk
+
+
+_WORKER_JOB: Job | None = None  # a worker process's job, set once when the pool starts it
+
+
+def _start_worker(job: Job) -> None:
+    global _WORKER_JOB
+    _WORKER_JOB = job
+    # One tokenizer thread per worker: the workers already use every core.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+
+
+def _worker_chunk(lines: list[tuple[int, bytes]]) -> Chunk:
+    return process_chunk(_WORKER_JOB, lines)
+
+
+def _chunks(path: Path, first: int):
+    batch = []
+    for lineno, line in iter_lines(path):
+        if lineno < first:
+            continue
+        batch.append((lineno, line))
+        if len(batch) == CHUNK_LINES:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _ordered_results(job: Job, path: Path, workers: int):
+    """Chunks' results in file order, computed in `workers` processes (or here when workers <= 1)."""
+    if workers <= 1:
+        for lines in _chunks(path, job.first):
+            yield len(lines), process_chunk(job, lines)
+        return
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_start_worker,
+                             initargs=(job,)) as pool:
+        pending = deque()
+        try:
+            for lines in _chunks(path, job.first):
+                pending.append((len(lines), pool.submit(_worker_chunk, lines)))
+                if len(pending) >= 2 * workers:
+                    n, future = pending.popleft()
+                    yield n, future.result()
+            while pending:
+                n, future = pending.popleft()
+                yield n, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
+def count_lines(path: Path) -> int:
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            n += block.count(b"\n")
+    return n + 1
+
+
+def default_workers(path: Path) -> int:
+    if path.stat().st_size < PARALLEL_MIN_BYTES:
+        return 0
+    return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _fill(job: Job, path: Path, writer: StoreWriter, skipped: list, workers: int | None, progress: bool) -> dict:
+    counts = {"n_valid": 0, "n_truncated": 0, "n_dropped": 0}
+    # Shown after a second only (a small file prints nothing) and cleared when done, so that an error
+    # found on the way is still the one line the user reads.
+    with tqdm(total=count_lines(path), desc=f"data {path.name}", unit="ex", disable=not progress,
+              dynamic_ncols=True, mininterval=0.5, delay=1.0, leave=False) as bar:
+        bar.update(job.first - 1)
+        for n_lines, chunk in _ordered_results(job, path, default_workers(path) if workers is None else workers):
+            if chunk.error is not None:
+                raise DataError(path, *chunk.error)
+            skipped += chunk.skipped
+            for key in counts:
+                counts[key] += getattr(chunk, key)
+            if chunk.lengths is not None and len(chunk.lengths):
+                writer.append(chunk.ids, chunk.trained, chunk.lengths, chunk.lines, chunk.targets)
+            bar.update(n_lines)
+    return counts
+
+
+def prepare(path: Path, tokenizer, seq_len: int, skip_bad_lines: bool, folder: Path, workers: int | None = None,
+            progress: bool = False) -> dict:
+    """Validate and tokenize `path` into a store in `folder`; returns the store's meta (see store.py)."""
+    started = time.perf_counter()
+    check_file(path)
+    fmt, first, skipped = first_record(path, skip_bad_lines)
+    encoder = Encoder(tokenizer, fmt) if fmt != "chat" or has_chat_template(tokenizer) else None
+    # Ids may run past len(tokenizer) where a vocabulary has gaps: size the dtype by the largest id.
+    writer = StoreWriter(folder, max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1))
+    job = Job(fmt, first, seq_len, skip_bad_lines, encoder, writer.dtype)
+    try:
+        counts = _fill(job, path, writer, skipped, workers, progress)
+    except BaseException:
+        writer.close()
+        raise
+    if not counts["n_valid"]:
+        writer.close()
+        raise no_valid_line(path, skipped)
+    if encoder is None:
+        writer.close()
+        raise DataError(path, None, "chat-format data needs a tokenizer with a chat template, and this one has none")
+    if writer.n_examples == 0:
+        writer.close()
+        raise DataError(path, None, f"no example has a response token within --seq-len {seq_len} (the prompts are "
+                                    "too long); raise --seq-len or shorten the prompts")
+    meta = {"source": str(path), "fmt": fmt, "seq_len": seq_len, "n_lines": counts["n_valid"] + len(skipped),
+            "n_truncated": counts["n_truncated"], "n_dropped": counts["n_dropped"], "skipped": skipped,
+            "prepare_s": round(time.perf_counter() - started, 3)}
+    return writer.finish(meta)

@@ -1,0 +1,264 @@
+"""Records -> token ids with a trained-token mask, many records per call into the Rust tokenizer.
+
+Plain formats tokenize their pieces separately (the prompt with the tokenizer's special tokens, the
+response without, then eos), as a user's prompt and the model's answer are separate texts. A chat
+conversation (and an alpaca record, when the tokenizer has a chat template) is rendered ONCE, with
+each message's content replaced by a marker that is swapped back afterwards, so the rendering also
+says where every content starts and ends. Its trained spans are the assistant turns: from where the
+template's generation prompt ends (the content start) to where a rendering that stopped after that
+turn would end (the content, then as much of the template's closing text as the full rendering
+shares, e.g. `<|end|>\n`, and eos after the last turn). Tokens are found from character positions
+in that one tokenization.
+
+That shortcut holds for templates that insert contents verbatim and render a shorter history as a
+prefix of a longer one. `ChatTemplateProbe` checks this once per tokenizer on a few conversations,
+against the definition itself (render each prefix, compare); a template that fails it (or a record
+whose text contains the markers) takes that definition per turn: slower, same result.
+"""
+
+import re
+
+import numpy as np
+
+from minilora.data.examples import IGNORE_INDEX
+from minilora.errors import UserError
+
+# Used for alpaca records when the tokenizer has no chat template (the Stanford Alpaca layout).
+PLAIN_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"
+PLAIN_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+
+# Private-use characters (never produced by tokenizers' special tokens) around a message index.
+MARK_OPEN, MARK_CLOSE = "\ue000", "\ue001"
+_MARK = re.compile(f"{MARK_OPEN}(\\d+){MARK_CLOSE}")
+
+
+def alpaca_messages(record: dict) -> list[dict]:
+    """An alpaca record as a user/assistant exchange: instruction, blank line, input (if any)."""
+    user = record["instruction"] + (f"\n\n{record['input']}" if record.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": record["output"]}]
+
+
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _marked_render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]] | None:
+    """(text, [(content start, end)] per message) from one rendering, or None if the markers clash."""
+    if any(MARK_OPEN in m["content"] or MARK_CLOSE in m["content"] for m in messages):
+        return None
+    marked = [{**m, "content": f"{MARK_OPEN}{i}{MARK_CLOSE}"} for i, m in enumerate(messages)]
+    pieces = _MARK.split(_render(tokenizer, marked, False))  # text, index, text, index, ..., text
+    if [int(i) for i in pieces[1::2]] != list(range(len(messages))):
+        return None  # the template dropped, repeated or reordered a message
+    text, spans = [pieces[0]], []
+    pos = len(pieces[0])
+    for k, message in enumerate(messages):
+        spans.append((pos, pos + len(message["content"])))
+        text += [message["content"], pieces[2 * k + 2]]
+        pos += len(message["content"]) + len(pieces[2 * k + 2])
+    return "".join(text), spans
+
+
+class ChatTemplateProbe:
+    """Whether the one-rendering spans equal the per-turn definition for this template, and the text a
+    rendering adds after a final assistant content (`tail`)."""
+
+    CONVERSATIONS = (
+        (("user", " q1\n"), ("assistant", "a1 ")),
+        (("system", "s\n"), ("user", "q1"), ("assistant", "\na1"), ("user", " q2 "), ("assistant", "a2")),
+        (("user", "q1"), ("assistant", "a1"), ("user", "q2")),
+    )
+
+    def __init__(self, tokenizer):
+        self.tail: str | None = None
+        try:
+            self.regular = all(self._check([{"role": r, "content": c} for r, c in conv], tokenizer)
+                               for conv in self.CONVERSATIONS)
+        except Exception:  # a template that rejects a probe shape: use the per-turn definition
+            self.regular = False
+
+    def _check(self, messages: list[dict], tokenizer) -> bool:
+        full = _render(tokenizer, messages, False)
+        marked = _marked_render(tokenizer, messages)
+        if marked is None or marked[0] != full:
+            return False
+        for i, (start, end) in enumerate(marked[1]):
+            if messages[i]["role"] != "assistant":
+                continue
+            if _render(tokenizer, messages[:i], True) != full[:start]:
+                return False
+            upto = _render(tokenizer, messages[: i + 1], False)
+            if upto[:end] != full[:end] or self.tail not in (None, upto[end:]):
+                return False
+            self.tail = upto[end:]
+        return True
+
+
+class Encoder:
+    """Tokenizes records of one format for one tokenizer: `encode(records)` -> [(ids, trained)]."""
+
+    def __init__(self, tokenizer, fmt: str):
+        self.tokenizer, self.fmt = tokenizer, fmt
+        self.eos = tokenizer.eos_token_id
+        self.chat = fmt == "chat" or (fmt == "alpaca" and has_chat_template(tokenizer))
+        if fmt == "chat" and not has_chat_template(tokenizer):
+            raise UserError("chat-format data needs a tokenizer with a chat template, and this one has none")
+        self.backend = _plain_backend(tokenizer)
+        self.probe = ChatTemplateProbe(tokenizer) if self.chat and self.backend is not None else None
+
+    def _encode(self, texts: list[str], special: bool, offsets: bool = False) -> list:
+        """Encodings as the tokenizer's __call__ would produce them: `.ids`, and `.char_to_token` with
+        `offsets` (which costs the Rust tokenizer about half as much again)."""
+        if self.backend is not None:
+            if offsets or not hasattr(self.backend, "encode_batch_fast"):
+                return self.backend.encode_batch(texts, add_special_tokens=special)
+            return self.backend.encode_batch_fast(texts, add_special_tokens=special)
+        return [_IdsOnly(ids) for ids in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
+
+    def _with_eos(self, ids: list[int]) -> list[int]:
+        return ids + [self.eos] if self.eos is not None and (not ids or ids[-1] != self.eos) else ids
+
+    def encode(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per record: (ids (T,) int64, trained (T,) bool), untruncated."""
+        if self.chat:
+            return self._encode_chats([r["messages"] if self.fmt == "chat" else alpaca_messages(r) for r in records])
+        if self.fmt == "text":
+            out = []
+            for enc in self._encode([r["text"] for r in records], special=True):
+                ids = np.array(self._with_eos(enc.ids), dtype=np.int64)
+                out.append((ids, np.ones(len(ids), dtype=bool)))
+            return out
+        if self.fmt == "alpaca":
+            prompts = [(PLAIN_PROMPT_WITH_INPUT if r.get("input") else PLAIN_PROMPT).format(**r) for r in records]
+            responses = [r["output"] for r in records]
+        elif self.fmt == "prompt_completion":
+            prompts, responses = [r["prompt"] for r in records], [r["completion"] for r in records]
+        else:
+            raise ValueError(f"unknown data format {self.fmt!r}")
+        out = []
+        for p, r in zip(self._encode(prompts, True), self._encode(responses, False), strict=True):
+            response = self._with_eos(r.ids)
+            ids = np.array(p.ids + response, dtype=np.int64)
+            out.append((ids, np.repeat([False, True], [len(p.ids), len(response)])))
+        return out
+
+    def _encode_chats(self, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        out: list = [None] * len(conversations)
+        rendered = {}
+        if self.probe is not None and self.probe.regular:
+            for k, messages in enumerate(conversations):
+                marked = _marked_render(self.tokenizer, messages)
+                if marked is not None:
+                    rendered[k] = marked
+        keys = list(rendered)
+        for k, enc in zip(keys, self._encode([rendered[k][0] for k in keys], False, offsets=True), strict=True):
+            out[k] = self._one_rendering_spans(conversations[k], *rendered[k], enc)
+        for k, messages in enumerate(conversations):
+            if out[k] is None:
+                out[k] = self._per_turn_spans(messages)
+        return out
+
+    def _one_rendering_spans(self, messages, text: str, contents, enc) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.array(enc.ids, dtype=np.int64)
+        trained = np.zeros(len(ids), dtype=bool)
+        pos = 0
+        for message, (start, end) in zip(messages, contents, strict=True):
+            if message["role"] != "assistant":
+                continue
+            end += _common_prefix(text[end : end + len(self.probe.tail)], self.probe.tail)
+            first, stop = _token_at(enc, start, len(text), len(ids)), _token_at(enc, end, len(text), len(ids))
+            if stop <= max(first, pos):
+                continue
+            trained[max(first, pos) : stop] = True
+            pos = stop
+        return ids, trained
+
+    def _per_turn_spans(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+        """The definition: a turn's span starts where `messages[:i]` + generation prompt ends and stops
+        where `messages[:i+1]` ends, both measured as common token prefixes with the full rendering
+        (templates may append tokens only after the final turn, and BPE may merge across a boundary)."""
+
+        def render(msgs, gen):
+            # The template writes bos itself; letting the tokenizer add it again would double it.
+            return self._encode([_render(self.tokenizer, msgs, gen)], special=False)[0].ids
+
+        full = render(messages, False)
+        trained = np.zeros(len(full), dtype=bool)
+        pos = 0
+        for i, msg in enumerate(messages):
+            if msg["role"] != "assistant" or i == 0:  # no history: nothing to render a prompt from
+                continue
+            prefix = render(messages[:i], True)
+            start = _common_prefix(prefix, full)
+            end = _common_prefix(render(messages[: i + 1], False), full)
+            # A divergence of more than one boundary token means the template re-renders history
+            # differently once a turn is added; the span is then unknown and the turn is left untrained.
+            if start < len(prefix) - 1 or end <= max(start, pos):
+                continue
+            trained[max(start, pos) : end] = True
+            pos = end
+        return np.array(full, dtype=np.int64), trained
+
+
+class _IdsOnly:
+    """A slow tokenizer's ids where a Rust encoding is expected (only `.ids` is read from it)."""
+
+    def __init__(self, ids):
+        self.ids = ids
+
+
+def _token_at(enc, char: int, n_chars: int, n_tokens: int) -> int:
+    """Index of the first token that ends after character `char` (n_tokens past the end)."""
+    while char < n_chars:
+        token = enc.char_to_token(char)
+        if token is not None:
+            return token
+        char += 1
+    return n_tokens
+
+
+def _plain_backend(tokenizer):
+    """A copy of the fast tokenizer's Rust backend set up as `tokenizer(...)` sets it (no truncation,
+    no padding, special tokens split or not as configured); None for a slow tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    copy.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return copy
+
+
+def tokenize_record(record: dict, fmt: str, tokenizer, seq_len: int) -> tuple[list[int], list[int], bool]:
+    """(input_ids, labels, truncated): labels copy the ids on trained tokens, IGNORE_INDEX elsewhere.
+
+    Labels are aligned with input_ids (not shifted); the loss shifts them. Cut to `seq_len` tokens.
+    """
+    ids, trained = Encoder(tokenizer, fmt).encode([record])[0]
+    labels = np.where(trained, ids, IGNORE_INDEX)
+    return ids[:seq_len].tolist(), labels[:seq_len].tolist(), len(ids) > seq_len
+
+
+def prompt_ids(record: dict, fmt: str, tokenizer) -> list[int]:
+    """The tokens a model is given to generate the record's (last) response, rendered as in training."""
+    if fmt == "text":
+        raise ValueError("a text record has no prompt")
+    ids, trained = Encoder(tokenizer, fmt).encode([record])[0]
+    starts = np.flatnonzero(trained & ~np.concatenate([[False], trained[:-1]]))
+    return ids[: starts[-1]].tolist()

@@ -1,0 +1,21 @@
+"""The default recipe and the named choices the command lines offer. No torch here: `train.py --help`
+reads these without importing torch, transformers or bitsandbytes.
+
+The recipe (rank 8, alpha 16, dropout 0.05, NF4, the target list) is the one in the model card of
+https://github.com/amit-chaubey/finetune-LoRA-4bit, a LoRA adapter of microsoft/Phi-3-mini-4k-instruct.
+"""
+
+DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
+DEFAULT_R = 8
+DEFAULT_ALPHA = 16.0
+DEFAULT_DROPOUT = 0.05
+# That card's target list: Phi-3's fused projections (qkv_proj, gate_up_proj), the o_proj and down_proj
+# that Llama, Mistral and Qwen2 share, and GPT-NeoX's fused attention input. Names a model lacks are skipped.
+DEFAULT_TARGETS = ("query_key_value", "o_proj", "qkv_proj", "gate_up_proj", "down_proj")
+
+QUANT_TYPES = ("nf4", "fp4", "none")  # how the frozen base is stored; none: full precision
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+KERNEL_MODES = ("auto", "triton", "torch")
+# What a recomputed decoder layer keeps for backward (see minilora.training.recompute); none: no recompute
+RECOMPUTE_MODES = ("selective", "full", "none")
