@@ -77,7 +77,7 @@ def synthetic_examples(spec: dict) -> list:
 
 def examples_from_tokens(tokens: torch.Tensor) -> list:
     """(n, T) token ids -> n minilora training examples with every token a target (labels = input ids)."""
-    from minilora.data.dataset import Example
+    from minilora.data.examples import Example
 
     return [Example(input_ids=row.tolist(), labels=row.tolist(), line=i + 1) for i, row in enumerate(tokens)]
 

@@ -129,12 +129,9 @@ def module_report(name: str, m: dict) -> dict:
 def base_norms(model: str, shapes: dict[str, list[int]], adapter_dir: Path) -> dict[str, float]:
     """||W||_F of each adapted module's dequantized base weight, the base loaded as it was trained."""
     from minilora.lora import dequantize_weight
-    from minilora.merge import trained_base_settings
-    from minilora.quant import load_base
+    from minilora.trained import load_trained, resolve_trained
 
-    trained = trained_base_settings(adapter_dir)
-    net = load_base(model, quant=trained["quant"], double_quant=trained["double_quant"],
-                    compute_dtype=trained["compute_dtype"], device="cpu")
+    net = load_trained(resolve_trained(adapter_dir, model=model), None, device="cpu")
     norms = {}
     for name, shape in shapes.items():
         try:
