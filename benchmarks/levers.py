@@ -3,8 +3,11 @@
 lever changed at a time, each in its own process (clean peak memory), the same batches and initial weights
 for all.
 
-    baseline            every decoder layer recomputed, chunked loss on target tokens, fp32 AdamW
-    no_recompute        --recompute-every 0
+    baseline            every decoder layer recomputed keeping only its input (--recompute full), chunked loss
+                        on target tokens, fp32 AdamW, padded (B, T) batches of full-length examples
+    selective_recompute --recompute selective (the training default: keeps the products' outputs, recomputes
+                        the element-wise rest)
+    no_recompute        --recompute none
     recompute_every_2   --recompute-every 2
     offload             --offload-activations (CUDA only)
     adamw8bit           --optim adamw8bit
@@ -41,7 +44,8 @@ from .train_setup import LORA, examples_from_tokens, saved_model
 # Each lever as the TrainConfig fields train.py's flags set; full_logits_loss changes the loss module instead.
 VARIANTS = {
     "baseline": {},
-    "no_recompute": {"recompute_every": 0},
+    "selective_recompute": {"recompute": "selective"},
+    "no_recompute": {"recompute": "none"},
     "recompute_every_2": {"recompute_every": 2},
     "offload": {"offload_activations": True},
     "adamw8bit": {"optim": "adamw8bit"},
@@ -92,8 +96,8 @@ def run_variant(name: str, folder: str, seq: int, batch: int, steps: int) -> dic
     work = tempfile.mkdtemp(prefix="bench-levers-")
     cfg = replace(TrainConfig(model=folder, output=work, r=LORA["r"], alpha=LORA["alpha"], dropout=LORA["dropout"],
                               batch_size=batch, grad_accum=1, max_steps=steps, lr=LR, warmup_steps=0,
-                              min_lr_ratio=1.0, seq_len=seq, packing=False, eval_fraction=0.0, eval_every=0,
-                              save_every=0, seed=SEED, precision=precision), **lever)
+                              min_lr_ratio=1.0, seq_len=seq, packing=False, padding=True, recompute="full",
+                              eval_fraction=0.0, eval_every=0, save_every=0, seed=SEED, precision=precision), **lever)
     try:
         model = build_model(cfg, device, precision)
         g = torch.Generator().manual_seed(DATA_SEED)

@@ -113,14 +113,17 @@ def profile_extra(spec: dict, step, meter: Meter) -> dict | None:
 
 def recipe_config(spec: dict):
     """The benchmark's recipe as minilora's TrainConfig: constant lr (no warm-up, cosine floor 1.0), one
-    micro-batch per step, padded batching, no evaluation or checkpoints inside the timed steps."""
+    micro-batch per step, padded batching and full recompute of every decoder layer (what the references do:
+    same batches, like-for-like checkpointing; benchmarks.epoch measures the padding-free and selective
+    defaults), no evaluation or checkpoints inside the timed steps."""
     from minilora.training.config import TrainConfig
 
     return TrainConfig(model=spec["model_dir"], output=str(Path(spec["work_dir"]) / "ours-run"), r=LORA["r"],
                        alpha=LORA["alpha"], dropout=LORA["dropout"], batch_size=spec["batch"], grad_accum=1,
                        max_steps=spec["steps"], lr=spec["lr"], warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.0,
-                       max_grad_norm=MAX_GRAD_NORM, seq_len=spec["seq"], packing=False, eval_fraction=0.0,
-                       eval_every=0, save_every=0, seed=spec["seed"], precision=spec["precision"], optim="adamw")
+                       max_grad_norm=MAX_GRAD_NORM, seq_len=spec["seq"], packing=False, padding=True, recompute="full",
+                       eval_fraction=0.0, eval_every=0, save_every=0, seed=spec["seed"], precision=spec["precision"],
+                       optim="adamw")
 
 
 def run_ours(spec: dict, meter: Meter) -> dict:

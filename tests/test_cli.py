@@ -14,7 +14,8 @@ from minilora.training.config import TrainConfig
 DOCUMENTED_FLAGS = ["--model", "--output", "--r", "--alpha", "--dropout", "--targets", "--rslora", "--quant",
                     "--epochs", "--max-steps", "--batch-size", "--grad-accum", "--lr", "--warmup-steps",
                     "--seq-len", "--eval-fraction", "--eval-file", "--eval-every", "--save-every", "--seed",
-                    "--precision", "--recompute-every", "--kernels", "--resume", "--packing", "--config"]
+                    "--precision", "--recompute", "--recompute-every", "--padding", "--batch-tokens",
+                    "--kernels", "--resume", "--packing", "--config"]
 
 
 def test_help_explains_every_flag(capsys):
@@ -51,7 +52,8 @@ def test_defaults_are_the_recipe_of_the_model_card_in_minilora_recipe():
     cfg = parse_config(["--data", str(DEMO)])
     assert (cfg.r, cfg.alpha, cfg.dropout, cfg.quant) == (8, 16, 0.05, "nf4")
     assert cfg.targets == ["query_key_value", "o_proj", "qkv_proj", "gate_up_proj", "down_proj"]
-    assert cfg.model == "microsoft/Phi-3-mini-4k-instruct" and cfg.recompute_every == 1
+    assert cfg.model == "microsoft/Phi-3-mini-4k-instruct" and cfg.recompute == "selective"
+    assert cfg.recompute_every == 1
 
 
 @pytest.mark.parametrize("suffix,text", [
@@ -77,13 +79,20 @@ def test_config_file_errors_name_the_file_and_key(tmp_path, capsys):
     assert "run.yaml: 'lr' must be float, got 'fast'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("key,replacement", [("grad-checkpointing", "recompute_every (0: no recompute)"),
-                                             ("checkpoint_every", "recompute_every")])
+@pytest.mark.parametrize("key,replacement", [
+    ("grad-checkpointing", "recompute (none: no recompute) and recompute_every"),
+    ("checkpoint_every", "recompute_every")])
 def test_config_file_keys_of_earlier_versions_name_their_replacement(tmp_path, key, replacement):
     path = tmp_path / "run.yaml"
     path.write_text(f"{key}: 2\n")
     with pytest.raises(UserError, match=rf"run.yaml: key '{key}' is now {re.escape(replacement)}"):
         parse_config(["--config", str(path), "--data", str(DEMO)])
+
+
+def test_recompute_every_zero_points_to_recompute_none():
+    message = "--recompute-every 0: must be at least 1 (for no recompute give --recompute none)"
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        parse_config(["--data", str(DEMO), "--recompute-every", "0"])
 
 
 @pytest.mark.parametrize("line,message", [

@@ -96,7 +96,7 @@ def test_environment_variable_chooses_the_mode(monkeypatch):
 
 def test_triton_training_run_tracks_the_torch_run(tmp_path):
     quick = dict(max_steps=3, batch_size=2, grad_accum=1, seq_len=48, eval_every=0, save_every=0,
-                 eval_fraction=0.0, recompute_every=0)
+                 eval_fraction=0.0, recompute="none")
     assert run_quick(tmp_path / "torch", kernels="torch", **quick) == 0
     assert run_quick(tmp_path / "triton", kernels="triton", **quick) == 0
     losses = [[m["loss"] for m in read_metrics(tmp_path / run / "metrics.jsonl") if m["kind"] == "train"]

@@ -124,10 +124,11 @@ def test_resume_with_changed_flags_lists_the_differences(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_resume_may_change_how_layers_are_recomputed(tmp_path):
-    """--recompute-every changes memory and speed, not the numbers: a resume may change it."""
+    """--recompute and --recompute-every change memory and speed, not the numbers: a resume may change them."""
     out = tmp_path / "out"
     assert run_quick(out, max_steps=2, eval_every=0) == 0
-    assert run_quick(out, max_steps=2, eval_every=0, resume=True, recompute_every=0) == 0
+    assert run_quick(out, max_steps=3, eval_every=0, resume=True, recompute="full", recompute_every=2) == 0
+    assert run_quick(out, max_steps=4, eval_every=0, resume=True, recompute="none") == 0
 
 
 HOLD_LOCK = """

@@ -12,6 +12,10 @@ builds a block-diagonal causal mask, for sdpa, eager, flex and flash attention a
 when no cache is passed: a model called with `use_cache=True` (Phi-3's config default!) silently
 lets examples attend to each other. `Batch.model_inputs()` therefore sets `use_cache=False`;
 tests/test_batching.py pins packed logits to the unpacked ones.
+
+Padding-free batching (the training default) uses the same layout: a micro-batch is one row per rank
+holding its examples back to back, so no token is padding and the attention cost is that of the
+examples themselves (`make_padding_free_batches`).
 """
 
 from collections.abc import Sequence
@@ -22,7 +26,8 @@ import torch
 
 from minilora.data.examples import IGNORE_INDEX, Examples, as_examples, count_targets, seeded_permutation
 
-__all__ = ["IGNORE_INDEX", "Batch", "EpochBatches", "epoch_order", "make_batches", "seeded_permutation"]
+__all__ = ["IGNORE_INDEX", "Batch", "EpochBatches", "epoch_order", "make_batches", "make_padding_free_batches",
+           "plan_padding_free_rows", "seeded_permutation"]
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
@@ -163,3 +168,47 @@ def make_batches(
     order = np.array(epoch_order(len(examples), epoch, seed), dtype=np.int64)
     bounds = _row_bounds(examples, order, packing, seq_len)
     return EpochBatches(examples, order, bounds, batch_size, pad_id, packing)
+
+
+def plan_padding_free_rows(lengths, max_examples: int, max_tokens: int) -> list[list[int]]:
+    """Split a sequence of example lengths into consecutive rows (lists of indices into `lengths`).
+
+    A row takes examples in the given order until the next one would exceed `max_examples` examples or
+    `max_tokens` tokens; an example longer than `max_tokens` gets a row of its own (never dropped).
+    """
+    if max_examples < 1 or max_tokens < 1:
+        raise ValueError(f"max_examples and max_tokens must be >= 1, got {max_examples} and {max_tokens}")
+    rows, row, used = [], [], 0
+    for i, n in enumerate(lengths):
+        if row and (len(row) == max_examples or used + n > max_tokens):
+            rows.append(row)
+            row, used = [], 0
+        row.append(i)
+        used += n
+    if row:
+        rows.append(row)
+    return rows
+
+
+def make_padding_free_batches(
+    examples,
+    batch_size: int,
+    batch_tokens: int,
+    epoch: int,
+    seed: int,
+    pad_id: int,
+    rows_per_batch: int = 1,
+) -> EpochBatches:
+    """All micro-batches of one epoch (a list of `Example` or an `Examples`), padding-free and built
+    lazily: each row holds up to `batch_size` examples and `batch_tokens` tokens back to back, in epoch
+    order, with restarting position ids (packed layout).
+
+    `rows_per_batch` rows make one micro-batch: 1 on a single process; the number of ranks in data
+    parallel training, so that each rank's shard is one row (rows of a micro-batch are padded to the
+    longest of them; on one process there is no padding at all). The last micro-batch may have fewer rows.
+    """
+    examples = as_examples(examples)
+    order = np.array(epoch_order(len(examples), epoch, seed), dtype=np.int64)
+    plan = plan_padding_free_rows(examples.lengths[order].tolist(), batch_size, batch_tokens)
+    bounds = np.array([0] + [row[-1] + 1 for row in plan], dtype=np.int64)
+    return EpochBatches(examples, order, bounds, rows_per_batch, pad_id, packed=True)

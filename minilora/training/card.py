@@ -148,8 +148,10 @@ def _resume_lines(resumes: list[dict]) -> str:
     return "".join(lines)
 
 
-def _recompute_words(every: int) -> str:
-    return {0: "off", 1: "every decoder layer"}.get(every, f"one decoder layer in {every}")
+def _recompute_words(mode: str, every: int) -> str:
+    if mode == "none":
+        return "off"
+    return f"{mode} recompute, " + ("every decoder layer" if every == 1 else f"one decoder layer in {every}")
 
 
 def _fmt(value, digits=4):
@@ -190,9 +192,11 @@ def render_card(run: dict, adapter_path: str) -> str:
         quant_line=quant_words + (", compute " + run["compute_dtype"] if quant != "none" else ""),
         precision=run["precision"], lr=cfg["lr"], warmup=result["warmup_steps"],
         batch_size=cfg["batch_size"], grad_accum=cfg["grad_accum"], steps=result["steps"],
-        epochs=result["epochs_done"], packing=", packed sequences" if cfg["packing"] else "",
+        epochs=result["epochs_done"],
+        packing=", packed sequences" if cfg["packing"] else ", padded batches" if cfg.get("padding") else
+        ", padding-free batches",
         resumes=_resume_lines(run.get("resumes", [])),
-        recompute=_recompute_words(cfg["recompute_every"]),
+        recompute=_recompute_words(cfg.get("recompute", "full"), cfg["recompute_every"]),
         total_params=f"{result['total_params']:,}", share=result["trainable_share"],
         wall_time=f"{wall:.1f} s" if wall < 120 else f"{wall / 60:.1f} min",
         tokens_per_s=f"{result['tokens_per_s']:,.0f}",

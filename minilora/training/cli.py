@@ -20,7 +20,8 @@ from minilora.training.config import TrainConfig, validate
 
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few dozen keys; more is a mistake (or hostile)
 # Config-file keys of earlier versions: the error names what replaced them.
-RENAMED_KEYS = {"grad_checkpointing": "recompute_every (0: no recompute)", "checkpoint_every": "recompute_every"}
+RENAMED_KEYS = {"grad_checkpointing": "recompute (none: no recompute) and recompute_every",
+                "checkpoint_every": "recompute_every"}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,7 +47,10 @@ class TrainConfig:
     # schedule
     epochs: float = _f(1.0, "passes over the training data (fractions allowed)", resume=STEER)
     max_steps: int = _f(0, "stop after this many optimizer steps (0: set by --epochs)", resume=STEER)
-    batch_size: int = _f(4, "examples per micro-batch")
+    batch_size: int = _f(4, "examples per micro-batch (with padding-free batching: at most this many)")
+    batch_tokens: int = _f(0, "padding-free batching: at most this many tokens per micro-batch and rank; a "
+                              "micro-batch takes examples in epoch order until either limit (0: --batch-size x "
+                              "--seq-len, so --batch-size alone decides)")
     grad_accum: int = _f(4, "micro-batches per optimizer step (loss normalised by target tokens)")
     lr: float = _f(2e-4, "peak learning rate (QLoRA's value for 7B-scale models)", resume=STEER)
     warmup_steps: int = _f(10, "linear warm-up steps before cosine decay", resume=STEER)
@@ -56,6 +59,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)", resume=STEER)
     seq_len: int = _f(2048, "longest sequence in tokens; longer examples are truncated")
     packing: bool = _f(False, "pack short examples into full sequences (no attention across examples)")
+    padding: bool = _f(False, "pad each micro-batch's examples to its longest (the reference recipe's layout) "
+                              "instead of laying them back to back without padding (the default)")
     # evaluation and checkpoints
     eval_fraction: float = _f(0.05, "share of the data held out for evaluation")
     eval_file: str = _f("", "held-out data file (instead of --eval-fraction)")
@@ -72,9 +77,14 @@ class TrainConfig:
     seed: int = _f(42, "seed for LoRA init, data order, dropout")
     precision: str = _f("auto", "auto: bf16 on GPUs that support it, else fp16 (with a grad scaler); fp32 on CPU",
                         choices=recipe.PRECISIONS)
-    recompute_every: int = _f(1, "recompute every K-th decoder layer in backward, keeping only its input "
-                                 "(1: every layer, least memory; 0: none, fastest; K: in between)", resume=FREE)
-    offload_activations: bool = _f(False, "keep recomputed layers' inputs in pinned CPU memory (CUDA)", resume=FREE)
+    recompute: str = _f("selective", "what a recomputed decoder layer keeps for backward: selective (matrix "
+                        "products and attention; the element-wise rest is recomputed), full (only its input: "
+                        "least memory), none (no recompute: everything kept, most memory, fastest)",
+                        choices=recipe.RECOMPUTE_MODES, resume=FREE)
+    recompute_every: int = _f(1, "with --recompute selective or full, recompute every K-th decoder layer only "
+                                 "(1: every layer, least memory; larger: faster, more memory)", resume=FREE)
+    offload_activations: bool = _f(False, "keep recomputed layers' inputs in pinned CPU memory (CUDA; with "
+                                          "--recompute full)", resume=FREE)
     optim: str = _f("adamw", "optimizer: adamw, or bitsandbytes' adamw8bit / paged_adamw8bit (less state memory)",
                     choices=recipe.OPTIMIZERS)
     kernels: str = _f("auto", "LoRA layer path: auto (Triton on CUDA where supported), triton, torch",
@@ -123,7 +133,9 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> None:
     for name in ("batch_size", "grad_accum", "keep_checkpoints", "max_bad_steps"):
         if getattr(cfg, name) < 1:
             bad(name, "must be at least 1")
-    for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "recompute_every", "eval_max_examples"):
+    if cfg.recompute_every < 1:
+        bad("recompute_every", "must be at least 1 (for no recompute give --recompute none)")
+    for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "batch_tokens", "eval_max_examples"):
         if getattr(cfg, name) < 0:
             bad(name, "must not be negative")
     if cfg.seq_len < 8:
@@ -136,6 +148,11 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> None:
         raise UserError("--weight-decay and --max-grad-norm must not be negative")
     if cfg.eval_file and "eval_fraction" in explicit and cfg.eval_fraction > 0:
         raise UserError("--eval-file and --eval-fraction both choose the held-out data; give one of them")
+    if cfg.padding and cfg.packing:
+        raise UserError("--padding and --packing choose different batch layouts; give one of them")
+    if cfg.offload_activations and cfg.recompute != "full":
+        raise UserError("--offload-activations moves the layer inputs that --recompute full keeps; "
+                        "add --recompute full")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume continues the run in --output and --overwrite replaces it; give one of them")
     for name in ("data", "eval_file"):

@@ -19,7 +19,7 @@ import transformers
 
 from minilora.adapter import CONFIG_NAME, WEIGHTS_NAME, save_adapter
 from minilora.atomic import atomic_write_json, atomic_write_text
-from minilora.data.batching import make_batches
+from minilora.attention import use_varlen_attention
 from minilora.data.cache import default_root
 from minilora.data.dataset import Dataset, load_dataset, sample_eval, split_eval
 from minilora.dispatch import check_kernel_mode
@@ -40,7 +40,7 @@ from minilora.training.card import render_card
 from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
 from minilora.training.config import FREE, STEER, TrainConfig, resume_fields
 from minilora.training.distributed import DistInfo, barrier, init_distributed, main_first, shutdown
-from minilora.training.loop import StopRequest, TrainingLoop, TrainingStopped
+from minilora.training.loop import StopRequest, TrainingLoop, TrainingStopped, epoch_batches
 from minilora.training.metrics import METRICS_NAME, read_metrics
 from minilora.training.offload import OffloadSaved
 from minilora.training.plot import plot_run
@@ -197,9 +197,10 @@ def build_model(cfg: TrainConfig, precision: str, device: torch.device):
     add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora,
              use_dora=cfg.dora)
     set_kernel_mode(model, cfg.kernels)
-    if cfg.recompute_every:
+    use_varlen_attention(model)  # padding-free rows: each example's attention alone, no (T, T) mask
+    if cfg.recompute != "none":
         offload = OffloadSaved() if cfg.offload_activations else None
-        enable_recompute(model, every=cfg.recompute_every, offload=offload)
+        enable_recompute(model, every=cfg.recompute_every, offload=offload, mode=cfg.recompute)
     return model
 
 
@@ -254,8 +255,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
     say(f"model: {cfg.model} ({cfg.quant}, {precision}) on {hardware(device)}; {trainable_summary(model)}")
 
     pad_id = tokenizer.pad_token_id
-    eval_batches = make_batches(data.eval_examples, cfg.batch_size * dist.world, 0, cfg.seed, pad_id, cfg.packing,
-                                cfg.seq_len)
+    eval_batches = epoch_batches(data.eval_examples, cfg, 0, pad_id, dist.world)
     trainer = TrainingLoop(model, cfg, data.train_examples, eval_batches, pad_id, device, precision, fp, dist, stop)
     run = {"config": cfg.to_dict(), "precision": precision, "compute_dtype": str(COMPUTE_DTYPE[precision]),
            "double_quant": True, "device": str(device), "hardware": hardware(device), "versions": versions(),

@@ -13,6 +13,7 @@ import math
 import resource
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from minilora.adapter import load_adapter, save_adapter
-from minilora.data.batching import Batch, make_batches
+from minilora.data.batching import Batch, make_batches, make_padding_free_batches
 from minilora.failures import EXIT_OUT_OF_MEMORY, first_line, is_out_of_memory
 from minilora.inject import lora_layers, lora_parameters
 from minilora.training.checkpoint import (
@@ -48,20 +49,29 @@ class TrainingStopped(Exception):
         self.exit_code = exit_code
 
 
+def epoch_batches(examples, cfg: TrainConfig, epoch: int, pad_id: int, world: int = 1) -> Sequence[Batch]:
+    """The global micro-batches of one epoch in the layout the config chooses: padding-free (one row
+    of up to batch_size examples and batch_tokens tokens per rank), padded (batch_size examples per
+    rank) or packed (batch_size rows of seq_len per rank)."""
+    if cfg.padding or cfg.packing:
+        return make_batches(examples, cfg.batch_size * world, epoch, cfg.seed, pad_id, packing=cfg.packing,
+                            seq_len=cfg.seq_len)
+    budget = cfg.batch_tokens or cfg.batch_size * cfg.seq_len
+    return make_padding_free_batches(examples, cfg.batch_size, budget, epoch, cfg.seed, pad_id, rows_per_batch=world)
+
+
 class BatchStream:
-    """Global micro-batches (`rows` examples: batch_size x world) in training order across epochs;
+    """Global micro-batches (one per step of every rank) in training order across epochs;
     the position is (epoch, index)."""
 
-    def __init__(self, examples, cfg: TrainConfig, pad_id: int, rows: int):
-        self.examples, self.cfg, self.pad_id, self.rows = examples, cfg, pad_id, rows
+    def __init__(self, examples, cfg: TrainConfig, pad_id: int, world: int):
+        self.examples, self.cfg, self.pad_id, self.world = examples, cfg, pad_id, world
         self.epoch, self.index = 0, 0
-        self._cache: tuple[int, list[Batch]] | None = None
+        self._cache: tuple[int, Sequence[Batch]] | None = None
 
-    def batches(self, epoch: int) -> list[Batch]:
+    def batches(self, epoch: int) -> Sequence[Batch]:
         if self._cache is None or self._cache[0] != epoch:
-            c = self.cfg
-            self._cache = (epoch, make_batches(self.examples, self.rows, epoch, c.seed, self.pad_id,
-                                               packing=c.packing, seq_len=c.seq_len))
+            self._cache = (epoch, epoch_batches(self.examples, self.cfg, epoch, self.pad_id, self.world))
         return self._cache[1]
 
     def next(self) -> Batch:
@@ -151,7 +161,7 @@ class TrainingLoop:
         self.optimizer = make_optimizer(cfg.optim, groups, cfg.lr, cfg.weight_decay, device)
         self.lora_stats = LoRAStats(model, cfg.log_lora_stats) if cfg.log_lora_stats else None
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-        self.stream = BatchStream(train_examples, cfg, pad_id, rows=cfg.batch_size * dist.world)
+        self.stream = BatchStream(train_examples, cfg, pad_id, world=dist.world)
         self.total = total_steps(cfg, len(self.stream.batches(0)))
         # Warm-up longer than half the run would leave no decay: cap it (the card reports the value used).
         self.warmup = min(cfg.warmup_steps, self.total // 2)
@@ -357,8 +367,9 @@ class TrainingLoop:
             raise TrainingStopped(
                 f"out of {where} memory at step {self.state.step + 1} (batch {batch}, --seq-len {self.cfg.seq_len}): "
                 f"{first_line(err)}. Lower memory with --batch-size {max(1, batch // 2)} "
-                f"--grad-accum {self.cfg.grad_accum * 2} (same effective batch) or a shorter --seq-len; "
-                "keep --recompute-every 1. Checkpoints written so far are intact; add --resume to continue",
+                f"--grad-accum {self.cfg.grad_accum * 2} (same effective batch), a shorter --seq-len or "
+                "--recompute full --recompute-every 1 (least activation memory). Checkpoints written so far are "
+                "intact; add --resume to continue",
                 exit_code=EXIT_OUT_OF_MEMORY) from None
 
     def say(self, text: str) -> None:
