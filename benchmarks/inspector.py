@@ -67,7 +67,7 @@ def main() -> None:
         alone = timed(lambda: inspect(a), args.repeats)
         compared = timed(lambda: inspect(a, compare=b), args.repeats)
     env = environment("cpu")
-    print(f"device: {env['device']}; commit {env['commit']}; {env['date']}")
+    print(f"device: {env['device_name']}; commit {env['commit']}; {env['date']}")
     print(f"Phi-3-mini-sized adapter, r=8, {n_modules} modules, {args.repeats} runs (median, min-max):")
     rows = {}
     for label, (wall, cpu) in (("inspect", alone), ("inspect --compare", compared)):

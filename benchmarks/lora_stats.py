@@ -95,7 +95,7 @@ def main() -> None:
     step_s, stats_s = demo_overhead(args.every, args.repeats)
     phi3_s = phi3_mini_stats_time(args.repeats)
     env = environment("cpu")
-    print(f"device: {env['device']}; commit {env['commit']}; {env['date']}")
+    print(f"device: {env['device_name']}; commit {env['commit']}; {env['date']}")
     print(f"demo model (tiny-phi3, r=8, 16 modules), medians of {args.repeats}:")
     print(f"  optimizer step {1e3 * step_s:8.1f} ms   statistics call {1e3 * stats_s:6.2f} ms")
     print(f"  overhead at N={args.every}: {100 * stats_s / (args.every * step_s):.3f}% of step time (goal < 3%)")
