@@ -89,3 +89,22 @@ def write_results(name: str, payload: dict, markdown: str | None = None, out_dir
         atomic_write_text(path.with_suffix(".md"), markdown)
     atomic_write_text(path, json.dumps(payload, indent=1) + "\n")
     return path
+
+
+def draw_masks_as_minilora(peft_model):
+    """PEFT's LoRA dropout modules draw their masks by minilora's law (minilora/dropout.py: nn.Dropout's
+    distribution, drawn differently on a CPU). With the same seed both models then see the same masks,
+    so losses and gradients compare mask for mask. Returns the model."""
+    from minilora.dropout import LoRADropout
+
+    replaced = 0
+    for module in peft_model.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict):
+            for key, drop in dropouts.items():
+                if isinstance(drop, torch.nn.Dropout):
+                    dropouts[key] = LoRADropout(drop.p)
+                    replaced += 1
+    if not replaced:
+        raise RuntimeError("no PEFT LoRA dropout module found")
+    return peft_model

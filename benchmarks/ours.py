@@ -24,7 +24,7 @@ CODE_PATH = ("minilora.training.loop.TrainingLoop.train_step (TrainConfig from t
 def build_model(cfg: TrainConfig, device: torch.device, precision: str, init_dir: str | None = None):
     """The 4-bit base with LoRA, built by the job's own `build_model`; `init_dir` gets the initial adapter (for
     references that must start from the same LoRA weights)."""
-    model = job.build_model(cfg, precision, device)
+    model, _ = job.build_model(cfg, precision, device)
     if init_dir is not None:
         save_adapter(model, init_dir)
     return model

@@ -23,7 +23,7 @@ CATEGORIES = [
      r"kDequantize|kgemm_4bit|dequantize_4bit|gemm_4bit|bitsandbytes|MatMul4Bit"),
     ("attention", r"flash|fmha|attention|sdpa|_efficient_attention"),
     ("GEMM (cuBLAS / aten)", r"gemm|nvjet|cutlass|xmma|sm\d+_.*(?:tn|nt|nn|tt)|aten::(?:mm|addmm|bmm|matmul|linear)$"),
-    ("dropout", r"dropout|bernoulli|philox"),
+    ("dropout", r"dropout|bernoulli|philox|aten::randint$|aten::random_$"),  # randint: minilora/dropout.py on a CPU
     ("loss (softmax, cross-entropy)", r"softmax|nll_loss|cross_entropy"),
     ("optimizer", r"adam|multi_tensor|_foreach"),
     ("copies and casts", r"memcpy|memset|copy_|aten::to$|_to_copy|cat_|catarray|aten::cat$"),

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .harness import draw_masks_as_minilora
 from .train_setup import LORA, MAX_GRAD_NORM, batches_digest, synthetic_examples
 
 
@@ -207,7 +208,9 @@ def reference_model(spec: dict, device: torch.device):
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=LORA["dropout"], bias="none",
                       target_modules=list(minilora.DEFAULT_TARGETS), task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    # Same masks as ours (the losses are compared step by step): on a CPU this reference draws them by
+    # minilora's cheaper law, not nn.Dropout's (minilora/dropout.py); on CUDA both are F.dropout.
+    model = draw_masks_as_minilora(get_peft_model(model, lora))
     copy_initial_lora(model, spec["init_dir"])
     model.train()
     return model

@@ -11,8 +11,8 @@ in the main loop, and start their accumulator at the LoRA term instead of adding
 
 The GEMMs dispatch on M, the number of rows, to split-K, tiled or dequant + cuBLAS: tiles.py.
 
-Dropout runs on the host as `F.dropout` outside the autograd Function, drawn as the PyTorch path
-draws it (same RNG stream, same masks), and its backward is PyTorch's. Without dropout, dX is one fused
+Dropout runs on the host (minilora/dropout.py's law) outside the autograd Function, drawn as the PyTorch
+path draws it (same RNG stream, same masks), and its backward is PyTorch's. Without dropout, dX is one fused
 kernel (base + LoRA); with dropout, the kernel computes the base part and the LoRA part G @ A goes
 back through dropout's own backward.
 """
@@ -20,9 +20,10 @@ back through dropout's own backward.
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from minilora.dropout import lora_dropout
 
 from .nf4 import Packed4bit, dequantize_packed, load_w_tile
 from .support import packed_for
@@ -368,12 +369,12 @@ def lora_linear_4bit(x: torch.Tensor, weight, bias: torch.Tensor | None, lora_A:
 
 
 def _lora_dropout(x: torch.Tensor, p: float, lora_dtype: torch.dtype) -> torch.Tensor:
-    """dropout(x) in x's dtype, drawn exactly as minilora's PyTorch path draws it (lora.py, like PEFT).
+    """dropout(x) in x's dtype, drawn exactly as minilora's PyTorch path draws it (lora.py).
 
-    That path drops out x cast to the adapter dtype (fp32) unless autocast is on. The same op on the
+    That path drops out x cast to the adapter dtype (fp32) unless autocast is on. The same law on the
     same dtype consumes the RNG stream the same way, so a Triton run gets the PyTorch run's masks (on
     CUDA, fused dropout's vector width depends on the dtype: a bf16 draw would give other masks).
     """
     if torch.is_autocast_enabled(x.device.type) or x.dtype == lora_dtype:
-        return F.dropout(x, p, True)
-    return F.dropout(x.to(lora_dtype), p, True).to(x.dtype)
+        return lora_dropout(x, p)
+    return lora_dropout(x.to(lora_dtype), p).to(x.dtype)

@@ -13,6 +13,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from minilora.dropout import lora_dropout
+
 
 def dequantize_4bit_reference(packed: torch.Tensor, quant_state, dtype: torch.dtype) -> torch.Tensor:
     """bitsandbytes' dequant (N, K), each value rounded once from fp32 to `dtype`."""
@@ -30,6 +32,6 @@ def lora_linear_4bit_reference(x: torch.Tensor, weight, bias: torch.Tensor | Non
     w = dequantize_4bit_reference(weight.data, weight.quant_state, x.dtype)  # (N, K)
     y = F.linear(x, w, None if bias is None else bias.to(x.dtype))
     xl = x.to(lora_A.dtype)  # minilora's PyTorch path (and PEFT) drop out the input cast to fp32
-    xd = F.dropout(xl, dropout_p, training) if training and dropout_p > 0 else xl
+    xd = lora_dropout(xl, dropout_p, training)  # minilora's law (dropout.py)
     lora = F.linear(F.linear(xd, lora_A), lora_B) * scale  # (..., N) fp32
     return y + lora.to(y.dtype)

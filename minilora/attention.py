@@ -75,17 +75,19 @@ def _per_sequence_attention(query, key, value, cu_seq: torch.Tensor, scaling, wi
     outs = []
     bounds = cu_seq.tolist()
     for start, end in zip(bounds[:-1], bounds[1:], strict=True):
-        q, k, v = (t[start:end].transpose(0, 1) for t in (query, key, value))  # (H, L, D)
+        # (1, H, L, D): with a batch dimension PyTorch's CPU flash kernel runs (3-D inputs fall back to the
+        # math path, which builds (L, L) scores and a mask: twice the time on CPU).
+        q, k, v = (t[start:end].transpose(0, 1).unsqueeze(0) for t in (query, key, value))  # (1, H, L, D)
         n = end - start
         if window is not None and n > window:
             i = torch.arange(n, device=query.device)
             band = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < window)  # (L, L) causal, last W
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=band, scale=scaling,
-                                               enable_gqa=k.shape[0] != q.shape[0])
+                                               enable_gqa=k.shape[1] != q.shape[1])
         else:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scaling,
-                                               enable_gqa=k.shape[0] != q.shape[0])
-        outs.append(o.transpose(0, 1))  # (L, Hq, D)
+                                               enable_gqa=k.shape[1] != q.shape[1])
+        outs.append(o[0].transpose(0, 1))  # (L, Hq, D)
     return torch.cat(outs)
 
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from minilora import dispatch
+from minilora.dropout import LoRADropout
 
 
 def is_4bit(layer: nn.Module) -> bool:
@@ -81,7 +82,7 @@ class LoRALinear(nn.Module):
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=torch.float32, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32, device=device))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
         self.set_kernels(kernels, kernel_config)

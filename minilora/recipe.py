@@ -17,5 +17,6 @@ QUANT_TYPES = ("nf4", "fp4", "none")  # how the frozen base is stored; none: ful
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
 KERNEL_MODES = ("auto", "triton", "torch")
-# What a recomputed decoder layer keeps for backward (see minilora.training.recompute); none: no recompute
-RECOMPUTE_MODES = ("selective", "full", "none")
+# What a recomputed decoder layer keeps for backward (see minilora.training.recompute); none: no recompute;
+# auto: decided per run from the device and the memory the activations need
+RECOMPUTE_MODES = ("auto", "selective", "full", "none")

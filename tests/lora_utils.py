@@ -3,6 +3,7 @@
 import torch
 
 import minilora
+from benchmarks.harness import draw_masks_as_minilora  # noqa: F401  (the tests compare with PEFT through it)
 
 # Same fp32 math in a different association order (PEFT's nn.Linear modules vs our F.linear on
 # the same tensors): results agree to float32 rounding.
@@ -31,3 +32,4 @@ def save_random_adapter(base_dir, folder, quant="nf4", targets=None):
         logits = model(tokens()).logits
     minilora.save_adapter(model, folder, base_dir)
     return folder, logits
+

@@ -113,9 +113,11 @@ def test_an_extra_profiled_step_says_where_the_time_goes(tiny_run):
         assert p["categories"]["GEMM (cuBLAS / aten)"] > 0
         assert p["categories"]["dropout"] > 0
     # Counted per step (two were profiled): one dropout draw per LoRA layer call, in the forward and in
-    # the recompute, 4 targets (qkv, o, gate_up, down) in each of the 2 layers.
-    calls = tiny_run["systems"]["ours"]["profile"]["calls"]
-    assert calls.get("aten::bernoulli_") == 2 * 4 * 2, calls
+    # the recompute, 4 targets (qkv, o, gate_up, down) in each of the 2 layers. On a CPU both systems draw
+    # by minilora/dropout.py's law (randint), the reference because its masks are made ours.
+    for name in ("ours", "ref_loop"):
+        calls = tiny_run["systems"][name]["profile"]["calls"]
+        assert calls.get("aten::randint") == 2 * 4 * 2 and not calls.get("aten::bernoulli_"), calls
     # The profiled step is extra: the timed steps and losses are the STEPS ones, the same as the trainer's.
     assert len(tiny_run["systems"]["ours"]["losses"]) == STEPS
     assert tiny_run["systems"]["trainer"].get("profile") is None

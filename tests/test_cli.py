@@ -52,7 +52,7 @@ def test_defaults_are_the_recipe_of_the_model_card_in_minilora_recipe():
     cfg = parse_config(["--data", str(DEMO)])
     assert (cfg.r, cfg.alpha, cfg.dropout, cfg.quant) == (8, 16, 0.05, "nf4")
     assert cfg.targets == ["query_key_value", "o_proj", "qkv_proj", "gate_up_proj", "down_proj"]
-    assert cfg.model == "microsoft/Phi-3-mini-4k-instruct" and cfg.recompute == "selective"
+    assert cfg.model == "microsoft/Phi-3-mini-4k-instruct" and cfg.recompute == "auto"
     assert cfg.recompute_every == 1
 
 

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 import torch
-from lora_utils import ATOL, RTOL, randomize_lora, tokens
+from lora_utils import ATOL, RTOL, draw_masks_as_minilora, randomize_lora, tokens
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from train_utils import run_quick
@@ -71,6 +71,8 @@ def test_magnitude_starts_at_the_row_norm_of_the_dequantized_base_like_peft(tiny
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
 def test_logits_and_every_gradient_equal_peft(tiny_model_dir, dropout):
     ours, ref = ours_and_peft(tiny_model_dir("phi3"), dropout)
+    if dropout:
+        draw_masks_as_minilora(ref)
     ours.train()
     ref.train()
     x = tokens()

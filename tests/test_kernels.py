@@ -26,6 +26,8 @@ import torch.nn.functional as F  # noqa: E402
 from minilora.kernels import KernelConfig, TileConfig, fused_lora  # noqa: E402
 from torch.utils.checkpoint import checkpoint  # noqa: E402
 
+from minilora.dropout import lora_dropout  # noqa: E402
+
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3}
 BRANCH_LIMITS = {  # (small_m_max, large_m_min) that send every M to one branch
@@ -218,8 +220,8 @@ def test_matches_bnb_linear4bit_plus_lora(dtype):
     a, b, _ = make_lora(96, 192, 8, dtype, False)
     x = make_x(12, 192, dtype, False, False).requires_grad_()
 
-    def peft_like(x, weight, bias, a, b, scale, p, training):  # PEFT's Linear4bit, no autocast
-        return base(x) + (F.linear(F.linear(F.dropout(x.float(), p, training), a), b) * scale).to(dtype)
+    def peft_like(x, weight, bias, a, b, scale, p, training):  # PEFT's Linear4bit (masks drawn by our law)
+        return base(x) + (F.linear(F.linear(lora_dropout(x.float(), p, training), a), b) * scale).to(dtype)
 
     args = (x, base.weight, base.bias, a, b, 2.0, 0.1, True)
     ours, ref = run(K.lora_linear_4bit, *args, seed=3), run(peft_like, *args, seed=3)

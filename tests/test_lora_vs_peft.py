@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from lora_utils import ATOL, RTOL, randomize_lora, tokens
+from lora_utils import ATOL, RTOL, draw_masks_as_minilora, randomize_lora, tokens
 from peft import LoraConfig, get_peft_model
 
 import minilora
@@ -35,7 +35,7 @@ def test_logits_and_lora_grads_equal_peft_on_4bit_base(tiny_model_dir, arch):
     names = minilora.add_lora(ours, r=8, alpha=16, dropout=0.05)
     assert sorted({n.rpartition(".")[2] for n in names}) == sorted(TARGETS[arch])
     randomize_lora(ours)
-    ref = peft_lora(path, dropout=0.05)
+    ref = draw_masks_as_minilora(peft_lora(path, dropout=0.05))
     copy_into_peft(ours, ref)
     ours.train()
     ref.train()

@@ -196,7 +196,8 @@ def render_card(run: dict, adapter_path: str) -> str:
         packing=", packed sequences" if cfg["packing"] else ", padded batches" if cfg.get("padding") else
         ", padding-free batches",
         resumes=_resume_lines(run.get("resumes", [])),
-        recompute=_recompute_words(cfg.get("recompute", "full"), cfg["recompute_every"]),
+        recompute=_recompute_words(run.get("recompute", {}).get("mode", cfg.get("recompute", "full")),
+                                   cfg["recompute_every"]),
         total_params=f"{result['total_params']:,}", share=result["trainable_share"],
         wall_time=f"{wall:.1f} s" if wall < 120 else f"{wall / 60:.1f} min",
         tokens_per_s=f"{result['tokens_per_s']:,.0f}",

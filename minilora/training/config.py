@@ -77,9 +77,11 @@ class TrainConfig:
     seed: int = _f(42, "seed for LoRA init, data order, dropout")
     precision: str = _f("auto", "auto: bf16 on GPUs that support it, else fp16 (with a grad scaler); fp32 on CPU",
                         choices=recipe.PRECISIONS)
-    recompute: str = _f("selective", "what a recomputed decoder layer keeps for backward: selective (matrix "
+    recompute: str = _f("auto", "what a recomputed decoder layer keeps for backward: selective (matrix "
                         "products and attention; the element-wise rest is recomputed), full (only its input: "
-                        "least memory), none (no recompute: everything kept, most memory, fastest)",
+                        "least memory), none (no recompute: everything kept, most memory, fastest); auto: "
+                        "selective on a GPU, on a CPU none if the activations fit in half the free memory, "
+                        "else full",
                         choices=recipe.RECOMPUTE_MODES, resume=FREE)
     recompute_every: int = _f(1, "with --recompute selective or full, recompute every K-th decoder layer only "
                                  "(1: every layer, least memory; larger: faster, more memory)", resume=FREE)

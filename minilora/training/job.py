@@ -4,6 +4,7 @@ Everything that can be wrong with the user's input (flags, data file, output fol
 checked before the model's weights are loaded, so a mistake costs seconds, not a model load.
 """
 
+import os
 import platform
 import random
 import shutil
@@ -44,7 +45,7 @@ from minilora.training.loop import StopRequest, TrainingLoop, TrainingStopped, e
 from minilora.training.metrics import METRICS_NAME, read_metrics
 from minilora.training.offload import OffloadSaved
 from minilora.training.plot import plot_run
-from minilora.training.recompute import enable_recompute
+from minilora.training.recompute import choose_mode, enable_recompute
 
 RUN_FILES = (RUN_FILE, METRICS_NAME, "eval.json", "loss.png", "lora_stats.png", "README.md", CONFIG_NAME, WEIGHTS_NAME)
 
@@ -189,19 +190,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: TrainConfig, precision: str, device: torch.device):
+def build_model(cfg: TrainConfig, precision: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
     """The 4-bit base with LoRA as the run trains it: seeded first, so every rank (and a benchmark that builds
-    it the same way) starts from the same LoRA weights; kernel mode and recomputation set."""
+    it the same way) starts from the same LoRA weights; kernel mode and recomputation set.
+    Returns (model, {"mode": the recompute mode used, "why": in words})."""
     seed_everything(cfg.seed)
     model = load_base(cfg.model, quant=cfg.quant, compute_dtype=COMPUTE_DTYPE[precision], device=device)
     add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora,
              use_dora=cfg.dora)
     set_kernel_mode(model, cfg.kernels)
     use_varlen_attention(model)  # padding-free rows: each example's attention alone, no (T, T) mask
-    if cfg.recompute != "none":
+    mode, why = cfg.recompute, f"{cfg.recompute} (--recompute)"
+    if mode == "auto":
+        micro_batch_tokens = max(cfg.batch_tokens, cfg.batch_size * cfg.seq_len)
+        mode, why = choose_mode(model, device, micro_batch_tokens, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    if mode != "none":
         offload = OffloadSaved() if cfg.offload_activations else None
-        enable_recompute(model, every=cfg.recompute_every, offload=offload, mode=cfg.recompute)
-    return model
+        enable_recompute(model, every=cfg.recompute_every, offload=offload, mode=mode)
+    return model, {"mode": mode, "why": why}
 
 
 def versions() -> dict:
@@ -249,17 +255,19 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
         if cfg.overwrite:
             clear_previous_run(out)
         out.mkdir(parents=True, exist_ok=True)
-    model = build_model(cfg, precision, device)
+    model, recompute = build_model(cfg, precision, device)
     if dist.enabled:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # but different dropout masks per rank
     say(f"model: {cfg.model} ({cfg.quant}, {precision}) on {hardware(device)}; {trainable_summary(model)}")
+    say(f"recompute: {recompute['why']}")
 
     pad_id = tokenizer.pad_token_id
     eval_batches = epoch_batches(data.eval_examples, cfg, 0, pad_id, dist.world)
     trainer = TrainingLoop(model, cfg, data.train_examples, eval_batches, pad_id, device, precision, fp, dist, stop)
     run = {"config": cfg.to_dict(), "precision": precision, "compute_dtype": str(COMPUTE_DTYPE[precision]),
            "double_quant": True, "device": str(device), "hardware": hardware(device), "versions": versions(),
-           "architecture": type(model).__name__, "command": " ".join(sys.argv), "world_size": dist.world,
+           "architecture": type(model).__name__, "recompute": recompute, "command": " ".join(sys.argv),
+           "world_size": dist.world,
            "data": {"format": data.train.fmt, "n_lines": data.train.n_lines, "sha256": data.train.sha256,
                     "n_train": len(data.train_examples), "n_eval": len(data.eval_examples),
                     "n_train_tokens": data.train_examples.n_tokens,
