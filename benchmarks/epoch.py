@@ -1,7 +1,8 @@
 """One epoch over long-tailed instruction data: minilora at its defaults vs the recipe users run today.
 
     minilora    `python train.py --data ...` (its real job) at its defaults: padding-free micro-batches,
-                selective recompute; optional variants (--variants) show what each default buys
+                `--recompute auto` (the mode it chose is recorded per run); optional variants
+                (--variants) show what each default buys
     reference   transformers 4-bit (nf4, double quant) + prepare_model_for_kbit_training + PEFT LoRA +
                 transformers.Trainer, DataCollatorForSeq2Seq padding to the longest example of each batch,
                 gradient checkpointing (use_reentrant=False)
@@ -44,8 +45,9 @@ RECIPE = dict(r=8, alpha=16, dropout=0.05, batch_size=4, grad_accum=4, lr=2e-4, 
 PHI3_MINI = dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=32, max_position_embeddings=4096, original_max_position_embeddings=4096,
                  vocab_size=32064, sliding_window=None, tie_word_embeddings=False)
-VARIANTS = {"defaults": [], "full recompute": ["--recompute", "full"], "no recompute": ["--recompute", "none"],
-            "padded + full recompute (old defaults)": ["--padding", "--recompute", "full"]}
+VARIANTS = {"defaults": [], "selective recompute": ["--recompute", "selective"],
+            "full recompute": ["--recompute", "full"], "no recompute": ["--recompute", "none"],
+            "padded + full recompute": ["--padding", "--recompute", "full"]}
 WORDS = [f"{a}{b}" for a in ("ka", "lo", "mi", "ne", "su", "ta", "ri", "po", "vu", "ze") for b in
          ("n", "r", "sh", "t", "l", "m", "k", "d", "p", "s")]
 
@@ -185,7 +187,7 @@ def run_minilora(model: Path, data: Path, out: Path, seq_len: int, extra: list[s
     steps = [m for m in steps if m["kind"] == "train"]
     run = json.loads((out / "run.json").read_text())
     return {"wall_s": wall, "train_s": sum(m["tokens"] / m["tokens_per_s"] for m in steps), "steps": len(steps),
-            "peak_mem_mib": run["result"]["peak_mem_mb"]}
+            "peak_mem_mib": run["result"]["peak_mem_mb"], "recompute": run["recompute"]["why"]}
 
 
 def run_reference_child(model: Path, data: Path, out: Path, seq_len: int, timeout: float) -> dict:
@@ -237,6 +239,7 @@ def markdown(payload: dict) -> str:
             lines.append(f"| {run} | {r['train_s']:.1f} | {ref['train_s'] / r['train_s']:.2f}x | {r['wall_s']:.1f} "
                          f"| {d['real_tokens'] / r['train_s']:,.0f} | {r['peak_mem_mib']:,.0f} "
                          f"| {r['held_out_loss']:.4f} | {loss_change:+.2f}% |")
+        lines += [""] + [f"- {run}: recompute {r['recompute']}" for run, r in d["runs"].items() if "recompute" in r]
         lines.append("")
     lines += ["## Goals", ""] + [f"- {'PASS' if g['pass'] else 'FAIL'} {g['what']}: {g['value']:.3f}"
                                  for g in payload["goals"]] + [""]

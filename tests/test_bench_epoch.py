@@ -21,8 +21,10 @@ def test_report_compares_every_run_with_the_reference():
                "settings": {"model": "tiny-phi3", "seq_len": 512},
                "datasets": {"alpaca": {"n_train": 10, "n_eval": 1, "real_tokens": 1000, "median_len": 90,
                                        "max_len": 512, "runs": {"reference": run(60.0, 2.0),
-                                                                "minilora": run(30.0, 2.02)}}},
+                                                                "minilora": {**run(30.0, 2.02),
+                                                                             "recompute": "auto: none on a CPU"}}}},
                "goals": [{"what": "alpaca: speed", "value": 2.0, "pass": True}]}
     text = markdown(payload)
     assert "| minilora | 30.0 | 2.00x | 35.0 | 33 | 700 | 2.0200 | +1.00% |" in text
     assert "- PASS alpaca: speed: 2.000" in text
+    assert "- minilora: recompute auto: none on a CPU" in text
