@@ -30,6 +30,9 @@ PLAIN_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input
 # Private-use characters (never produced by tokenizers' special tokens) around a message index.
 MARK_OPEN, MARK_CLOSE = "\ue000", "\ue001"
 _MARK = re.compile(f"{MARK_OPEN}(\\d+){MARK_CLOSE}")
+# Distinct conversation shapes whose renderings an Encoder keeps: real data has a handful (alpaca one,
+# chat files a few turn patterns); the bound only caps memory on data where every shape is new.
+MAX_SKELETONS = 4096
 
 
 def alpaca_messages(record: dict) -> list[dict]:
@@ -55,20 +58,55 @@ def _common_prefix(a, b) -> int:
     return n
 
 
-def _marked_render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]] | None:
-    """(text, [(content start, end)] per message) from one rendering, or None if the markers clash."""
-    if any(MARK_OPEN in m["content"] or MARK_CLOSE in m["content"] for m in messages):
-        return None
+def _skeleton(tokenizer, messages: list[dict]) -> list[str] | None:
+    """The template's text around the contents of `messages`: [before message 0, between 0 and 1, ...,
+    after the last], from one rendering with markers for contents; None if the template dropped,
+    repeated or reordered a message."""
     marked = [{**m, "content": f"{MARK_OPEN}{i}{MARK_CLOSE}"} for i, m in enumerate(messages)]
     pieces = _MARK.split(_render(tokenizer, marked, False))  # text, index, text, index, ..., text
     if [int(i) for i in pieces[1::2]] != list(range(len(messages))):
-        return None  # the template dropped, repeated or reordered a message
+        return None
+    return pieces[0::2]
+
+
+def _shape(messages: list[dict]) -> tuple | None:
+    """What a marked rendering depends on: every message's fields but its content, in order, with their
+    types (JSON's true equals 1 as a key, not in a template); None when a value cannot be a key."""
+    shape = tuple(tuple((k, None, None) if k == "content" else (k, type(v), v) for k, v in m.items())
+                  for m in messages)
+    try:
+        hash(shape)
+    except TypeError:
+        return None
+    return shape
+
+
+def _marked_render(tokenizer, messages: list[dict], skeletons: dict | None = None):
+    """(text, [(content start, end)] per message) from one rendering, or None if the markers clash.
+
+    With `skeletons` (a dict kept by the caller), conversations of the same shape (the same roles and
+    other fields) reuse one rendering: a template that inserts contents verbatim (ChatTemplateProbe)
+    renders the text around them from the shape alone, and rendering costs most of a record's Python time.
+    """
+    if any(MARK_OPEN in m["content"] or MARK_CLOSE in m["content"] for m in messages):
+        return None
+    shape = _shape(messages) if skeletons is not None else None
+    if shape is None:
+        pieces = _skeleton(tokenizer, messages)
+    elif shape in skeletons:
+        pieces = skeletons[shape]
+    else:
+        pieces = _skeleton(tokenizer, messages)
+        if len(skeletons) < MAX_SKELETONS:
+            skeletons[shape] = pieces
+    if pieces is None:
+        return None
     text, spans = [pieces[0]], []
     pos = len(pieces[0])
-    for k, message in enumerate(messages):
+    for message, after in zip(messages, pieces[1:], strict=True):
         spans.append((pos, pos + len(message["content"])))
-        text += [message["content"], pieces[2 * k + 2]]
-        pos += len(message["content"]) + len(pieces[2 * k + 2])
+        text += [message["content"], after]
+        pos += len(message["content"]) + len(after)
     return "".join(text), spans
 
 
@@ -118,6 +156,7 @@ class Encoder:
             raise UserError("chat-format data needs a tokenizer with a chat template, and this one has none")
         self.backend = _plain_backend(tokenizer)
         self.probe = ChatTemplateProbe(tokenizer) if self.chat and self.backend is not None else None
+        self.skeletons: dict = {}  # conversation shape -> the template's text around the contents
 
     def _encode(self, texts: list[str], special: bool, offsets: bool = False) -> list:
         """Encodings as the tokenizer's __call__ would produce them: `.ids`, and `.char_to_token` with
@@ -160,7 +199,7 @@ class Encoder:
         rendered = {}
         if self.probe is not None and self.probe.regular:
             for k, messages in enumerate(conversations):
-                marked = _marked_render(self.tokenizer, messages)
+                marked = _marked_render(self.tokenizer, messages, self.skeletons)
                 if marked is not None:
                     rendered[k] = marked
         keys = list(rendered)
