@@ -35,7 +35,10 @@ from minilora.data.store import StoreWriter
 from minilora.data.tokenize import Encoder, has_chat_template
 from minilora.errors import DataError
 
-CHUNK_LINES = 512
+# Lines per chunk. A worker's heap grows to what one chunk's encodings need (about 100 bytes per token
+# with offsets, plus what the allocator keeps): 512 lines cost 90 MB per worker, 128 about 60 MB, for 2%
+# more CPU time in hand-offs (64: 7% more).
+CHUNK_LINES = 128
 # Below this size a file is prepared in the calling process: starting workers costs more than it saves.
 PARALLEL_MIN_BYTES = 4 << 20
 
