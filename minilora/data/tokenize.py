@@ -17,9 +17,12 @@ whose text contains the markers) takes that definition per turn: slower, same re
 """
 
 import re
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
+from minilora.data.byte_tiling import ByteTiling, token_at
 from minilora.data.examples import IGNORE_INDEX
 from minilora.errors import UserError
 
@@ -33,6 +36,9 @@ _MARK = re.compile(f"{MARK_OPEN}(\\d+){MARK_CLOSE}")
 # Distinct conversation shapes whose renderings an Encoder keeps: real data has a handful (alpaca one,
 # chat files a few turn patterns); the bound only caps memory on data where every shape is new.
 MAX_SKELETONS = 4096
+# Texts in a batch from which token positions come from the tokens' bytes (byte_tiling.py) rather than
+# the offsets: building the table of a 128k vocabulary takes about as long as 1,000 texts' offsets.
+TILING_MIN_TEXTS = 16
 
 
 def alpaca_messages(record: dict) -> list[dict]:
@@ -157,6 +163,7 @@ class Encoder:
         self.backend = _plain_backend(tokenizer)
         self.probe = ChatTemplateProbe(tokenizer) if self.chat and self.backend is not None else None
         self.skeletons: dict = {}  # conversation shape -> the template's text around the contents
+        self.tiling: ByteTiling | bool | None = None  # built on the first large batch; False: not byte-level
 
     def _encode(self, texts: list[str], special: bool, offsets: bool = False) -> list:
         """Encodings as the tokenizer's __call__ would produce them: `.ids`, and `.char_to_token` with
@@ -203,22 +210,39 @@ class Encoder:
                 if marked is not None:
                     rendered[k] = marked
         keys = list(rendered)
-        for k, enc in zip(keys, self._encode([rendered[k][0] for k in keys], False, offsets=True), strict=True):
-            out[k] = self._one_rendering_spans(conversations[k], *rendered[k], enc)
+        for k, ids, find_token in zip(keys, *self._locate([rendered[k][0] for k in keys]), strict=True):
+            out[k] = self._one_rendering_spans(conversations[k], *rendered[k], ids, find_token)
         for k, messages in enumerate(conversations):
             if out[k] is None:
                 out[k] = self._per_turn_spans(messages)
         return out
 
-    def _one_rendering_spans(self, messages, text: str, contents, enc) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.array(enc.ids, dtype=np.int64)
+    def _locate(self, texts: list[str]) -> tuple[list[list[int]], list[Callable[[int], int]]]:
+        """Each text's ids, and a function from a character to the first token that holds it: from the
+        tokens' bytes where a byte-level tokenizer's tokens tile the texts (byte_tiling.py), else from
+        the tokenizer's offsets. A batch of a few texts always takes the offsets (not worth a table)."""
+        if self.tiling is None and len(texts) >= TILING_MIN_TEXTS and self.backend is not None:
+            self.tiling = ByteTiling.of(self.backend) or False
+        if self.tiling:
+            ids = [enc.ids for enc in self._encode(texts, False)]
+            runs = self.tiling.locate(texts, ids)
+            if runs is not None:
+                return ids, [partial(token_at, text, ends) for text, ends in zip(texts, runs, strict=True)]
+        encodings = self._encode(texts, False, offsets=True)
+        return ([enc.ids for enc in encodings],
+                [partial(_token_at, enc, n_chars=len(text), n_tokens=len(enc.ids))
+                 for text, enc in zip(texts, encodings, strict=True)])
+
+    def _one_rendering_spans(self, messages, text: str, contents, ids: list[int],
+                             find_token: Callable[[int], int]) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.array(ids, dtype=np.int64)
         trained = np.zeros(len(ids), dtype=bool)
         pos = 0
         for message, (start, end) in zip(messages, contents, strict=True):
             if message["role"] != "assistant":
                 continue
             end += _common_prefix(text[end : end + len(self.probe.tail)], self.probe.tail)
-            first, stop = _token_at(enc, start, len(text), len(ids)), _token_at(enc, end, len(text), len(ids))
+            first, stop = find_token(start), find_token(end)
             if stop <= max(first, pos):
                 continue
             trained[max(first, pos) : stop] = True
