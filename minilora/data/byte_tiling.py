@@ -71,10 +71,10 @@ class ByteTiling:
                 token_bytes[i] = bytes(to_byte[char] for char in token)
         return cls(token_bytes)
 
-    def locate(self, texts: list[str], ids: list[list[int]]) -> list[np.ndarray] | None:
-        """Per text, the end of each token's run in the text's bytes, (T,) int64; None unless the tokens'
-        bytes are exactly the texts' bytes."""
-        flat = np.fromiter((i for row in ids for i in row), dtype=np.int64, count=sum(len(row) for row in ids))
+    def locate(self, texts: list[str], ids: list[np.ndarray]) -> list[np.ndarray] | None:
+        """Per text, the end of each token's run in the text's bytes, (T,) int64, from its ids (T,); None
+        unless the tokens' bytes are exactly the texts' bytes."""
+        flat = np.concatenate([np.asarray(row, dtype=np.int64) for row in ids]) if ids else np.zeros(0, np.int64)
         if flat.size and (flat.max() >= len(self.lengths) or flat.min() < 0):
             return None
         lengths = self.lengths[flat]

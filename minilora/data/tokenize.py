@@ -217,14 +217,14 @@ class Encoder:
                 out[k] = self._per_turn_spans(messages)
         return out
 
-    def _locate(self, texts: list[str]) -> tuple[list[list[int]], list[Callable[[int], int]]]:
+    def _locate(self, texts: list[str]) -> tuple[list, list[Callable[[int], int]]]:
         """Each text's ids, and a function from a character to the first token that holds it: from the
         tokens' bytes where a byte-level tokenizer's tokens tile the texts (byte_tiling.py), else from
         the tokenizer's offsets. A batch of a few texts always takes the offsets (not worth a table)."""
         if self.tiling is None and len(texts) >= TILING_MIN_TEXTS and self.backend is not None:
             self.tiling = ByteTiling.of(self.backend) or False
         if self.tiling:
-            ids = [enc.ids for enc in self._encode(texts, False)]
+            ids = [np.array(enc.ids, dtype=np.int64) for enc in self._encode(texts, False)]
             runs = self.tiling.locate(texts, ids)
             if runs is not None:
                 return ids, [partial(token_at, text, ends) for text, ends in zip(texts, runs, strict=True)]
@@ -233,9 +233,9 @@ class Encoder:
                 [partial(_token_at, enc, n_chars=len(text), n_tokens=len(enc.ids))
                  for text, enc in zip(texts, encodings, strict=True)])
 
-    def _one_rendering_spans(self, messages, text: str, contents, ids: list[int],
+    def _one_rendering_spans(self, messages, text: str, contents, ids,
                              find_token: Callable[[int], int]) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.array(ids, dtype=np.int64)
+        ids = np.asarray(ids, dtype=np.int64)  # (T,) from a list or an array
         trained = np.zeros(len(ids), dtype=bool)
         pos = 0
         for message, (start, end) in zip(messages, contents, strict=True):
