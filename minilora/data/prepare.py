@@ -203,20 +203,24 @@ def _fill(job: Job, path: Path, writer: StoreWriter, skipped: list, workers: int
     counts = {"n_valid": 0, "n_truncated": 0, "n_dropped": 0}
     # Shown after a second only (a small file prints nothing) and cleared when done, so that an error
     # found on the way is still the one line the user reads.
-    check = LineCheck(path, job)
+    check = None
     with tqdm(total=count_lines(path), desc=f"data {path.name}", unit="ex", disable=not progress,
               dynamic_ncols=True, mininterval=0.5, delay=1.0, leave=False) as bar:
         bar.update(job.first - 1)
         results = _ordered_results(job, path, default_workers(path) if workers is None else workers)
         try:
             for n_lines, chunk in results:
+                # Started once the first chunk is back, so the workers are forked before the thread exists
+                # (a fork copies only the forking thread, and locks another one holds stay held).
+                check = check or LineCheck(path, job)
                 check.raise_if_bad()
                 if chunk.error is not None:
                     raise DataError(path, *chunk.error)
                 _add(chunk, writer, skipped, counts)
                 bar.update(n_lines)
         finally:
-            check.close()
+            if check is not None:
+                check.close()
             results.close()  # stops the workers now, not when the generator is collected
     return counts
 
