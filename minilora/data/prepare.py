@@ -35,9 +35,9 @@ from minilora.data.store import StoreWriter
 from minilora.data.tokenize import Encoder, has_chat_template
 from minilora.errors import DataError
 
-# Lines per chunk. A worker's heap grows to what one chunk's encodings need (about 100 bytes per token
-# with offsets, plus what the allocator keeps): 512 lines cost 90 MB per worker, 128 about 60 MB, for 2%
-# more CPU time in hand-offs (64: 7% more).
+# Lines per chunk. A worker's heap grows to what one chunk's encodings need (the Rust encodings hold
+# tens of bytes per token) plus what the allocator keeps: on the data benchmark's alpaca file, 512 lines
+# held about 90 MB per worker, 128 about 60 MB, for 2% more CPU time in hand-offs (64: 7% more).
 CHUNK_LINES = 128
 # Below this size a file is prepared in the calling process: starting workers costs more than it saves.
 PARALLEL_MIN_BYTES = 4 << 20

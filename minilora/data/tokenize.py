@@ -14,6 +14,11 @@ That shortcut holds for templates that insert contents verbatim and render a sho
 prefix of a longer one. `ChatTemplateProbe` checks this once per tokenizer on a few conversations,
 against the definition itself (render each prefix, compare); a template that fails it (or a record
 whose text contains the markers) takes that definition per turn: slower, same result.
+
+Such a template's marked rendering depends on the messages' roles and other fields only, so an Encoder
+renders each shape of conversation once (an alpaca file has one) and puts the contents in. Token
+positions come from the tokenizer's character offsets, or, for byte-level BPE tokenizers, from the
+tokens' own bytes (byte_tiling.py), which give the same positions without the offsets' cost.
 """
 
 import re
