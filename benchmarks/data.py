@@ -13,7 +13,14 @@ Phi-3 chat template) and truncate to --seq-len 1024:
 Each run is a fresh process tree; its memory is the peak over time of the PSS summed over the tree
 (/proc/<pid>/smaps, sampled every 100 ms), so pages that processes share (a mapped token store,
 forked workers) count once; it is also given without the pages of shared libraries (see `_pss_kb`).
-"Data memory" is a run's peak without shared libraries minus the same on a 200-line file.
+"Data memory" is a run's peak without shared libraries minus the same run on a 200-line file made of
+lines of the big file chosen so that its first training step (on one rank and on two) trains on the
+same examples in the same layout as the big file's: the step's activations, which vary by hundreds of
+MB with the length of its examples, are then the same in both runs and cancel, and the difference is
+what the data costs. It is read twice: at the run's peak (the first step's), and over the data phase,
+up to train.py's first `data:` line (printed once every rank holds its data, before the model loads),
+where the preparation's workers hold what they hold. The two-rank goal compares the data phases: at the
+peak the data adds too little to either run for a ratio of the two differences to resolve.
 """
 
 import argparse
@@ -69,6 +76,9 @@ def _tree(root: int) -> list[int]:
     return out
 
 
+_HEX = frozenset("0123456789abcdef")
+
+
 def _pss_kb(pid: int) -> tuple[int, int]:
     """(PSS, PSS outside shared libraries) of one process, in KiB.
 
@@ -82,30 +92,46 @@ def _pss_kb(pid: int) -> tuple[int, int]:
         text = Path(f"/proc/{pid}/smaps").read_text()
     except OSError:
         return 0, 0
-    for line in text.splitlines():
+    # Parsed lightly: sampling every 100 ms must not take the CPU from the runs it measures. A mapping's
+    # header starts with its address (a hex digit), its fields with a capital letter.
+    for line in text.split("\n"):
         if line.startswith("Pss:"):
-            kb = int(line.split()[1])
+            kb = int(line[4:].split()[0])
             total += kb
             data += 0 if shared_lib else kb
-        elif "-" in line.split(" ", 1)[0] and not line[0].isupper():
-            path = line.split()[-1] if len(line.split()) >= 6 else ""
+        elif line[:1] in _HEX:
+            fields = line.split(maxsplit=5)
+            path = fields[5] if len(fields) == 6 else ""
             shared_lib = ".so" in path or "/bin/python" in path
     return total, data
 
 
+# train.py's first report once every rank holds its data (before the model loads): the end of the data phase.
+DATA_READY = "\ndata: "
+
+
 def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
-    """Run `cmd` to completion: wall time, peak PSS summed over its process tree, exit code."""
+    """Run `cmd` to completion: wall time, peak PSS summed over its process tree, exit code; and the peak
+    (without shared libraries) of the data phase, up to the DATA_READY line in its output (the whole run
+    for a command that never prints it)."""
     started = time.perf_counter()
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
-        peak = peak_data = 0
+        # Unbuffered, so that the DATA_READY line is in the log when it is printed.
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        peak = peak_data = peak_phase = 0
+        in_data_phase = True
         while proc.poll() is None:
             sizes = [_pss_kb(pid) for pid in _tree(proc.pid)]
             peak = max(peak, sum(total for total, _ in sizes))
             peak_data = max(peak_data, sum(data for _, data in sizes))
+            if in_data_phase:
+                peak_phase = max(peak_phase, sum(data for _, data in sizes))
+                in_data_phase = DATA_READY not in "\n" + log.read_text(errors="replace")
             time.sleep(0.1)
     result = {"wall_s": round(time.perf_counter() - started, 2), "peak_pss_mb": round(peak / 1024, 1),
-              "peak_pss_no_libs_mb": round(peak_data / 1024, 1), "exit_code": proc.returncode}
+              "peak_pss_no_libs_mb": round(peak_data / 1024, 1),
+              "data_phase_peak_no_libs_mb": round(peak_phase / 1024, 1), "exit_code": proc.returncode}
     text = log.read_text()
     # What the run says its data took: preparing (cold) or finding and checking the cache (warm).
     found = re.search(r"data: (?:prepared .* in|cached .*checked in) ([\d.]+) s", text)
@@ -116,14 +142,64 @@ def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
     return result
 
 
-def ours(data: Path, cache: Path, output: Path, ranks: int = 1) -> list[str]:
-    args = ["train.py", "--data", str(data), "--model", "builtin:tiny-phi3", "--max-steps", "1", "--eval-fraction",
-            "0", "--seq-len", str(SEQ_LEN), "--batch-size", "4", "--grad-accum", "1", "--data-cache", str(cache),
+def train_args(data: Path, cache: Path, output: Path) -> list[str]:
+    return ["--data", str(data), "--model", "builtin:tiny-phi3", "--max-steps", "1", "--eval-fraction", "0",
+            "--seq-len", str(SEQ_LEN), "--batch-size", "4", "--grad-accum", "1", "--data-cache", str(cache),
             "--output", str(output)]
+
+
+def ours(data: Path, cache: Path, output: Path, ranks: int = 1) -> list[str]:
+    args = ["train.py", *train_args(data, cache, output)]
     if ranks == 1:
         return [sys.executable, *args]
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
             str(29500 + random.Random().randrange(1000)), *args]
+
+
+def first_step(data: Path, cache: Path, world: int):
+    """The first global micro-batch the benchmark's training command builds on `data` with `world` ranks,
+    through the job's own data path (the store in `cache`, prepared there if missing)."""
+    from minilora.data.dataset import load_dataset, split_eval
+    from minilora.quant import load_tokenizer
+    from minilora.training.cli import parse_config
+    from minilora.training.loop import epoch_batches
+
+    cfg = parse_config(train_args(data, cache, Path("unused")))
+    tokenizer = load_tokenizer(cfg.model)
+    dataset = load_dataset(data, tokenizer, cfg.seq_len, cfg.skip_bad_lines, cache_dir=cache)
+    train, _ = split_eval(dataset.examples, cfg.eval_fraction, cfg.seed, cfg.eval_max_examples)
+    return dataset, cfg, epoch_batches(train, cfg, 0, tokenizer.pad_token_id, world)[0]
+
+
+def write_baseline(big: Path, cache: Path, small: Path, n: int) -> dict:
+    """Write `small`: `n` lines of `big` placed so that the training command's first step on it, on one
+    rank and on two, trains on exactly the examples (same tokens, same rows) of its first step on `big`.
+    Checked by building both steps; returns the step's shape."""
+    from minilora.data.batching import epoch_order
+
+    dataset, cfg, step = first_step(big, cache, world=2)
+    first_lines = [line for row in step.lines for line in row]
+    others = [int(line) for line in dataset.examples.lines if int(line) not in set(first_lines)]
+    chosen: list = [None] * n
+    for slot, line in zip(epoch_order(n, 0, cfg.seed), first_lines, strict=False):
+        chosen[slot] = line
+    filler = iter(others)
+    chosen = [line if line is not None else next(filler) for line in chosen]
+    wanted = set(chosen)
+    texts = {}
+    with open(big, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if lineno in wanted:
+                texts[lineno] = line
+    small.write_bytes(b"".join(texts[line] for line in chosen))
+    for world in (1, 2):
+        _, _, big_step = first_step(big, cache, world)
+        _, _, small_step = first_step(small, cache, world)
+        same = all(getattr(big_step, name).equal(getattr(small_step, name))
+                   for name in ("input_ids", "labels", "position_ids"))
+        if not same:
+            raise RuntimeError(f"the baseline file's first step differs from the big file's ({world} ranks)")
+    return {"first_step_rows": list(step.row_tokens), "first_step_lines": [list(row) for row in step.lines]}
 
 
 def datasets_path(data: Path, cache: Path) -> list[str]:
@@ -174,7 +250,6 @@ def main(argv=None) -> int:
     try:
         big, small = work / "big.jsonl", work / "small.jsonl"
         generate(big, n_lines)
-        generate(small, 200)
         runs = {}
 
         def run(name: str, cmd: list[str]) -> dict:
@@ -182,14 +257,22 @@ def main(argv=None) -> int:
             print(f"{name:>18}: {runs[name]}", flush=True)
             return runs[name]
 
+        # The big file's cold run first: the baseline file is chosen from the store it leaves.
+        run("ours_cold_big", ours(big, work / "cache-big", work / "out-cold-big"))
+        baseline = write_baseline(big, work / "cache-big", small, 200)
+        print(f"baseline: {baseline}", flush=True)
         for size, data in (("small", small), ("big", big)):
             cache = work / f"cache-{size}"
-            run(f"ours_cold_{size}", ours(data, cache, work / f"out-cold-{size}"))
+            if size == "small":
+                run("ours_cold_small", ours(data, cache, work / "out-cold-small"))
             run(f"ours_warm_{size}", ours(data, cache, work / f"out-warm-{size}"))
             run(f"datasets_{size}", datasets_path(data, str(work / f"hf-{size}")))
             run(f"ours_2ranks_{size}", ours(data, work / f"cache2-{size}", work / f"out-ddp-{size}", ranks=2))
+        runs = {f"{kind}_{size}": runs[f"{kind}_{size}"] for size in ("small", "big")
+                for kind in ("ours_cold", "ours_warm", "datasets", "ours_2ranks")}
         tokens = _tokens(work / "out-cold-big")
         payload = summarize(runs, tokens, n_lines, big.stat().st_size)
+        payload["baseline"] = baseline
         payload["environment"] = env
         payload["load_avg_end"] = list(os.getloadavg())
         print(json.dumps(payload["summary"], indent=1))
@@ -202,8 +285,14 @@ def main(argv=None) -> int:
 
 
 def summarize(runs: dict, tokens: int, n_lines: int, n_bytes: int) -> dict:
-    def data_mb(name: str) -> float:
-        return runs[f"{name}_big"]["peak_pss_no_libs_mb"] - runs[f"{name}_small"]["peak_pss_no_libs_mb"]
+    def data_mb(name: str, key: str = "peak_pss_no_libs_mb") -> float:
+        return runs[f"{name}_big"][key] - runs[f"{name}_small"][key]
+
+    def phase_mb(name: str) -> float:
+        return data_mb(name, "data_phase_peak_no_libs_mb")
+
+    def per_token(mb: float) -> float:
+        return round(mb * 2**20 / tokens, 2)
 
     cold, warm, hf = runs["ours_cold_big"], runs["ours_warm_big"], runs["datasets_big"]
     startup = runs["ours_warm_small"]["wall_s"]  # interpreter, imports, model load, one step: no data to speak of
@@ -212,28 +301,39 @@ def summarize(runs: dict, tokens: int, n_lines: int, n_bytes: int) -> dict:
         "cold_s": cold["wall_s"], "datasets_s": hf["wall_s"],
         "cold_over_datasets": round(cold["wall_s"] / hf["wall_s"], 3),
         "cold_peak_mb": cold["peak_pss_mb"], "datasets_peak_mb": hf["peak_pss_mb"],
-        "data_bytes_per_token": round(data_mb("ours_cold") * 2**20 / tokens, 2),
-        "warm_data_bytes_per_token": round(data_mb("ours_warm") * 2**20 / tokens, 2),
-        "datasets_data_bytes_per_token": round(data_mb("datasets") * 2**20 / tokens, 2),
+        "data_bytes_per_token": per_token(data_mb("ours_cold")),
+        "data_phase_bytes_per_token": per_token(phase_mb("ours_cold")),
+        "warm_data_bytes_per_token": per_token(data_mb("ours_warm")),
+        "warm_data_phase_bytes_per_token": per_token(phase_mb("ours_warm")),
+        "datasets_data_bytes_per_token": per_token(data_mb("datasets")),
         "warm_s": warm["wall_s"], "startup_s": startup,
         "warm_over_cold_beyond_startup": round((warm["wall_s"] - startup) / cold["wall_s"], 3),
         "cold_prepare_s": cold.get("data_s"), "warm_data_s": warm.get("data_s"),
         "warm_data_over_cold": round(warm.get("data_s", float("nan")) / cold["wall_s"], 4),
         "two_ranks_data_mb": round(data_mb("ours_2ranks"), 1), "one_rank_data_mb": round(data_mb("ours_cold"), 1),
-        "two_over_one_rank": round(data_mb("ours_2ranks") / max(data_mb("ours_cold"), 1e-9), 3),
+        "two_ranks_data_phase_mb": round(phase_mb("ours_2ranks"), 1),
+        "one_rank_data_phase_mb": round(phase_mb("ours_cold"), 1),
+        "two_over_one_rank": round(phase_mb("ours_2ranks") / max(phase_mb("ours_cold"), 1e-9), 3),
         "two_ranks_s": runs["ours_2ranks_big"]["wall_s"],
     }
     goals = {
         "cold <= 0.5x datasets time": summary["cold_over_datasets"] <= 0.5,
         "cold peak memory <= datasets'": cold["peak_pss_mb"] <= hf["peak_pss_mb"],
-        "data memory <= 4 bytes/token": summary["data_bytes_per_token"] <= 4,
+        # Both readings: at the run's peak (the first step's, the same in both runs) and over the data phase,
+        # where preparation's workers add what they hold.
+        "data memory <= 4 bytes/token": max(summary["data_bytes_per_token"],
+                                            summary["data_phase_bytes_per_token"]) <= 4,
         "warm start's data time < 10% of cold": summary["warm_data_over_cold"] < 0.10,
-        # A difference at or below zero is below what the peaks resolve (the first step's batch differs
-        # between the files): no verdict.
+        # Over the data phase, where what each rank holds is far above the sampling noise; at the run's peak
+        # the data adds too little to both runs for a ratio to mean anything. No verdict without a difference.
         "2 ranks' data memory <= 1.3x one rank's": (
-            summary["two_over_one_rank"] <= 1.3 if min(data_mb("ours_2ranks"), data_mb("ours_cold")) > 0 else None),
+            summary["two_over_one_rank"] <= 1.3 if phase_mb("ours_cold") > 0 else None),
     }
     return {"summary": summary, "goals": goals, "runs": runs}
+
+
+def baseline_rows(payload: dict) -> str:
+    return " + ".join(str(n) for n in payload.get("baseline", {}).get("first_step_rows", [])) or "?"
 
 
 def render(payload: dict) -> str:
@@ -246,20 +346,23 @@ def render(payload: dict) -> str:
         f"{env['cpu_count']} CPUs, load average {env['load_avg'][0]:.1f} at start, "
         f"{payload['load_avg_end'][0]:.1f} at end.",
         "",
-        "| run | wall s | peak PSS MB | without shared libraries |",
-        "|---|---:|---:|---:|",
-        *(f"| {name} | {r['wall_s']} | {r['peak_pss_mb']} | {r['peak_pss_no_libs_mb']} |"
-          for name, r in payload["runs"].items()),
+        "| run | wall s | peak PSS MB | without shared libraries | data phase, without shared libraries |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {name} | {r['wall_s']} | {r['peak_pss_mb']} | {r['peak_pss_no_libs_mb']} | "
+          f"{r['data_phase_peak_no_libs_mb']} |" for name, r in payload["runs"].items()),
         "",
         f"- cold (prepare + model load + one step) / datasets (prepare only): {s['cold_over_datasets']}",
-        f"- data memory: {s['data_bytes_per_token']} bytes/token cold, {s['warm_data_bytes_per_token']} warm "
-        f"(datasets: {s['datasets_data_bytes_per_token']})",
+        f"- data memory at the run's peak: {s['data_bytes_per_token']} bytes/token cold, "
+        f"{s['warm_data_bytes_per_token']} warm (datasets: {s['datasets_data_bytes_per_token']}); over the data "
+        f"phase (until train.py reports its data): {s['data_phase_bytes_per_token']} cold, "
+        f"{s['warm_data_phase_bytes_per_token']} warm. Baseline: 200 lines of the big file whose first step "
+        f"trains on the same examples ({baseline_rows(payload)} tokens per row)",
         f"- warm start {s['warm_s']} s, of which data (find, check, map the store) {s['warm_data_s']} s = "
         f"{s['warm_data_over_cold']} of cold; cold prepared in {s['cold_prepare_s']} s. Start-up on 200 lines "
-        f"{s['startup_s']} s; (warm - start-up) / cold = {s['warm_over_cold_beyond_startup']} (the rest is the "
-        "first step, whose batch differs between the files)",
-        f"- 2 ranks: data memory {s['two_ranks_data_mb']} MB vs {s['one_rank_data_mb']} MB for one "
-        f"({s['two_over_one_rank']}x)",
+        f"{s['startup_s']} s; (warm - start-up) / cold = {s['warm_over_cold_beyond_startup']}",
+        f"- 2 ranks: data memory over the data phase {s['two_ranks_data_phase_mb']} MB vs "
+        f"{s['one_rank_data_phase_mb']} MB for one ({s['two_over_one_rank']}x); at the run's peak "
+        f"{s['two_ranks_data_mb']} MB vs {s['one_rank_data_mb']} MB",
         "",
         "| goal | met |",
         "|---|---|",

@@ -3,6 +3,7 @@ one-rendering chat spans against the per-turn definition, capped evaluation, sha
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -185,3 +186,55 @@ def test_the_training_job_caps_the_held_out_set_and_uses_the_cache(tmp_path, tok
     cfg.eval_file, cfg.eval_fraction = str(DEMO), 0.0
     held = prepare_data(cfg, tok)
     assert len(held.eval_examples) == 10 and held.eval_source.endswith("(10 of 512 examples, a seeded sample)")
+
+
+class CountingSlowTokenizer:
+    """A tokenizer without a Rust backend whose every text costs a millisecond, counting what it encodes."""
+
+    eos_token_id, bos_token_id, pad_token_id, chat_template = 1, None, 1, None
+
+    def __init__(self):
+        self.encoded = 0
+
+    def __len__(self):
+        return 260
+
+    def get_vocab(self):
+        return {chr(i): i for i in range(260)}
+
+    def __call__(self, texts, add_special_tokens=True):
+        self.encoded += len(texts)
+        time.sleep(0.001 * len(texts))
+        return {"input_ids": [[2 + ord(c) % 250 for c in text] for text in texts]}
+
+
+def test_a_bad_line_deep_in_the_file_stops_the_run_before_the_lines_above_it_are_tokenized(tmp_path):
+    lines = [json.dumps({"text": f"line {i}"}) for i in range(3000)]
+    lines[2990] = "{oops"
+    data = tmp_path / "bad.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    tokenizer = CountingSlowTokenizer()
+    with pytest.raises(DataError, match=r"bad.jsonl:2991: expected JSON"):
+        load_dataset(data, tokenizer, 64, workers=0)
+    assert tokenizer.encoded <= 2 * prepare_module.CHUNK_LINES  # not the 2,990 lines above the bad one
+
+
+def test_conversations_of_one_shape_share_a_rendering_that_equals_their_own(tok):
+    template = ("{% for m in messages %}{{ '<|' + m['role'] + (('|' ~ m['name']) if m['name'] is defined else '') "
+                "+ '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+                "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+    tok = build_tokenizer()
+    tok.chat_template = template
+    encoder = Encoder(tok, "chat")
+    chats = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a" * i}] for i in range(4)]
+    chats += [[{"role": "user", "content": "q", "name": name}, {"role": "assistant", "content": "a"}]
+              for name in ("ann", "bob")]
+    chats += [[{"role": "user", "content": "q", "name": flag}, {"role": "assistant", "content": "a"}]
+              for flag in (1, True)]  # equal as keys, rendered differently
+    encoded = encoder.encode([{"messages": m} for m in chats])
+    assert len(encoder.skeletons) == 5  # the unnamed shape once, then one per name value and type
+    for messages, (ids, trained) in zip(chats, encoded, strict=True):
+        fresh_ids, fresh_trained = Encoder(tok, "chat").encode([{"messages": messages}])[0]
+        text = tok.apply_chat_template(messages, tokenize=False)
+        assert ids.tolist() == fresh_ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
+        assert trained.tolist() == fresh_trained.tolist() == encoder._per_turn_spans(messages)[1].tolist()

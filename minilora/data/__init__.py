@@ -2,6 +2,7 @@
 
     records.py   read and validate the file line by line (formats, `file:line` errors)
     tokenize.py  render and tokenize records with the trained-token mask
+    byte_tiling.py  token positions from the tokens' bytes (byte-level BPE), without the offsets' cost
     prepare.py   stream a file through worker processes into a store
     store.py     the store: flat token ids, mask bits and offsets on disk, memory-mapped
     cache.py     where stores live, their keys, atomic publication and checks

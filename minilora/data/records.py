@@ -14,6 +14,7 @@ points the user at what to fix; with `skip_bad_lines` a line's problem is collec
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from threading import Event
 
 from minilora.errors import DataError
 
@@ -179,6 +180,21 @@ def first_record(path: Path, skip_bad_lines: bool) -> tuple[str, int, list[tuple
     if not skipped:
         raise DataError(path, None, "the file has only blank lines")
     raise no_valid_line(path, skipped)
+
+
+def first_bad_line(path: Path, fmt: str, first: int, stop: Event | None = None) -> tuple[int, str] | None:
+    """(line, problem) of the first line from `first` on that `check_record` refuses; None if every line
+    is valid (or `stop` was set before the end)."""
+    for lineno, line in iter_lines(path):
+        if stop is not None and stop.is_set():
+            return None
+        if lineno < first:
+            continue
+        try:
+            check_record(line, lineno, fmt, first)
+        except BadLine as bad:
+            return lineno, str(bad)
+    return None
 
 
 def no_valid_line(path: Path, skipped: list[tuple[int, str]]) -> DataError:

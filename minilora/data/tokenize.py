@@ -14,12 +14,20 @@ That shortcut holds for templates that insert contents verbatim and render a sho
 prefix of a longer one. `ChatTemplateProbe` checks this once per tokenizer on a few conversations,
 against the definition itself (render each prefix, compare); a template that fails it (or a record
 whose text contains the markers) takes that definition per turn: slower, same result.
+
+Such a template's marked rendering depends on the messages' roles and other fields only, so an Encoder
+renders each shape of conversation once (an alpaca file has one) and puts the contents in. Token
+positions come from the tokenizer's character offsets, or, for byte-level BPE tokenizers, from the
+tokens' own bytes (byte_tiling.py), which give the same positions without the offsets' cost.
 """
 
 import re
+from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
+from minilora.data.byte_tiling import ByteTiling, token_at
 from minilora.data.examples import IGNORE_INDEX
 from minilora.errors import UserError
 
@@ -30,6 +38,12 @@ PLAIN_PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input
 # Private-use characters (never produced by tokenizers' special tokens) around a message index.
 MARK_OPEN, MARK_CLOSE = "\ue000", "\ue001"
 _MARK = re.compile(f"{MARK_OPEN}(\\d+){MARK_CLOSE}")
+# Distinct conversation shapes whose renderings an Encoder keeps: real data has a handful (alpaca one,
+# chat files a few turn patterns); the bound only caps memory on data where every shape is new.
+MAX_SKELETONS = 4096
+# Texts in a batch from which token positions come from the tokens' bytes (byte_tiling.py) rather than
+# the offsets: building the table of a 128k vocabulary takes about as long as 1,000 texts' offsets.
+TILING_MIN_TEXTS = 16
 
 
 def alpaca_messages(record: dict) -> list[dict]:
@@ -55,20 +69,55 @@ def _common_prefix(a, b) -> int:
     return n
 
 
-def _marked_render(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]] | None:
-    """(text, [(content start, end)] per message) from one rendering, or None if the markers clash."""
-    if any(MARK_OPEN in m["content"] or MARK_CLOSE in m["content"] for m in messages):
-        return None
+def _skeleton(tokenizer, messages: list[dict]) -> list[str] | None:
+    """The template's text around the contents of `messages`: [before message 0, between 0 and 1, ...,
+    after the last], from one rendering with markers for contents; None if the template dropped,
+    repeated or reordered a message."""
     marked = [{**m, "content": f"{MARK_OPEN}{i}{MARK_CLOSE}"} for i, m in enumerate(messages)]
     pieces = _MARK.split(_render(tokenizer, marked, False))  # text, index, text, index, ..., text
     if [int(i) for i in pieces[1::2]] != list(range(len(messages))):
-        return None  # the template dropped, repeated or reordered a message
+        return None
+    return pieces[0::2]
+
+
+def _shape(messages: list[dict]) -> tuple | None:
+    """What a marked rendering depends on: every message's fields but its content, in order, with their
+    types (JSON's true equals 1 as a key, not in a template); None when a value cannot be a key."""
+    shape = tuple(tuple((k, None, None) if k == "content" else (k, type(v), v) for k, v in m.items())
+                  for m in messages)
+    try:
+        hash(shape)
+    except TypeError:
+        return None
+    return shape
+
+
+def _marked_render(tokenizer, messages: list[dict], skeletons: dict | None = None):
+    """(text, [(content start, end)] per message) from one rendering, or None if the markers clash.
+
+    With `skeletons` (a dict kept by the caller), conversations of the same shape (the same roles and
+    other fields) reuse one rendering: a template that inserts contents verbatim (ChatTemplateProbe)
+    renders the text around them from the shape alone, and rendering costs most of a record's Python time.
+    """
+    if any(MARK_OPEN in m["content"] or MARK_CLOSE in m["content"] for m in messages):
+        return None
+    shape = _shape(messages) if skeletons is not None else None
+    if shape is None:
+        pieces = _skeleton(tokenizer, messages)
+    elif shape in skeletons:
+        pieces = skeletons[shape]
+    else:
+        pieces = _skeleton(tokenizer, messages)
+        if len(skeletons) < MAX_SKELETONS:
+            skeletons[shape] = pieces
+    if pieces is None:
+        return None
     text, spans = [pieces[0]], []
     pos = len(pieces[0])
-    for k, message in enumerate(messages):
+    for message, after in zip(messages, pieces[1:], strict=True):
         spans.append((pos, pos + len(message["content"])))
-        text += [message["content"], pieces[2 * k + 2]]
-        pos += len(message["content"]) + len(pieces[2 * k + 2])
+        text += [message["content"], after]
+        pos += len(message["content"]) + len(after)
     return "".join(text), spans
 
 
@@ -118,6 +167,8 @@ class Encoder:
             raise UserError("chat-format data needs a tokenizer with a chat template, and this one has none")
         self.backend = _plain_backend(tokenizer)
         self.probe = ChatTemplateProbe(tokenizer) if self.chat and self.backend is not None else None
+        self.skeletons: dict = {}  # conversation shape -> the template's text around the contents
+        self.tiling: ByteTiling | bool | None = None  # built on the first large batch; False: not byte-level
 
     def _encode(self, texts: list[str], special: bool, offsets: bool = False) -> list:
         """Encodings as the tokenizer's __call__ would produce them: `.ids`, and `.char_to_token` with
@@ -160,26 +211,43 @@ class Encoder:
         rendered = {}
         if self.probe is not None and self.probe.regular:
             for k, messages in enumerate(conversations):
-                marked = _marked_render(self.tokenizer, messages)
+                marked = _marked_render(self.tokenizer, messages, self.skeletons)
                 if marked is not None:
                     rendered[k] = marked
         keys = list(rendered)
-        for k, enc in zip(keys, self._encode([rendered[k][0] for k in keys], False, offsets=True), strict=True):
-            out[k] = self._one_rendering_spans(conversations[k], *rendered[k], enc)
+        for k, ids, find_token in zip(keys, *self._locate([rendered[k][0] for k in keys]), strict=True):
+            out[k] = self._one_rendering_spans(conversations[k], *rendered[k], ids, find_token)
         for k, messages in enumerate(conversations):
             if out[k] is None:
                 out[k] = self._per_turn_spans(messages)
         return out
 
-    def _one_rendering_spans(self, messages, text: str, contents, enc) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.array(enc.ids, dtype=np.int64)
+    def _locate(self, texts: list[str]) -> tuple[list, list[Callable[[int], int]]]:
+        """Each text's ids, and a function from a character to the first token that holds it: from the
+        tokens' bytes where a byte-level tokenizer's tokens tile the texts (byte_tiling.py), else from
+        the tokenizer's offsets. A batch of a few texts always takes the offsets (not worth a table)."""
+        if self.tiling is None and len(texts) >= TILING_MIN_TEXTS and self.backend is not None:
+            self.tiling = ByteTiling.of(self.backend) or False
+        if self.tiling:
+            ids = [np.array(enc.ids, dtype=np.int64) for enc in self._encode(texts, False)]
+            runs = self.tiling.locate(texts, ids)
+            if runs is not None:
+                return ids, [partial(token_at, text, ends) for text, ends in zip(texts, runs, strict=True)]
+        encodings = self._encode(texts, False, offsets=True)
+        return ([enc.ids for enc in encodings],
+                [partial(_token_at, enc, n_chars=len(text), n_tokens=len(enc.ids))
+                 for text, enc in zip(texts, encodings, strict=True)])
+
+    def _one_rendering_spans(self, messages, text: str, contents, ids,
+                             find_token: Callable[[int], int]) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(ids, dtype=np.int64)  # (T,) from a list or an array
         trained = np.zeros(len(ids), dtype=bool)
         pos = 0
         for message, (start, end) in zip(messages, contents, strict=True):
             if message["role"] != "assistant":
                 continue
             end += _common_prefix(text[end : end + len(self.probe.tail)], self.probe.tail)
-            first, stop = _token_at(enc, start, len(text), len(ids)), _token_at(enc, end, len(text), len(ids))
+            first, stop = find_token(start), find_token(end)
             if stop <= max(first, pos):
                 continue
             trained[max(first, pos) : stop] = True
