@@ -5,8 +5,8 @@ for all.
 
     baseline            every decoder layer recomputed keeping only its input (--recompute full), chunked loss
                         on target tokens, fp32 AdamW, padded (B, T) batches of full-length examples
-    selective_recompute --recompute selective (the training default: keeps the products' outputs, recomputes
-                        the element-wise rest)
+    selective_recompute --recompute selective (what --recompute auto picks on a GPU: keeps the products'
+                        outputs, recomputes the element-wise rest)
     no_recompute        --recompute none
     recompute_every_2   --recompute-every 2
     offload             --offload-activations (CUDA only)

@@ -30,6 +30,22 @@ def test_lanes_are_independent_of_their_position_in_a_draw():
     torch.testing.assert_close(rates, torch.full((4,), 0.25), atol=6e-3, rtol=0)
 
 
+def test_lanes_of_one_draw_drop_independently():
+    """Two lanes of the same 64-bit draw are both dropped with probability p^2 (not p, not 0)."""
+    torch.manual_seed(4)
+    dropped = ~cpu_keep_mask(torch.Size([4 * 250_000]), 0.3).view(-1, 4)
+    for i, j in ((0, 1), (1, 2), (0, 3)):
+        both = (dropped[:, i] & dropped[:, j]).float().mean().item()
+        assert abs(both - 0.09) < 4e-3, (i, j, both)  # 250k pairs: standard error 6e-4
+
+
+def test_p_within_2_to_the_minus_17_of_one_drops_everything():
+    x = torch.randn(5, 6, requires_grad=True)
+    y = lora_dropout(x, 1 - 1e-7)
+    y.sum().backward()
+    assert torch.equal(y, torch.zeros_like(y)) and torch.equal(x.grad, torch.zeros_like(x))
+
+
 def test_seed_decides_the_mask_and_odd_shapes_work():
     x = torch.randn(3, 7, 5)  # 105 elements: not a multiple of 4
     torch.manual_seed(5)

@@ -24,6 +24,7 @@ class DistInfo:
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    local_world: int = 1  # ranks on this host: they share its memory
 
     @property
     def main(self) -> bool:
@@ -44,7 +45,7 @@ def init_distributed() -> DistInfo:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return DistInfo(rank, world, local_rank)
+    return DistInfo(rank, world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
 
 
 def shutdown(info: DistInfo) -> None:

@@ -4,7 +4,6 @@ Everything that can be wrong with the user's input (flags, data file, output fol
 checked before the model's weights are loaded, so a mistake costs seconds, not a model load.
 """
 
-import os
 import platform
 import random
 import shutil
@@ -41,7 +40,7 @@ from minilora.training.card import render_card
 from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
 from minilora.training.config import FREE, STEER, TrainConfig, resume_fields
 from minilora.training.distributed import DistInfo, barrier, init_distributed, main_first, shutdown
-from minilora.training.loop import StopRequest, TrainingLoop, TrainingStopped, epoch_batches
+from minilora.training.loop import StopRequest, TrainingLoop, TrainingStopped, epoch_batches, max_micro_batch_tokens
 from minilora.training.metrics import METRICS_NAME, read_metrics
 from minilora.training.offload import OffloadSaved
 from minilora.training.plot import plot_run
@@ -190,9 +189,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: TrainConfig, precision: str, device: torch.device) -> tuple[torch.nn.Module, dict]:
+def build_model(cfg: TrainConfig, precision: str, device: torch.device, processes: int = 1
+                ) -> tuple[torch.nn.Module, dict]:
     """The 4-bit base with LoRA as the run trains it: seeded first, so every rank (and a benchmark that builds
     it the same way) starts from the same LoRA weights; kernel mode and recomputation set.
+    `processes`: training processes on this host (they share its memory: `--recompute auto` weighs that).
     Returns (model, {"mode": the recompute mode used, "why": in words})."""
     seed_everything(cfg.seed)
     model = load_base(cfg.model, quant=cfg.quant, compute_dtype=COMPUTE_DTYPE[precision], device=device)
@@ -202,8 +203,7 @@ def build_model(cfg: TrainConfig, precision: str, device: torch.device) -> tuple
     use_varlen_attention(model)  # padding-free rows: each example's attention alone, no (T, T) mask
     mode, why = cfg.recompute, f"{cfg.recompute} (--recompute)"
     if mode == "auto":
-        micro_batch_tokens = max(cfg.batch_tokens, cfg.batch_size * cfg.seq_len)
-        mode, why = choose_mode(model, device, micro_batch_tokens, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        mode, why = choose_mode(model, device, max_micro_batch_tokens(cfg), processes)
     if mode != "none":
         offload = OffloadSaved() if cfg.offload_activations else None
         enable_recompute(model, every=cfg.recompute_every, offload=offload, mode=mode)
@@ -255,7 +255,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
         if cfg.overwrite:
             clear_previous_run(out)
         out.mkdir(parents=True, exist_ok=True)
-    model, recompute = build_model(cfg, precision, device)
+    model, recompute = build_model(cfg, precision, device, dist.local_world)
     if dist.enabled:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # but different dropout masks per rank
     say(f"model: {cfg.model} ({cfg.quant}, {precision}) on {hardware(device)}; {trainable_summary(model)}")

@@ -60,6 +60,14 @@ def epoch_batches(examples, cfg: TrainConfig, epoch: int, pad_id: int, world: in
     return make_padding_free_batches(examples, cfg.batch_size, budget, epoch, cfg.seed, pad_id, rows_per_batch=world)
 
 
+def max_micro_batch_tokens(cfg: TrainConfig) -> int:
+    """The most tokens (pads included) one rank's micro-batch of `epoch_batches` can hold."""
+    rows = cfg.batch_size * cfg.seq_len  # batch_size examples (or rows) of at most seq_len tokens
+    if cfg.padding or cfg.packing or not cfg.batch_tokens:
+        return rows
+    return min(rows, max(cfg.batch_tokens, cfg.seq_len))  # a row may hold one example over the budget
+
+
 class BatchStream:
     """Global micro-batches (one per step of every rank) in training order across epochs;
     the position is (epoch, index)."""

@@ -26,18 +26,22 @@ removes it, so adapter keys and checkpoints never see it.
 """
 
 import contextlib
-import os
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from minilora.training.memory import available_memory
 from minilora.training.offload import OffloadSaved
 
 INNER = "inner"
 MODES = ("full", "selective")
-PROBE_TOKENS = 32  # tokens of the probe forward that measures activation memory per token
-CPU_MEMORY_SHARE = 0.5  # auto keeps every activation on a CPU when they fit in this share of free memory
+# The probe runs two short forwards: enough to separate what grows with the tokens from what does not
+# (DoRA keeps each layer's dequantized weight), cheap even for a 4B model on a CPU (~2 x 64 tokens).
+PROBE_TOKENS = (16, 48)
+# auto keeps every activation on a CPU when they fit in this share of the memory left: the rest is
+# for what the estimate does not see (allocator slack, the optimizer's temporaries, other programs).
+CPU_MEMORY_SHARE = 0.5
 
 
 def _kept_ops() -> frozenset:
@@ -114,11 +118,9 @@ def enable_recompute(model: nn.Module, every: int = 1, offload: OffloadSaved | N
     return wrapped
 
 
-def activation_bytes_per_token(model: nn.Module, device: torch.device, tokens: int = PROBE_TOKENS) -> float:
-    """Bytes that autograd keeps per token in a training forward of `model`'s backbone without
-    recompute: measured on one probe row of `tokens` tokens (weights and adapter parameters are not
-    counted; tensors that share storage count once). The RNG state is restored afterwards, so the
-    probe changes no dropout mask of the run."""
+def _saved_bytes(model: nn.Module, device: torch.device, tokens: int) -> int:
+    """Bytes autograd keeps in one training forward of the backbone on a row of `tokens` tokens (tensors
+    that share storage count once; weights, adapter parameters and buffers are not counted)."""
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
     kept: dict[int, int] = {}
@@ -131,51 +133,46 @@ def activation_bytes_per_token(model: nn.Module, device: torch.device, tokens: i
 
     ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
     positions = torch.arange(tokens, device=device).unsqueeze(0)  # (1, T)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model.base_model(input_ids=ids, position_ids=positions, use_cache=False)  # as the loss calls it
+    del out
+    return sum(kept.values())
+
+
+def activation_bytes(model: nn.Module, device: torch.device, tokens: tuple[int, int] = PROBE_TOKENS
+                     ) -> tuple[float, float]:
+    """(fixed bytes, bytes per token) that autograd keeps in a training forward of `model`'s backbone
+    without recompute, from two probe forwards of `tokens` lengths. The RNG state and the model's
+    train/eval mode are restored afterwards: the probe changes no dropout mask of the run."""
     was_training = model.training
     model.train()
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                hidden = model.base_model(input_ids=ids, position_ids=positions).last_hidden_state  # (1, T, H)
-            del hidden
+            short, long = (_saved_bytes(model, device, n) for n in tokens)
     finally:
         model.train(was_training)
-    return sum(kept.values()) / tokens
-
-
-def available_memory(device: torch.device) -> int:
-    """Bytes this process may still allocate: free GPU memory, or on a CPU the smaller of the system's
-    available memory and what a cgroup limit (a container) leaves."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    limits = []
-    try:
-        with open("/proc/meminfo") as f:
-            info = dict(line.split(":", 1) for line in f)
-        limits.append(int(info["MemAvailable"].split()[0]) * 1024)
-    except (OSError, KeyError, ValueError):
-        limits.append(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
-            limit = f.read().strip()
-            if limit != "max":
-                limits.append(int(limit) - int(g.read()))
-    except (OSError, ValueError):
-        pass
-    return min(limits)
+    per_token = max(long - short, 0) / (tokens[1] - tokens[0])
+    return max(short - per_token * tokens[0], 0.0), per_token
 
 
 def choose_mode(model: nn.Module, device: torch.device, micro_batch_tokens: int, processes: int = 1
                 ) -> tuple[str, str]:
     """What `--recompute auto` means for this run: (mode, why, in words). `processes`: training
-    processes sharing this machine's memory (ranks on one host)."""
+    processes sharing this machine's memory (ranks on one host); each rank decides for itself (the
+    mode changes memory and speed, never the numbers)."""
     if device.type == "cuda":
         return "selective", "auto: selective on a GPU (activation memory kept low for batch and length)"
-    need = activation_bytes_per_token(model, device) * micro_batch_tokens
-    free = available_memory(device) / processes
-    words = (f"activations of a {micro_batch_tokens:,}-token micro-batch ~{need / 2**20:,.0f} MB, "
-             f"{free / 2**30:,.1f} GB available")
+    free = available_memory(device)
+    if free is None:
+        return "full", "auto: full on a CPU (the free memory is unknown here)"
+    try:
+        fixed, per_token = activation_bytes(model, device)
+    except Exception as err:  # a model whose backbone the probe cannot call: keep the least memory
+        return "full", f"auto: full on a CPU (the activation probe failed: {type(err).__name__}: {err})"
+    need, free = fixed + per_token * micro_batch_tokens, free / processes
+    words = (f"activations of a {micro_batch_tokens:,}-token micro-batch ~{need / 2**20:,.0f} MiB, "
+             f"{free / 2**30:,.1f} GiB available")
     if need <= CPU_MEMORY_SHARE * free:
         return "none", f"auto: none on a CPU ({words})"
     return "full", f"auto: full on a CPU ({words}: over half)"
