@@ -230,9 +230,9 @@ def test_conversations_of_one_shape_share_a_rendering_that_equals_their_own(tok)
     chats += [[{"role": "user", "content": "q", "name": name}, {"role": "assistant", "content": "a"}]
               for name in ("ann", "bob")]
     chats += [[{"role": "user", "content": "q", "name": flag}, {"role": "assistant", "content": "a"}]
-              for flag in (1, True)]  # equal as keys, rendered differently
+              for flag in (1, True, 0.0, -0.0, [1], [1.0])]  # equal as keys, rendered differently
     encoded = encoder.encode([{"messages": m} for m in chats])
-    assert len(encoder.skeletons) == 5  # the unnamed shape once, then one per name value and type
+    assert len(encoder.skeletons) == 9  # the unnamed shape once, then one per name value and type
     for messages, (ids, trained) in zip(chats, encoded, strict=True):
         fresh_ids, fresh_trained = Encoder(tok, "chat").encode([{"messages": messages}])[0]
         text = tok.apply_chat_template(messages, tokenize=False)

@@ -158,7 +158,9 @@ class LineCheck:
     """Validates every line of the file in a thread of its own while the chunks are tokenized.
 
     `raise_if_bad()` raises the first bad line's DataError once the thread has found one: the same line
-    and message as the chunk that holds it would give, only sooner. With skip_bad_lines nothing is checked
+    and message as the chunk that holds it would give, only sooner. So a line that cannot be read is
+    reported ahead of an error that only tokenization reveals on an earlier line (a chat template's own
+    `raise_exception`), which a sequential pass would have met first. With skip_bad_lines nothing is checked
     (the chunks collect the bad lines themselves)."""
 
     def __init__(self, path: Path, job: Job):

@@ -13,7 +13,10 @@ in that one tokenization.
 That shortcut holds for templates that insert contents verbatim and render a shorter history as a
 prefix of a longer one. `ChatTemplateProbe` checks this once per tokenizer on a few conversations,
 against the definition itself (render each prefix, compare); a template that fails it (or a record
-whose text contains the markers) takes that definition per turn: slower, same result.
+whose text contains the markers) takes that definition per turn: slower, same result. The probe's
+contents catch templates that trim or pad a content; one whose text depends on a content's value in
+other ways (its length, a substring it cuts at, such as a reasoning model's `</think>`) is not caught,
+and its contents are inserted verbatim where the template would have changed them.
 
 Such a template's marked rendering depends on the messages' roles and other fields only, so an Encoder
 renders each shape of conversation once (an alpaca file has one) and puts the contents in. Token
@@ -80,16 +83,12 @@ def _skeleton(tokenizer, messages: list[dict]) -> list[str] | None:
     return pieces[0::2]
 
 
-def _shape(messages: list[dict]) -> tuple | None:
-    """What a marked rendering depends on: every message's fields but its content, in order, with their
-    types (JSON's true equals 1 as a key, not in a template); None when a value cannot be a key."""
-    shape = tuple(tuple((k, None, None) if k == "content" else (k, type(v), v) for k, v in m.items())
-                  for m in messages)
-    try:
-        hash(shape)
-    except TypeError:
-        return None
-    return shape
+def _shape(messages: list[dict]) -> tuple:
+    """What a marked rendering depends on: every message's fields but its content, in order, each with
+    its type and repr (JSON's true equals 1 and -0.0 equals 0.0 as keys, not in a template; a list or
+    dict field such as tool calls becomes a key too)."""
+    return tuple(tuple((k, None, None) if k == "content" else (k, type(v), repr(v)) for k, v in m.items())
+                 for m in messages)
 
 
 def _marked_render(tokenizer, messages: list[dict], skeletons: dict | None = None):
