@@ -107,3 +107,11 @@ def test_auto_keeps_activations_on_a_cpu_when_they_fit_and_recomputes_when_not()
 def test_micro_batch_token_bound(flags, tokens):
     cfg = TrainConfig(data="x.jsonl", batch_size=4, seq_len=512, **flags)
     assert max_micro_batch_tokens(cfg) == tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_is_selective_on_a_gpu_without_probing():
+    model = torch.nn.Linear(2, 2)  # the probe would fail on it: on CUDA none runs
+    mode, why = choose_mode(model, torch.device("cuda"), 10**9)
+    assert mode == "selective" and why.startswith("auto: selective on a GPU")
+    assert available_memory(torch.device("cuda")) > 0
