@@ -183,13 +183,18 @@ def compare(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
             f"{r['impl']} {r['mode']} {r['ms'] * 1e3:8.1f}us" for r in bench.rows[-6:]), flush=True)
 
 
-def branches(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
-    """Each dispatch branch's forward (Y) and dX GEMMs alone, same inputs: the crossovers."""
-    fused = K.fused_lora
+def packed_layer(K, name: str, layer, seed: int) -> tuple:
+    """(n, k, the layer's NF4 weight packed for the kernels, a generator seeded `seed`) of a Phi-3 shape."""
     n, k = PHI3[name]
     base, _ = layer
     pk = K.nf4.pack_state(base.weight.data, base.weight.quant_state)
-    g = torch.Generator(device=DEVICE).manual_seed(2)
+    return n, k, pk, torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def branches(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
+    """Each dispatch branch's forward (Y) and dX GEMMs alone, same inputs: the crossovers."""
+    fused = K.fused_lora
+    n, k, pk, g = packed_layer(K, name, layer, seed=2)
     a = torch.randn(RANK, k, device=DEVICE, generator=g) * 0.02
     b = torch.randn(n, RANK, device=DEVICE, generator=g) * 0.02
     for m in ms:
@@ -213,10 +218,7 @@ def branches(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
 def splitk_tiles(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
     """Split-K forward at M <= 16 over a few (bm, bn, bk, split): what the defaults should pick."""
     fused = K.fused_lora
-    n, k = PHI3[name]
-    base, _ = layer
-    pk = K.nf4.pack_state(base.weight.data, base.weight.quant_state)
-    g = torch.Generator(device=DEVICE).manual_seed(3)
+    n, k, pk, g = packed_layer(K, name, layer, seed=3)
     b = torch.randn(n, RANK, device=DEVICE, generator=g) * 0.02
     for m in [v for v in ms if v <= GOAL_SMALL_M]:
         x = torch.randn(m, k, device=DEVICE, dtype=DTYPE, generator=g)

@@ -56,16 +56,21 @@ def epoch_batches(examples, cfg: TrainConfig, epoch: int, pad_id: int, world: in
     if cfg.padding or cfg.packing:
         return make_batches(examples, cfg.batch_size * world, epoch, cfg.seed, pad_id, packing=cfg.packing,
                             seq_len=cfg.seq_len)
-    budget = cfg.batch_tokens or cfg.batch_size * cfg.seq_len
-    return make_padding_free_batches(examples, cfg.batch_size, budget, epoch, cfg.seed, pad_id, rows_per_batch=world)
+    return make_padding_free_batches(examples, cfg.batch_size, _token_budget(cfg), epoch, cfg.seed, pad_id,
+                                     rows_per_batch=world)
+
+
+def _token_budget(cfg: TrainConfig) -> int:
+    """A padding-free row's token budget: --batch-tokens, or batch_size x seq_len."""
+    return cfg.batch_tokens or cfg.batch_size * cfg.seq_len
 
 
 def max_micro_batch_tokens(cfg: TrainConfig) -> int:
     """The most tokens (pads included) one rank's micro-batch of `epoch_batches` can hold."""
     rows = cfg.batch_size * cfg.seq_len  # batch_size examples (or rows) of at most seq_len tokens
-    if cfg.padding or cfg.packing or not cfg.batch_tokens:
+    if cfg.padding or cfg.packing:
         return rows
-    return min(rows, max(cfg.batch_tokens, cfg.seq_len))  # a row may hold one example over the budget
+    return min(rows, max(_token_budget(cfg), cfg.seq_len))  # a row may hold one example over the budget
 
 
 class BatchStream:

@@ -118,11 +118,9 @@ def enable_recompute(model: nn.Module, every: int = 1, offload: OffloadSaved | N
     return wrapped
 
 
-def _saved_bytes(model: nn.Module, device: torch.device, tokens: int) -> int:
+def _saved_bytes(model: nn.Module, device: torch.device, tokens: int, params: set[int]) -> int:
     """Bytes autograd keeps in one training forward of the backbone on a row of `tokens` tokens (tensors
-    that share storage count once; weights, adapter parameters and buffers are not counted)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    that share storage count once; storages in `params`, the weights and buffers, are not counted)."""
     kept: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
@@ -144,12 +142,13 @@ def activation_bytes(model: nn.Module, device: torch.device, tokens: tuple[int, 
     """(fixed bytes, bytes per token) that autograd keeps in a training forward of `model`'s backbone
     without recompute, from two probe forwards of `tokens` lengths. The RNG state and the model's
     train/eval mode are restored afterwards: the probe changes no dropout mask of the run."""
+    params = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     was_training = model.training
     model.train()
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            short, long = (_saved_bytes(model, device, n) for n in tokens)
+            short, long = (_saved_bytes(model, device, n, params) for n in tokens)
     finally:
         model.train(was_training)
     per_token = max(long - short, 0) / (tokens[1] - tokens[0])
