@@ -10,9 +10,12 @@ Phi-3 chat template) and truncate to --seq-len 1024:
   - datasets: `load_dataset("json")` + chat template + tokenize in `map(num_proc=2)` with its Arrow
     cache on disk (preparation only, no model, no step);
   - ours under `torchrun --nproc_per_node 2`, cold.
-Each run is a fresh process tree; its memory is the peak over time of the PSS summed over the tree
-(/proc/<pid>/smaps, sampled every 100 ms), so pages that processes share (a mapped token store,
-forked workers) count once; it is also given without the pages of shared libraries (see `_pss_kb`).
+Each run is a fresh process tree, run from the same state three times alone for its wall time (the
+median is kept), then once sampled for its memory: reading the smaps of a torch process tree every
+100 ms takes about a fifth of this 2-core machine and slowed the runs it measured by 10-20% (the
+results give both times). Its memory is the peak over time of the PSS
+summed over the tree (/proc/<pid>/smaps), so pages that processes share (a mapped token store, forked
+workers) count once; it is also given without the pages of shared libraries (see `_pss_kb`).
 "Data memory" is a run's peak without shared libraries minus the same run on a 200-line file made of
 lines of the big file chosen so that its first training step (on one rank and on two) trains on the
 same examples in the same layout as the big file's: the step's activations, which vary by hundreds of
@@ -37,6 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SEQ_LEN = 1024
+# Runs timed alone per measurement, the median kept: one run's wall time varies by ~10% on this machine.
+TIMED_RUNS = 3
 WORDS = ("the model data a of to and in is for that with on as this be by it are from or an which can at have more "
          "one but not will these their also has they use each other how when what time first new two may into some "
          "than its only such used most make like between over both example through where system number value "
@@ -110,10 +115,11 @@ def _pss_kb(pid: int) -> tuple[int, int]:
 DATA_READY = "\ndata: "
 
 
-def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
+def measure(cmd: list[str], log: Path, env: dict | None = None, sample: bool = True) -> dict:
     """Run `cmd` to completion: wall time, peak PSS summed over its process tree, exit code; and the peak
     (without shared libraries) of the data phase, up to the DATA_READY line in its output (the whole run
-    for a command that never prints it)."""
+    for a command that never prints it). With `sample` False, only the wall time and exit code: nothing
+    else runs beside it."""
     started = time.perf_counter()
     with open(log, "w") as out:
         # Unbuffered, so that the DATA_READY line is in the log when it is printed.
@@ -121,6 +127,8 @@ def measure(cmd: list[str], log: Path, env: dict | None = None) -> dict:
                                 env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         peak = peak_data = peak_phase = 0
         in_data_phase = True
+        if not sample:
+            proc.wait()
         while proc.poll() is None:
             sizes = [_pss_kb(pid) for pid in _tree(proc.pid)]
             peak = max(peak, sum(total for total, _ in sizes))
@@ -252,22 +260,37 @@ def main(argv=None) -> int:
         generate(big, n_lines)
         runs = {}
 
-        def run(name: str, cmd: list[str]) -> dict:
-            runs[name] = measure(cmd, work / f"{name}.log")
+        def run(name: str, cmd: list[str], fresh: list[Path]) -> dict:
+            """From the same state each time (the `fresh` folders removed): TIMED_RUNS runs timed alone
+            (the median's wall and data times are kept), then one sampled for memory. Reading a torch
+            process's smaps every 100 ms takes about a fifth of this 2-core machine, which would slow a
+            timed run by the share it takes from it."""
+            results = []
+            for sample in [False] * TIMED_RUNS + [True]:
+                for folder in fresh:
+                    shutil.rmtree(folder, ignore_errors=True)
+                results.append(measure(cmd, work / f"{name}.log", sample=sample))
+            *timed, sampled = results
+            median = sorted(timed, key=lambda r: r["wall_s"])[len(timed) // 2]
+            runs[name] = {**sampled, "wall_s": median["wall_s"], "timed_walls_s": [r["wall_s"] for r in timed],
+                          "sampled_wall_s": sampled["wall_s"],
+                          **({"data_s": median["data_s"]} if "data_s" in median else {})}
             print(f"{name:>18}: {runs[name]}", flush=True)
             return runs[name]
 
         # The big file's cold run first: the baseline file is chosen from the store it leaves.
-        run("ours_cold_big", ours(big, work / "cache-big", work / "out-cold-big"))
+        run("ours_cold_big", ours(big, work / "cache-big", work / "out-cold-big"),
+            [work / "cache-big", work / "out-cold-big"])
         baseline = write_baseline(big, work / "cache-big", small, 200)
         print(f"baseline: {baseline}", flush=True)
         for size, data in (("small", small), ("big", big)):
             cache = work / f"cache-{size}"
             if size == "small":
-                run("ours_cold_small", ours(data, cache, work / "out-cold-small"))
-            run(f"ours_warm_{size}", ours(data, cache, work / f"out-warm-{size}"))
-            run(f"datasets_{size}", datasets_path(data, str(work / f"hf-{size}")))
-            run(f"ours_2ranks_{size}", ours(data, work / f"cache2-{size}", work / f"out-ddp-{size}", ranks=2))
+                run("ours_cold_small", ours(data, cache, work / "out-cold-small"), [cache, work / "out-cold-small"])
+            run(f"ours_warm_{size}", ours(data, cache, work / f"out-warm-{size}"), [work / f"out-warm-{size}"])
+            run(f"datasets_{size}", datasets_path(data, str(work / f"hf-{size}")), [work / f"hf-{size}"])
+            run(f"ours_2ranks_{size}", ours(data, work / f"cache2-{size}", work / f"out-ddp-{size}", ranks=2),
+                [work / f"cache2-{size}", work / f"out-ddp-{size}"])
         runs = {f"{kind}_{size}": runs[f"{kind}_{size}"] for size in ("small", "big")
                 for kind in ("ours_cold", "ours_warm", "datasets", "ours_2ranks")}
         tokens = _tokens(work / "out-cold-big")
@@ -346,10 +369,11 @@ def render(payload: dict) -> str:
         f"{env['cpu_count']} CPUs, load average {env['load_avg'][0]:.1f} at start, "
         f"{payload['load_avg_end'][0]:.1f} at end.",
         "",
-        "| run | wall s | peak PSS MB | without shared libraries | data phase, without shared libraries |",
-        "|---|---:|---:|---:|---:|",
-        *(f"| {name} | {r['wall_s']} | {r['peak_pss_mb']} | {r['peak_pss_no_libs_mb']} | "
-          f"{r['data_phase_peak_no_libs_mb']} |" for name, r in payload["runs"].items()),
+        "| run | wall s | wall s while sampled | peak PSS MB | without shared libraries | data phase, without "
+        "shared libraries |",
+        "|---|---:|---:|---:|---:|---:|",
+        *(f"| {name} | {r['wall_s']} | {r.get('sampled_wall_s', '')} | {r['peak_pss_mb']} | "
+          f"{r['peak_pss_no_libs_mb']} | {r['data_phase_peak_no_libs_mb']} |" for name, r in payload["runs"].items()),
         "",
         f"- cold (prepare + model load + one step) / datasets (prepare only): {s['cold_over_datasets']}",
         f"- data memory at the run's peak: {s['data_bytes_per_token']} bytes/token cold, "

@@ -2,8 +2,9 @@
 
 import json
 import os
+import sys
 
-from benchmarks.data import _pss_kb, _tree, generate, render, summarize, write_baseline
+from benchmarks.data import _pss_kb, _tree, generate, measure, render, summarize, write_baseline
 
 
 def test_generated_file_is_seeded_alpaca_with_long_tailed_lengths(tmp_path):
@@ -20,6 +21,15 @@ def test_memory_is_read_for_the_process_tree():
     total, without_libs = _pss_kb(os.getpid())
     assert total > without_libs > 0
     assert os.getpid() in _tree(os.getpid())
+
+
+def test_a_timed_run_is_not_sampled_and_a_sampled_one_reads_its_memory(tmp_path):
+    cmd = [sys.executable, "-c", "import time; x = b'x' * (50 << 20); print('data: ready'); time.sleep(0.5)"]
+    timed = measure(cmd, tmp_path / "timed.log", sample=False)
+    sampled = measure(cmd, tmp_path / "sampled.log")
+    assert timed["exit_code"] == sampled["exit_code"] == 0 and timed["wall_s"] >= 0.5
+    assert timed["peak_pss_mb"] == 0  # nothing read beside it
+    assert sampled["peak_pss_no_libs_mb"] > 50  # the 50 MB it holds
 
 
 def test_summary_checks_each_goal():

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from minilora.builtin import build_tokenizer
-from minilora.data.byte_tiling import ByteTiling, token_at
+from minilora.data.byte_tiling import ByteTiling, byte_offset, tokens_at
 from minilora.data.tokenize import TILING_MIN_TEXTS, Encoder
 
 SPECIALS = ["<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
@@ -66,17 +66,23 @@ def test_offsets_that_need_not_be_byte_runs_keep_the_offsets():
     assert ByteTiling.of(Tokenizer.from_str(json.dumps(definition))) is None
 
 
+def _flat(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    return (np.array([i for row in rows for i in row], dtype=np.int64), np.array([len(row) for row in rows]))
+
+
 def test_tokens_that_do_not_spell_the_text_are_refused():
     backend = build_tokenizer().backend_tokenizer
     tiling = ByteTiling.of(backend)
     texts = ["héllo", "<|end|>x"]
     ids = [enc.ids for enc in backend.encode_batch_fast(texts, add_special_tokens=False)]
-    runs = tiling.locate(texts, ids)
-    assert [r.tolist() for r in runs] == [[1, 2, 3, 4, 5, 6], [7, 8]]  # é's two bytes are two tokens
-    assert tiling.locate(texts[::-1], ids) is None  # the same bytes in all, split elsewhere
-    assert tiling.locate(["hello", "<|end|>x"], ids) is None  # other bytes
-    assert tiling.locate(texts, [ids[0], ids[1] + [0]]) is None  # <unk> stands for no bytes of the text
-    assert tiling.locate(texts, [ids[0], [10**6]]) is None  # an id the vocabulary does not have
+    ends = tiling.locate(texts, *_flat(ids))
+    assert ends.tolist() == [1, 2, 3, 4, 5, 6, 13, 14]  # é's two bytes are two tokens; <|end|> is 7 bytes
+    assert tiling.locate(texts[::-1], *_flat(ids)) is None  # the same bytes in all, split elsewhere
+    assert tiling.locate(["hello", "<|end|>x"], *_flat(ids)) is None  # other bytes
+    assert tiling.locate(texts, *_flat([ids[0], ids[1] + [0]])) is None  # <unk> stands for no bytes of the text
+    assert tiling.locate(texts, *_flat([ids[0], [10**6]])) is None  # an id the vocabulary does not have
+    assert tiling.locate(["héllo<|end|>", "x"], *_flat([ids[0] + ids[1][:1], ids[1][1:]])) is not None
+    assert tiling.locate(["héllo<|end|>", "x"], *_flat([ids[0], ids[1]])) is None  # a run crosses into the next text
     assert np.array_equal(tiling.lengths[ids[1]], [7, 1])
 
 
@@ -86,7 +92,11 @@ def test_the_token_of_each_character_is_the_one_char_to_token_gives(kind):
     tiling = ByteTiling.of(backend)
     texts = [a + "<|end|>\n" + b for a in TEXTS for b in TEXTS[:3]]
     encodings = backend.encode_batch(texts, add_special_tokens=False)
-    runs = tiling.locate(texts, [enc.ids for enc in encodings])
-    for text, enc, ends in zip(texts, encodings, runs, strict=True):
-        assert [token_at(text, ends, c) for c in range(len(text))] == [enc.char_to_token(c) for c in range(len(text))]
-        assert token_at(text, ends, len(text)) == len(enc.ids)
+    ends = tiling.locate(texts, *_flat([enc.ids for enc in encodings]))
+    token_start = byte_start = 0
+    for text, enc in zip(texts, encodings, strict=True):
+        # Positions over the whole batch, as the encoder asks for them.
+        found = tokens_at(ends, [byte_start + byte_offset(text, c) for c in range(len(text))]) - token_start
+        assert found.tolist() == [enc.char_to_token(c) for c in range(len(text))]
+        token_start, byte_start = token_start + len(enc.ids), byte_start + len(text.encode("utf-8"))
+        assert tokens_at(ends, [byte_start - 1])[0] == token_start - 1  # the text's last byte: its last token

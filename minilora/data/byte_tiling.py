@@ -71,32 +71,35 @@ class ByteTiling:
                 token_bytes[i] = bytes(to_byte[char] for char in token)
         return cls(token_bytes)
 
-    def locate(self, texts: list[str], ids: list[np.ndarray]) -> list[np.ndarray] | None:
-        """Per text, the end of each token's run in the text's bytes, (T,) int64, from its ids (T,); None
-        unless the tokens' bytes are exactly the texts' bytes."""
-        flat = np.concatenate([np.asarray(row, dtype=np.int64) for row in ids]) if ids else np.zeros(0, np.int64)
-        if flat.size and (flat.max() >= len(self.lengths) or flat.min() < 0):
+    def locate(self, texts: list[str], ids: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
+        """Where each token's run ends in the batch's bytes (the texts' UTF-8, back to back), (N,) int64,
+        from the batch's ids (N,) and each text's token count (n,); None unless the tokens' bytes are
+        exactly the texts' bytes, text by text."""
+        ids = np.asarray(ids, dtype=np.int64)
+        if ids.size and (ids.max() >= len(self.lengths) or ids.min() < 0):
             return None
-        lengths = self.lengths[flat]
+        token_lengths = self.lengths[ids]
         encoded = [text.encode("utf-8") for text in texts]
-        if (lengths < 0).any() or int(lengths.sum()) != sum(len(b) for b in encoded):
+        text_ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)  # (n,)
+        n_bytes = int(text_ends[-1]) if len(texts) else 0
+        if (token_lengths < 0).any() or int(token_lengths.sum()) != n_bytes:
             return None
-        ends = np.cumsum(lengths)
-        # Gather every token's bytes in order: byte k of the batch comes from table[starts[token] + k - run start].
-        shift = np.repeat(self.starts[flat] - (ends - lengths), lengths)
-        if not np.array_equal(self.table[np.arange(len(shift)) + shift], np.frombuffer(b"".join(encoded), np.uint8)):
+        ends = np.cumsum(token_lengths)
+        # Each text's tokens must end where its bytes end: no run crosses from one text into the next.
+        if not np.array_equal(np.concatenate((np.zeros(1, np.int64), ends))[np.cumsum(lengths)], text_ends):
             return None
-        out, token, byte = [], 0, 0
-        for row, text_bytes in zip(ids, encoded, strict=True):
-            row_ends = ends[token : token + len(row)] - byte
-            if (row_ends[-1] if len(row_ends) else 0) != len(text_bytes):
-                return None  # a run crosses from one text into the next
-            out.append(row_ends)
-            token, byte = token + len(row), byte + len(text_bytes)
-        return out
+        # Gather every token's bytes in order: byte k of the batch is table[starts[token] + k - run start].
+        shift = np.repeat(self.starts[ids] - (ends - token_lengths), token_lengths)
+        if not np.array_equal(self.table[np.arange(n_bytes) + shift], np.frombuffer(b"".join(encoded), np.uint8)):
+            return None
+        return ends
 
 
-def token_at(text: str, run_ends: np.ndarray, char: int) -> int:
-    """Index of the token whose run holds character `char`'s first byte (len(run_ends) at the end)."""
-    byte = char if text.isascii() else len(text[:char].encode("utf-8"))
-    return int(np.searchsorted(run_ends, byte, side="right"))
+def byte_offset(text: str, char: int) -> int:
+    """Where character `char` of `text` starts in its UTF-8 bytes."""
+    return char if text.isascii() else len(text[:char].encode("utf-8"))
+
+
+def tokens_at(run_ends: np.ndarray, byte_positions: np.ndarray) -> np.ndarray:
+    """The index of the token whose run holds each byte position (len(run_ends) past the last run)."""
+    return np.searchsorted(run_ends, byte_positions, side="right")

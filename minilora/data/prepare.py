@@ -83,24 +83,23 @@ def process_chunk(job: Job, lines: list[tuple[int, bytes]]) -> Chunk:
     chunk.n_valid = len(records)
     if job.encoder is None or not records:
         return chunk
-    ids, trained, lengths, kept_lines, targets = [], [], [], [], []
-    for (example_ids, example_trained), lineno in zip(job.encoder.encode(records), record_lines, strict=True):
-        truncated = len(example_ids) > job.seq_len
-        example_ids, example_trained = example_ids[: job.seq_len], example_trained[: job.seq_len]
-        n_targets = int(example_trained[1:].sum())  # = count_targets of its labels: the first is never predicted
-        if n_targets == 0:
-            chunk.n_dropped += 1
-            continue
-        chunk.n_truncated += truncated
-        ids.append(example_ids)
-        trained.append(example_trained)
-        lengths.append(len(example_ids))
-        kept_lines.append(lineno)
-        targets.append(n_targets)
-    chunk.ids = np.concatenate(ids).astype(job.ids_dtype) if ids else np.zeros(0, dtype=job.ids_dtype)
-    chunk.trained = np.concatenate(trained) if trained else np.zeros(0, dtype=bool)
-    chunk.lengths, chunk.lines = np.array(lengths, dtype=np.int64), np.array(kept_lines, dtype=np.int64)
-    chunk.targets = np.array(targets, dtype=np.int64)
+    encoded = job.encoder.encode_flat(records)
+    lengths = encoded.lengths  # (n,) untruncated
+    starts = np.cumsum(lengths) - lengths
+    kept = np.minimum(lengths, job.seq_len)  # (n,) tokens left after truncation
+    # Target tokens of each truncated example: its trained tokens but the first (never predicted).
+    seen = np.concatenate([[0], np.cumsum(encoded.trained)])  # (N+1,) trained tokens before each position
+    targets = seen[starts + kept] - seen[np.minimum(starts + 1, starts + kept)]
+    keep = targets > 0
+    chunk.n_dropped = int((~keep).sum())
+    chunk.n_truncated = int((keep & (lengths > job.seq_len)).sum())
+    # Every token of a kept example within its first `kept` positions.
+    position = np.arange(len(encoded.ids)) - np.repeat(starts, lengths)
+    take = position < np.repeat(np.where(keep, kept, 0), lengths)
+    chunk.ids = encoded.ids[take].astype(job.ids_dtype)
+    chunk.trained = encoded.trained[take]
+    chunk.lengths, chunk.lines = kept[keep], np.array(record_lines, dtype=np.int64)[keep]
+    chunk.targets = targets[keep]
     return chunk
 
 

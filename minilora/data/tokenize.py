@@ -25,12 +25,12 @@ tokens' own bytes (byte_tiling.py), which give the same positions without the of
 """
 
 import re
-from collections.abc import Callable
-from functools import partial
+from array import array
+from dataclasses import dataclass
 
 import numpy as np
 
-from minilora.data.byte_tiling import ByteTiling, token_at
+from minilora.data.byte_tiling import ByteTiling, byte_offset, tokens_at
 from minilora.data.examples import IGNORE_INDEX
 from minilora.errors import UserError
 
@@ -155,8 +155,60 @@ class ChatTemplateProbe:
         return True
 
 
+@dataclass
+class Encoded:
+    """Records' tokens back to back: ids (N,) int64, trained (N,) bool, and each record's count (n,) int64."""
+
+    ids: np.ndarray
+    trained: np.ndarray
+    lengths: np.ndarray
+
+    @classmethod
+    def of(cls, pairs: list[tuple[np.ndarray, np.ndarray]]) -> "Encoded":
+        return cls(np.concatenate([np.zeros(0, np.int64)] + [ids for ids, _ in pairs]).astype(np.int64),
+                   np.concatenate([np.zeros(0, bool)] + [trained for _, trained in pairs]),
+                   np.array([len(ids) for ids, _ in pairs], dtype=np.int64))
+
+    def split(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per record: (ids (T,), trained (T,))."""
+        if not len(self.lengths):
+            return []
+        cuts = np.cumsum(self.lengths)[:-1]
+        return list(zip(np.split(self.ids, cuts), np.split(self.trained, cuts), strict=True))
+
+
+def _flat_ids(encodings, eos: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(the encodings' ids back to back (N,) int64, ids per encoding (n,)); with `eos`, each encoding's ids
+    end with it (added where they do not already). One array for a whole batch: a numpy array per record
+    costs more than its tokens do."""
+    flat, lengths = array("I"), []  # token ids are unsigned 32-bit in the Rust tokenizer; "I" extends fastest
+    for enc in encodings:
+        ids = enc.ids
+        flat.extend(ids)
+        n = len(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            flat.append(eos)
+            n += 1
+        lengths.append(n)
+    ids = np.frombuffer(flat, dtype=np.uint32).astype(np.int64) if flat else np.zeros(0, np.int64)
+    return ids, np.array(lengths, dtype=np.int64)
+
+
+def _prompt_then_response(prompts: tuple[np.ndarray, np.ndarray], responses: tuple[np.ndarray, np.ndarray]) -> Encoded:
+    """Each record's prompt ids, then its response ids (trained), from the two flat batches (ids, lengths)."""
+    (p_ids, p_len), (r_ids, r_len) = prompts, responses
+    lengths = p_len + r_len
+    starts = np.cumsum(lengths) - lengths  # (n,) where each record starts in the output
+    ids, trained = np.empty(int(lengths.sum()), np.int64), np.zeros(int(lengths.sum()), bool)
+    # Token j of the prompts goes to j + (the record's output start - its start among the prompts).
+    p_dest = np.arange(len(p_ids)) + np.repeat(starts - (np.cumsum(p_len) - p_len), p_len)
+    r_dest = np.arange(len(r_ids)) + np.repeat(starts + p_len - (np.cumsum(r_len) - r_len), r_len)
+    ids[p_dest], ids[r_dest], trained[r_dest] = p_ids, r_ids, True
+    return Encoded(ids, trained, lengths)
+
+
 class Encoder:
-    """Tokenizes records of one format for one tokenizer: `encode(records)` -> [(ids, trained)]."""
+    """Tokenizes records of one format for one tokenizer: `encode_flat(records)` -> Encoded."""
 
     def __init__(self, tokenizer, fmt: str):
         self.tokenizer, self.fmt = tokenizer, fmt
@@ -178,19 +230,17 @@ class Encoder:
             return self.backend.encode_batch_fast(texts, add_special_tokens=special)
         return [_IdsOnly(ids) for ids in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
-    def _with_eos(self, ids: list[int]) -> list[int]:
-        return ids + [self.eos] if self.eos is not None and (not ids or ids[-1] != self.eos) else ids
-
     def encode(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per record: (ids (T,) int64, trained (T,) bool), untruncated."""
+        return self.encode_flat(records).split()
+
+    def encode_flat(self, records: list[dict]) -> Encoded:
+        """The records' ids and trained-token masks back to back, untruncated."""
         if self.chat:
             return self._encode_chats([r["messages"] if self.fmt == "chat" else alpaca_messages(r) for r in records])
         if self.fmt == "text":
-            out = []
-            for enc in self._encode([r["text"] for r in records], special=True):
-                ids = np.array(self._with_eos(enc.ids), dtype=np.int64)
-                out.append((ids, np.ones(len(ids), dtype=bool)))
-            return out
+            ids, lengths = _flat_ids(self._encode([r["text"] for r in records], special=True), self.eos)
+            return Encoded(ids, np.ones(len(ids), dtype=bool), lengths)
         if self.fmt == "alpaca":
             prompts = [(PLAIN_PROMPT_WITH_INPUT if r.get("input") else PLAIN_PROMPT).format(**r) for r in records]
             responses = [r["output"] for r in records]
@@ -198,15 +248,10 @@ class Encoder:
             prompts, responses = [r["prompt"] for r in records], [r["completion"] for r in records]
         else:
             raise ValueError(f"unknown data format {self.fmt!r}")
-        out = []
-        for p, r in zip(self._encode(prompts, True), self._encode(responses, False), strict=True):
-            response = self._with_eos(r.ids)
-            ids = np.array(p.ids + response, dtype=np.int64)
-            out.append((ids, np.repeat([False, True], [len(p.ids), len(response)])))
-        return out
+        return _prompt_then_response(_flat_ids(self._encode(prompts, True)),
+                                     _flat_ids(self._encode(responses, False), self.eos))
 
-    def _encode_chats(self, conversations: list[list[dict]]) -> list[tuple[np.ndarray, np.ndarray]]:
-        out: list = [None] * len(conversations)
+    def _encode_chats(self, conversations: list[list[dict]]) -> Encoded:
         rendered = {}
         if self.probe is not None and self.probe.regular:
             for k, messages in enumerate(conversations):
@@ -214,44 +259,66 @@ class Encoder:
                 if marked is not None:
                     rendered[k] = marked
         keys = list(rendered)
-        for k, ids, find_token in zip(keys, *self._locate([rendered[k][0] for k in keys]), strict=True):
-            out[k] = self._one_rendering_spans(conversations[k], *rendered[k], ids, find_token)
-        for k, messages in enumerate(conversations):
-            if out[k] is None:
-                out[k] = self._per_turn_spans(messages)
-        return out
+        if not keys:
+            return Encoded.of([self._per_turn_spans(messages) for messages in conversations])
+        one = self._one_rendering_spans([conversations[k] for k in keys], [rendered[k] for k in keys])
+        if len(keys) == len(conversations):
+            return one
+        done = dict(zip(keys, one.split(), strict=True))
+        return Encoded.of([done[k] if k in done else self._per_turn_spans(messages)
+                           for k, messages in enumerate(conversations)])
 
-    def _locate(self, texts: list[str]) -> tuple[list, list[Callable[[int], int]]]:
-        """Each text's ids, and a function from a character to the first token that holds it: from the
-        tokens' bytes where a byte-level tokenizer's tokens tile the texts (byte_tiling.py), else from
-        the tokenizer's offsets. A batch of a few texts always takes the offsets (not worth a table)."""
+    def _one_rendering_spans(self, conversations: list[list[dict]], rendered: list[tuple[str, list]]) -> Encoded:
+        """Tokens of each one-rendering text, trained from each assistant content's start to its end plus
+        as much of the template's closing text (`probe.tail`) as follows it."""
+        texts = [text for text, _ in rendered]
+        turns = []  # (record, first character, character after the end) of every assistant turn
+        for k, (messages, (text, contents)) in enumerate(zip(conversations, rendered, strict=True)):
+            for message, (start, end) in zip(messages, contents, strict=True):
+                if message["role"] == "assistant":
+                    end += _common_prefix(text[end : end + len(self.probe.tail)], self.probe.tail)
+                    turns.append((k, start, end))
+        ids, lengths, firsts, stops = self._locate(texts, turns)
+        # Token coordinates run over the whole batch, so a record's turns never reach back into the record
+        # before it: `pos` carries over without a reset.
+        marks = np.zeros(len(ids) + 1, dtype=np.int64)
+        pos = 0
+        for first, stop in zip(firsts.tolist(), stops.tolist(), strict=True):
+            first = max(first, pos)
+            if stop <= first:
+                continue
+            marks[first] += 1
+            marks[stop] -= 1
+            pos = stop
+        return Encoded(ids, np.cumsum(marks[:-1]) > 0, lengths)
+
+    def _locate(self, texts: list[str], turns: list[tuple[int, int, int]]) -> tuple:
+        """(the texts' ids back to back (N,), ids per text (n,), and for every turn (record, a, b) the first
+        token that holds character a and the one that holds b, counted over the batch, a text's end
+        standing for its last token + 1): from the tokens' bytes where a byte-level tokenizer's tokens
+        tile the texts (byte_tiling.py), else from the tokenizer's offsets. A batch of a few texts always
+        takes the offsets (not worth a table)."""
         if self.tiling is None and len(texts) >= TILING_MIN_TEXTS and self.backend is not None:
             self.tiling = ByteTiling.of(self.backend) or False
+        records = np.array([k for k, _, _ in turns], dtype=np.int64)
         if self.tiling:
-            ids = [np.array(enc.ids, dtype=np.int64) for enc in self._encode(texts, False)]
-            runs = self.tiling.locate(texts, ids)
-            if runs is not None:
-                return ids, [partial(token_at, text, ends) for text, ends in zip(texts, runs, strict=True)]
+            ids, lengths = _flat_ids(self._encode(texts, False))
+            ends = self.tiling.locate(texts, ids, lengths)
+            if ends is not None:
+                token_starts = np.cumsum(lengths) - lengths
+                byte_starts = np.concatenate((np.zeros(1, np.int64), ends))[token_starts]  # (n,) of each text
+                positions = np.array([(byte_offset(texts[k], a), byte_offset(texts[k], b)) for k, a, b in turns],
+                                     dtype=np.int64).reshape(-1, 2)  # (turns, 2) in each text's bytes
+                found = tokens_at(ends, positions + byte_starts[records, None])  # (turns, 2)
+                found = np.minimum(found, (token_starts + lengths)[records, None])
+                return ids, lengths, found[:, 0], found[:, 1]
         encodings = self._encode(texts, False, offsets=True)
-        return ([enc.ids for enc in encodings],
-                [partial(_token_at, enc, n_chars=len(text), n_tokens=len(enc.ids))
-                 for text, enc in zip(texts, encodings, strict=True)])
-
-    def _one_rendering_spans(self, messages, text: str, contents, ids,
-                             find_token: Callable[[int], int]) -> tuple[np.ndarray, np.ndarray]:
-        ids = np.asarray(ids, dtype=np.int64)  # (T,) from a list or an array
-        trained = np.zeros(len(ids), dtype=bool)
-        pos = 0
-        for message, (start, end) in zip(messages, contents, strict=True):
-            if message["role"] != "assistant":
-                continue
-            end += _common_prefix(text[end : end + len(self.probe.tail)], self.probe.tail)
-            first, stop = find_token(start), find_token(end)
-            if stop <= max(first, pos):
-                continue
-            trained[max(first, pos) : stop] = True
-            pos = stop
-        return ids, trained
+        ids, lengths = _flat_ids(encodings)
+        token_starts = np.cumsum(lengths) - lengths
+        found = [[token_starts[k] + _token_at(encodings[k], c, len(texts[k]), int(lengths[k])) for c in (a, b)]
+                 for k, a, b in turns]
+        found = np.array(found, dtype=np.int64).reshape(-1, 2)
+        return ids, lengths, found[:, 0], found[:, 1]
 
     def _per_turn_spans(self, messages: list[dict]) -> tuple[np.ndarray, np.ndarray]:
         """The definition: a turn's span starts where `messages[:i]` + generation prompt ends and stops
@@ -317,7 +384,8 @@ def tokenize_record(record: dict, fmt: str, tokenizer, seq_len: int) -> tuple[li
 
     Labels are aligned with input_ids (not shifted); the loss shifts them. Cut to `seq_len` tokens.
     """
-    ids, trained = Encoder(tokenizer, fmt).encode([record])[0]
+    encoded = Encoder(tokenizer, fmt).encode_flat([record])
+    ids, trained = encoded.ids, encoded.trained
     labels = np.where(trained, ids, IGNORE_INDEX)
     return ids[:seq_len].tolist(), labels[:seq_len].tolist(), len(ids) > seq_len
 
@@ -326,6 +394,7 @@ def prompt_ids(record: dict, fmt: str, tokenizer) -> list[int]:
     """The tokens a model is given to generate the record's (last) response, rendered as in training."""
     if fmt == "text":
         raise ValueError("a text record has no prompt")
-    ids, trained = Encoder(tokenizer, fmt).encode([record])[0]
+    encoded = Encoder(tokenizer, fmt).encode_flat([record])
+    ids, trained = encoded.ids, encoded.trained
     starts = np.flatnonzero(trained & ~np.concatenate([[False], trained[:-1]]))
     return ids[: starts[-1]].tolist()
