@@ -40,7 +40,8 @@ def test_summary_checks_each_goal():
     runs = {"ours_cold_small": r(10, 500, 300), "ours_warm_small": r(9, 500, 300), "datasets_small": r(5, 400, 400),
             "ours_2ranks_small": r(12, 1000, 600), "ours_cold_big": r(20, 600, 450), "ours_warm_big": r(10, 520, 310),
             "datasets_big": r(50, 900, 900), "ours_2ranks_big": r(25, 990, 780)}
-    payload = summarize(runs, tokens=50 * 2**20, n_lines=100, n_bytes=2**20)
+    payload = summarize(runs, tokens=50 * 2**20, n_lines=100, n_bytes=2**20, tokenizer_cpu_s=2 * os.cpu_count())
+    assert payload["summary"]["cold_floor_over_datasets"] == 0.22  # (9 s start-up + 2 s) / 50 s
     assert payload["summary"]["data_bytes_per_token"] == 2.0  # 100 MB at the peak over 50 Mi tokens
     assert payload["summary"]["data_phase_bytes_per_token"] == 3.0  # 150 MB while preparing
     assert payload["summary"]["two_over_one_rank"] == 1.2  # 180 MB over the data phase vs 150 MB
