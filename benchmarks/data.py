@@ -263,6 +263,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="5,000 lines instead of 100,000")
     parser.add_argument("--lines", type=int, default=None, help="lines in the generated file")
     parser.add_argument("--no-write", action="store_true", help="print the results, write no results file")
+    parser.add_argument("--out", type=Path, default=None, help="folder for the results (default benchmarks/results)")
+    parser.add_argument("--timed-runs", type=int, default=TIMED_RUNS,
+                        help="runs timed alone per measurement (the median is kept)")
     parser.add_argument("--datasets-run", nargs=2, metavar=("DATA", "CACHE"), help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer-run", metavar="DATA", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -272,8 +275,10 @@ def main(argv=None) -> int:
     if args.tokenizer_run:
         print(json.dumps({"tokenizer_cpu_s": tokenizer_seconds(Path(args.tokenizer_run))}))
         return 0
-    from benchmarks.harness import environment, write_results
+    from benchmarks.harness import RESULTS_DIR, environment, write_results
 
+    if args.out is not None:
+        args.out.mkdir(parents=True, exist_ok=True)
     n_lines = args.lines or (5_000 if args.quick else 100_000)
     env = environment("cpu")
     work = Path(tempfile.mkdtemp(prefix="minilora-bench-data-"))
@@ -283,12 +288,12 @@ def main(argv=None) -> int:
         runs = {}
 
         def run(name: str, cmd: list[str], fresh: list[Path]) -> dict:
-            """From the same state each time (the `fresh` folders removed): TIMED_RUNS runs timed alone
+            """From the same state each time (the `fresh` folders removed): --timed-runs runs timed alone
             (the median's wall and data times are kept), then one sampled for memory. Reading a torch
             process's smaps every 100 ms takes about a fifth of this 2-core machine, which would slow a
             timed run by the share it takes from it."""
             results = []
-            for sample in [False] * TIMED_RUNS + [True]:
+            for sample in [False] * args.timed_runs + [True]:
                 for folder in fresh:
                     shutil.rmtree(folder, ignore_errors=True)
                 results.append(measure(cmd, work / f"{name}.log", sample=sample))
@@ -326,7 +331,7 @@ def main(argv=None) -> int:
         print(json.dumps(payload["summary"], indent=1))
         if not args.no_write:
             name = "data-quick" if args.quick else "data"
-            print(f"results: {write_results(name, payload, render(payload))}")
+            print(f"results: {write_results(name, payload, render(payload), out_dir=args.out or RESULTS_DIR)}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one run of under 8 minutes: device info, the GPU tests, the kernel
 # benchmark, the training benchmark against the reference stack, and with time left the CPU kernel
-# suite on CUDA tensors, the one-epoch benchmark on long-tailed data and the memory-levers benchmark. Run
-# from the repository root on a CUDA machine:
+# suite on CUDA tensors, the one-epoch benchmark on long-tailed data, the memory-levers benchmark and
+# the data-preparation benchmark (CPU). Run from the repository root on a CUDA machine:
 #
 #     bash benchmarks/gpu_suite.sh            # results in benchmarks/results/gpu-<date>/
 #     OUT=/tmp/run bash benchmarks/gpu_suite.sh   # $OUT/summary.txt + $OUT/gpu_suite_results.tar.gz
@@ -138,6 +138,17 @@ if [ "$LEFT" -ge 60 ]; then
 else
     SUMMARY+=("$(printf '%-34s %-12s %4ss  %s' "levers benchmark" "SKIPPED" 0 "only ${LEFT}s left")")
 fi
+# 8. With time to spare only, where `datasets` is installed: data preparation at scale, a CPU benchmark
+#    (5,000 generated lines; cold, warm and two ranks against the `datasets` map path) on this machine's
+#    cores, with the GPU hidden so that both ranks of the two-rank run fit on one device.
+LEFT=$((470 - (SECONDS - SUITE_START)))
+if [ "$LEFT" -ge 150 ] && python3 -c "import datasets" >/dev/null 2>&1; then
+    step "data benchmark (CPU)" "$LEFT" "$OUT/benchmark_data.txt" \
+        env CUDA_VISIBLE_DEVICES= python3 -m benchmarks.data --quick --timed-runs 1 --out "$OUT/data"
+else
+    SUMMARY+=("$(printf '%-34s %-12s %4ss  %s' "data benchmark (CPU)" "SKIPPED" 0 \
+        "only ${LEFT}s left, or no datasets package")")
+fi
 
 {
     echo "GPU suite: $(date -Iseconds), $((SECONDS - SUITE_START))s, commit $(head -n 1 "$OUT/commit.txt")"
@@ -152,6 +163,7 @@ fi
     sed -n '/^GOALS:/,$p' "$OUT/benchmark_kernels.txt" 2>/dev/null
     grep -h -E '^- (PASS|FAIL)' "$OUT/train/"*-train.md "$OUT/epoch/"*-epoch.md 2>/dev/null
     grep -h '^goals:' "$OUT/benchmark_train.txt" 2>/dev/null
+    sed -n '/^| goal | met |/,$p' "$OUT/data/"*-data-quick.md 2>/dev/null
 } | tee "$OUT/summary.txt"
 
 # The device tool brings back at most 8 files from $OUT: when the caller chose $OUT, pack everything
