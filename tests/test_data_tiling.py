@@ -83,7 +83,8 @@ def test_tokens_that_do_not_spell_the_text_are_refused():
     assert tiling.locate(texts, *_flat([ids[0], [10**6]])) is None  # an id the vocabulary does not have
     assert tiling.locate(["héllo<|end|>", "x"], *_flat([ids[0] + ids[1][:1], ids[1][1:]])) is not None
     assert tiling.locate(["héllo<|end|>", "x"], *_flat([ids[0], ids[1]])) is None  # a run crosses into the next text
-    assert np.array_equal(tiling.lengths[ids[1]], [7, 1])
+    assert tiling.locate([], [], []).tolist() == []
+    assert np.array_equal(tiling.byte_lengths[ids[1]], [7, 1])
 
 
 @pytest.mark.parametrize("kind", ["builtin", "merged"])

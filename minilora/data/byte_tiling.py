@@ -46,7 +46,7 @@ class ByteTiling:
 
     def __init__(self, token_bytes: list[bytes | None]):
         # A token whose bytes are unknown (None) gets length -1, which no check passes.
-        self.lengths = np.array([-1 if b is None else len(b) for b in token_bytes], dtype=np.int64)
+        self.byte_lengths = np.array([-1 if b is None else len(b) for b in token_bytes], dtype=np.int64)
         known = [b or b"" for b in token_bytes]
         self.table = np.frombuffer(b"".join(known) or b"\0", dtype=np.uint8)  # every token's bytes, back to back
         self.starts = np.concatenate([[0], np.cumsum([len(b) for b in known])[:-1]]).astype(np.int64)
@@ -71,14 +71,14 @@ class ByteTiling:
                 token_bytes[i] = bytes(to_byte[char] for char in token)
         return cls(token_bytes)
 
-    def locate(self, texts: list[str], ids: np.ndarray, lengths: np.ndarray) -> np.ndarray | None:
+    def locate(self, texts: list[str], ids: np.ndarray, tokens_per_text: np.ndarray) -> np.ndarray | None:
         """Where each token's run ends in the batch's bytes (the texts' UTF-8, back to back), (N,) int64,
         from the batch's ids (N,) and each text's token count (n,); None unless the tokens' bytes are
         exactly the texts' bytes, text by text."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if ids.size and (ids.max() >= len(self.lengths) or ids.min() < 0):
+        ids, tokens_per_text = np.asarray(ids, dtype=np.int64), np.asarray(tokens_per_text, dtype=np.int64)
+        if ids.size and (ids.max() >= len(self.byte_lengths) or ids.min() < 0):
             return None
-        token_lengths = self.lengths[ids]
+        token_lengths = self.byte_lengths[ids]  # (N,) bytes per token
         encoded = [text.encode("utf-8") for text in texts]
         text_ends = np.cumsum([len(b) for b in encoded], dtype=np.int64)  # (n,)
         n_bytes = int(text_ends[-1]) if len(texts) else 0
@@ -86,7 +86,8 @@ class ByteTiling:
             return None
         ends = np.cumsum(token_lengths)
         # Each text's tokens must end where its bytes end: no run crosses from one text into the next.
-        if not np.array_equal(np.concatenate((np.zeros(1, np.int64), ends))[np.cumsum(lengths)], text_ends):
+        ends_after_text = np.concatenate((np.zeros(1, np.int64), ends))[np.cumsum(tokens_per_text)]  # (n,)
+        if not np.array_equal(ends_after_text, text_ends):
             return None
         # Gather every token's bytes in order: byte k of the batch is table[starts[token] + k - run start].
         shift = np.repeat(self.starts[ids] - (ends - token_lengths), token_lengths)

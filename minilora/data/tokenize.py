@@ -165,7 +165,7 @@ class Encoded:
 
     @classmethod
     def of(cls, pairs: list[tuple[np.ndarray, np.ndarray]]) -> "Encoded":
-        return cls(np.concatenate([np.zeros(0, np.int64)] + [ids for ids, _ in pairs]).astype(np.int64),
+        return cls(np.concatenate([np.zeros(0, np.int64)] + [ids for ids, _ in pairs]),
                    np.concatenate([np.zeros(0, bool)] + [trained for _, trained in pairs]),
                    np.array([len(ids) for ids, _ in pairs], dtype=np.int64))
 
@@ -181,7 +181,8 @@ def _flat_ids(encodings, eos: int | None = None) -> tuple[np.ndarray, np.ndarray
     """(the encodings' ids back to back (N,) int64, ids per encoding (n,)); with `eos`, each encoding's ids
     end with it (added where they do not already). One array for a whole batch: a numpy array per record
     costs more than its tokens do."""
-    flat, lengths = array("I"), []  # token ids are unsigned 32-bit in the Rust tokenizer; "I" extends fastest
+    # Token ids are unsigned 32-bit in the Rust tokenizer (and any vocabulary fits them); "I" extends fastest.
+    flat, lengths = array("I"), []
     for enc in encodings:
         ids = enc.ids
         flat.extend(ids)
@@ -231,7 +232,7 @@ class Encoder:
         return [_IdsOnly(ids) for ids in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
     def encode(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per record: (ids (T,) int64, trained (T,) bool), untruncated."""
+        """Per record: (ids (T,) int64, trained (T,) bool), untruncated (views into one batch's arrays)."""
         return self.encode_flat(records).split()
 
     def encode_flat(self, records: list[dict]) -> Encoded:
@@ -279,8 +280,8 @@ class Encoder:
                     end += _common_prefix(text[end : end + len(self.probe.tail)], self.probe.tail)
                     turns.append((k, start, end))
         ids, lengths, firsts, stops = self._locate(texts, turns)
-        # Token coordinates run over the whole batch, so a record's turns never reach back into the record
-        # before it: `pos` carries over without a reset.
+        # Token positions count over the whole batch: a record's turns start at or after its first token, and
+        # every stop of the records before it is at or before that token, so `pos` needs no reset per record.
         marks = np.zeros(len(ids) + 1, dtype=np.int64)
         pos = 0
         for first, stop in zip(firsts.tolist(), stops.tolist(), strict=True):
@@ -292,7 +293,8 @@ class Encoder:
             pos = stop
         return Encoded(ids, np.cumsum(marks[:-1]) > 0, lengths)
 
-    def _locate(self, texts: list[str], turns: list[tuple[int, int, int]]) -> tuple:
+    def _locate(self, texts: list[str], turns: list[tuple[int, int, int]]
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(the texts' ids back to back (N,), ids per text (n,), and for every turn (record, a, b) the first
         token that holds character a and the one that holds b, counted over the batch, a text's end
         standing for its last token + 1): from the tokens' bytes where a byte-level tokenizer's tokens
@@ -300,7 +302,7 @@ class Encoder:
         takes the offsets (not worth a table)."""
         if self.tiling is None and len(texts) >= TILING_MIN_TEXTS and self.backend is not None:
             self.tiling = ByteTiling.of(self.backend) or False
-        records = np.array([k for k, _, _ in turns], dtype=np.int64)
+        turn_text = np.array([k for k, _, _ in turns], dtype=np.int64)  # (turns,) the text each turn is in
         if self.tiling:
             ids, lengths = _flat_ids(self._encode(texts, False))
             ends = self.tiling.locate(texts, ids, lengths)
@@ -309,8 +311,9 @@ class Encoder:
                 byte_starts = np.concatenate((np.zeros(1, np.int64), ends))[token_starts]  # (n,) of each text
                 positions = np.array([(byte_offset(texts[k], a), byte_offset(texts[k], b)) for k, a, b in turns],
                                      dtype=np.int64).reshape(-1, 2)  # (turns, 2) in each text's bytes
-                found = tokens_at(ends, positions + byte_starts[records, None])  # (turns, 2)
-                found = np.minimum(found, (token_starts + lengths)[records, None])
+                found = tokens_at(ends, positions + byte_starts[turn_text, None])  # (turns, 2)
+                # A text's end finds its last token + 1 already (every token holds a byte); kept as a bound.
+                found = np.minimum(found, (token_starts + lengths)[turn_text, None])
                 return ids, lengths, found[:, 0], found[:, 1]
         encodings = self._encode(texts, False, offsets=True)
         ids, lengths = _flat_ids(encodings)
