@@ -100,6 +100,39 @@ def test_worker_processes_give_the_same_store(tmp_path, tok, monkeypatch):
     assert dataset_digest(load_dataset(DEMO, tok, 40, workers=2)) == dataset_digest(alone)
 
 
+def test_chunks_close_at_their_line_or_byte_bound_and_keep_every_line(tmp_path):
+    sizes = [10, 500, 3000, 20, 20, 20, 4000, 5, 5, 5, 5, 5, 9000, 1]
+    data = tmp_path / "lines.jsonl"
+    data.write_text("\n".join(json.dumps({"text": "x" * n}) for n in sizes) + "\n")
+    chunks = list(prepare_module._chunks(data, 2, max_lines=4, max_bytes=3000))
+    assert [lineno for chunk in chunks for lineno, _ in chunk] == list(range(2, len(sizes) + 1))
+    for chunk in chunks:
+        assert len(chunk) <= 4
+        assert sum(len(line) for _, line in chunk[:-1]) < 3000  # only its last line may take it past
+    assert [len(chunk) for chunk in chunks] == [2, 4, 4, 2, 1]  # (a line is its text + 12 bytes of JSON)
+
+
+def test_long_documents_are_prepared_in_bounded_memory_with_the_same_store(tmp_path, tok, monkeypatch):
+    # 128 documents of 128 KB (16 MB): in one chunk their encodings took 1,282 MB; bounded by bytes, 156 MB.
+    data = tmp_path / "books.jsonl"
+    data.write_text("".join(json.dumps({"text": f"{i} " + "word " * 26_000}) + "\n" for i in range(128)))
+    script = ("import resource, sys; from minilora.builtin import build_tokenizer; "
+              "from minilora.data.dataset import load_dataset; tok = build_tokenizer(); "
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+              "load_dataset(sys.argv[1], tok, 256, workers=0); "
+              "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)")
+    import subprocess
+    import sys
+
+    grown_mb = int(subprocess.run([sys.executable, "-c", script, str(data)], check=True, capture_output=True,
+                                  text=True).stdout)
+    assert grown_mb < 600, grown_mb  # about one MiB of text's encodings at a time
+    monkeypatch.setattr(prepare_module, "CHUNK_BYTES", 1 << 40)  # lines only: every document in one chunk
+    whole = load_dataset(data, tok, 256, workers=0)
+    monkeypatch.setattr(prepare_module, "CHUNK_BYTES", 200_000)
+    assert dataset_digest(load_dataset(data, tok, 256, workers=0)) == dataset_digest(whole)
+
+
 @pytest.mark.parametrize("template", ["builtin", "chatml"])
 def test_one_rendering_spans_equal_the_per_turn_definition(template):
     tok = build_tokenizer()

@@ -39,6 +39,11 @@ from minilora.errors import DataError
 # tens of bytes per token) plus what the allocator keeps: on the data benchmark's alpaca file, 512 lines
 # held about 90 MB per worker, 128 about 60 MB, for 2% more CPU time in hand-offs (64: 7% more).
 CHUNK_LINES = 128
+# ... and at most this much text (past one line): tokenizing holds about 135 bytes per token (measured on an
+# 8 MiB line with the built-in byte-level tokenizer: 1.08 GB), so 128 long documents in one chunk would take
+# a worker past any machine's memory; this keeps a worker near one line's worth (MAX_LINE_BYTES, ~1.1 GB).
+# An alpaca or chat file's 128 lines are well under it, so the chunks of such files stay as they were.
+CHUNK_BYTES = 1 << 20
 # Below this size a file is prepared in the calling process: starting workers costs more than it saves.
 PARALLEL_MIN_BYTES = 4 << 20
 
@@ -117,15 +122,18 @@ def _worker_chunk(lines: list[tuple[int, bytes]]) -> Chunk:
     return process_chunk(_WORKER_JOB, lines)
 
 
-def _chunks(path: Path, first: int):
-    batch = []
+def _chunks(path: Path, first: int, max_lines: int, max_bytes: int):
+    """The file's lines from `first` on, in chunks of at most `max_lines` lines, closed once they hold
+    `max_bytes` of text or more."""
+    batch, size = [], 0
     for lineno, line in iter_lines(path):
         if lineno < first:
             continue
         batch.append((lineno, line))
-        if len(batch) == CHUNK_LINES:
+        size += len(line)
+        if len(batch) == max_lines or size >= max_bytes:
             yield batch
-            batch = []
+            batch, size = [], 0
     if batch:
         yield batch
 
@@ -133,14 +141,14 @@ def _chunks(path: Path, first: int):
 def _ordered_results(job: Job, path: Path, workers: int):
     """Chunks' results in file order, computed in `workers` processes (or here when workers <= 1)."""
     if workers <= 1:
-        for lines in _chunks(path, job.first):
+        for lines in _chunks(path, job.first, CHUNK_LINES, CHUNK_BYTES):
             yield len(lines), process_chunk(job, lines)
         return
     with ProcessPoolExecutor(workers, mp_context=get_context("fork"), initializer=_start_worker,
                              initargs=(job,)) as pool:
         pending = deque()
         try:
-            for lines in _chunks(path, job.first):
+            for lines in _chunks(path, job.first, CHUNK_LINES, CHUNK_BYTES):
                 pending.append((len(lines), pool.submit(_worker_chunk, lines)))
                 if len(pending) >= 2 * workers:
                     n, future = pending.popleft()
