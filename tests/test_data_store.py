@@ -141,7 +141,7 @@ def test_one_rendering_spans_equal_the_per_turn_definition(template):
     encoder = Encoder(tok, "chat")
     assert encoder.probe.regular
     chats = [[{"role": r, "content": c} for r, c in turns] for turns in TRICKY_CHATS]
-    encoded = encoder.encode([{"messages": m} for m in chats])
+    encoded = encoder.encode([{"messages": m} for m in chats]).split()
     for messages, (ids, trained) in zip(chats, encoded, strict=True):
         reference_ids, reference_trained = encoder._per_turn_spans(messages)
         assert ids.tolist() == reference_ids.tolist()
@@ -151,7 +151,7 @@ def test_one_rendering_spans_equal_the_per_turn_definition(template):
 def test_a_conversation_may_open_with_the_assistant(tok):
     messages = [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"},
                 {"role": "assistant", "content": "a"}]
-    ids, trained = Encoder(tok, "chat").encode([{"messages": messages}])[0]
+    ids, trained = Encoder(tok, "chat").encode([{"messages": messages}]).split()[0]
     text = tok.decode(ids[trained].tolist())
     assert text == "hi<|end|>\na<|end|>\n</s>"
 
@@ -264,10 +264,10 @@ def test_conversations_of_one_shape_share_a_rendering_that_equals_their_own(tok)
               for name in ("ann", "bob")]
     chats += [[{"role": "user", "content": "q", "name": flag}, {"role": "assistant", "content": "a"}]
               for flag in (1, True, 0.0, -0.0, [1], [1.0])]  # equal as keys, rendered differently
-    encoded = encoder.encode([{"messages": m} for m in chats])
+    encoded = encoder.encode([{"messages": m} for m in chats]).split()
     assert len(encoder.skeletons) == 9  # the unnamed shape once, then one per name value and type
     for messages, (ids, trained) in zip(chats, encoded, strict=True):
-        fresh_ids, fresh_trained = Encoder(tok, "chat").encode([{"messages": messages}])[0]
+        fresh_ids, fresh_trained = Encoder(tok, "chat").encode([{"messages": messages}]).split()[0]
         text = tok.apply_chat_template(messages, tokenize=False)
         assert ids.tolist() == fresh_ids.tolist() == tok(text, add_special_tokens=False)["input_ids"]
         assert trained.tolist() == fresh_trained.tolist() == encoder._per_turn_spans(messages)[1].tolist()

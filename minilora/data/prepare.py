@@ -88,7 +88,7 @@ def process_chunk(job: Job, lines: list[tuple[int, bytes]]) -> Chunk:
     chunk.n_valid = len(records)
     if job.encoder is None or not records:
         return chunk
-    encoded = job.encoder.encode_flat(records)
+    encoded = job.encoder.encode(records)
     lengths = encoded.lengths  # (n,) untruncated
     starts = np.cumsum(lengths) - lengths
     kept = np.minimum(lengths, job.seq_len)  # (n,) tokens left after truncation

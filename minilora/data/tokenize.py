@@ -170,7 +170,7 @@ class Encoded:
                    np.array([len(ids) for ids, _ in pairs], dtype=np.int64))
 
     def split(self) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per record: (ids (T,), trained (T,))."""
+        """Per record: (ids (T,), trained (T,)), views into the batch's arrays."""
         if not len(self.lengths):
             return []
         cuts = np.cumsum(self.lengths)[:-1]
@@ -209,7 +209,7 @@ def _prompt_then_response(prompts: tuple[np.ndarray, np.ndarray], responses: tup
 
 
 class Encoder:
-    """Tokenizes records of one format for one tokenizer: `encode_flat(records)` -> Encoded."""
+    """Tokenizes records of one format for one tokenizer: `encode(records)` -> Encoded."""
 
     def __init__(self, tokenizer, fmt: str):
         self.tokenizer, self.fmt = tokenizer, fmt
@@ -231,11 +231,7 @@ class Encoder:
             return self.backend.encode_batch_fast(texts, add_special_tokens=special)
         return [_IdsOnly(ids) for ids in self.tokenizer(texts, add_special_tokens=special)["input_ids"]]
 
-    def encode(self, records: list[dict]) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Per record: (ids (T,) int64, trained (T,) bool), untruncated (views into one batch's arrays)."""
-        return self.encode_flat(records).split()
-
-    def encode_flat(self, records: list[dict]) -> Encoded:
+    def encode(self, records: list[dict]) -> Encoded:
         """The records' ids and trained-token masks back to back, untruncated."""
         if self.chat:
             return self._encode_chats([r["messages"] if self.fmt == "chat" else alpaca_messages(r) for r in records])
@@ -387,7 +383,7 @@ def tokenize_record(record: dict, fmt: str, tokenizer, seq_len: int) -> tuple[li
 
     Labels are aligned with input_ids (not shifted); the loss shifts them. Cut to `seq_len` tokens.
     """
-    encoded = Encoder(tokenizer, fmt).encode_flat([record])
+    encoded = Encoder(tokenizer, fmt).encode([record])
     ids, trained = encoded.ids, encoded.trained
     labels = np.where(trained, ids, IGNORE_INDEX)
     return ids[:seq_len].tolist(), labels[:seq_len].tolist(), len(ids) > seq_len
@@ -397,7 +393,7 @@ def prompt_ids(record: dict, fmt: str, tokenizer) -> list[int]:
     """The tokens a model is given to generate the record's (last) response, rendered as in training."""
     if fmt == "text":
         raise ValueError("a text record has no prompt")
-    encoded = Encoder(tokenizer, fmt).encode_flat([record])
+    encoded = Encoder(tokenizer, fmt).encode([record])
     ids, trained = encoded.ids, encoded.trained
     starts = np.flatnonzero(trained & ~np.concatenate([[False], trained[:-1]]))
     return ids[: starts[-1]].tolist()
