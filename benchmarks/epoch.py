@@ -168,9 +168,10 @@ def run_reference(spec: dict) -> dict:
 
 # --- the parent -----------------------------------------------------------------------------------
 def run_child(cmd: list[str], timeout: float) -> tuple[float, subprocess.CompletedProcess]:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    # cwd=ROOT puts the checkout on the child's path (`-m benchmarks.epoch`, `train.py`); no PYTHONPATH, which
+    # would also reach the child's own children.
     started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed:\n{done.stderr[-3000:]}")
     return time.perf_counter() - started, done

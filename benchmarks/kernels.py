@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from minilora.dropout import LoRADropout
+
 from .harness import RESULTS_DIR, environment, write_results
 
 # (N out, K in) of the four Phi-3-mini linears LoRA targets (hidden 3072, intermediate 8192, 32 heads of 96:
@@ -146,8 +148,9 @@ def compare(bench: Bench, K, name: str, layer, ms: list[int]) -> None:
     def peft_lora(x):  # PEFT's Linear4bit.forward without autocast
         return (F.linear(F.linear(F.dropout(x.float(), p, True), a), b) * SCALE).to(x.dtype)
 
+    dropout = LoRADropout(p) if p > 0 else None  # what a LoRA layer in training hands the kernels
     impls = {
-        "ours": lambda x: K.lora_linear_4bit(x, base.weight, None, a, b, SCALE, p, True),
+        "ours": lambda x: K.lora_linear_4bit(x, base.weight, None, a, b, SCALE, dropout),
         "bnb": lambda x: base(x) + peft_lora(x),
         "floor": lambda x: F.linear(x, w_bf16) + peft_lora(x),
     }

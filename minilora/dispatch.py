@@ -151,7 +151,7 @@ def _compare_with_pytorch(fused: Callable, device: str, dtype: torch.dtype) -> s
         for use_fused in (True, False):
             xi = x.clone().requires_grad_(True)
             if use_fused:
-                y = fused(xi, base.weight, base.bias, lora_a, lora_b, 2.0, 0.0, False)
+                y = fused(xi, base.weight, base.bias, lora_a, lora_b, 2.0)
             else:
                 y = base(xi) + ((xi.float() @ lora_a.T) @ lora_b.T * 2.0).to(dtype)
             y.float().square().sum().backward()

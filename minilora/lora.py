@@ -100,6 +100,11 @@ class LoRALinear(nn.Module):
     def dropout_p(self) -> float:
         return self.dropout.p if isinstance(self.dropout, nn.Dropout) else 0.0
 
+    @property
+    def active_dropout(self) -> LoRADropout | None:
+        """The dropout this forward applies to the LoRA input: None in eval mode or at p = 0."""
+        return self.dropout if self.training and isinstance(self.dropout, LoRADropout) else None
+
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A, [out, in] in fp32."""
         return (self.lora_B @ self.lora_A) * self.scale
@@ -126,7 +131,7 @@ class LoRALinear(nn.Module):
         fused = self.fused_kernel(x)
         if fused is None:
             return self._forward_torch(x)
-        return fused(x, self.base_layer.bias, self.lora_A, self.lora_B, self.scale, self.dropout_p, self.training)
+        return fused(x, self.base_layer.bias, self.lora_A, self.lora_B, self.scale, self.active_dropout)
 
     def fused_kernel(self, x: torch.Tensor) -> Callable | None:
         """The fused kernel for inputs on x's device in x's dtype, None for the PyTorch path: decided

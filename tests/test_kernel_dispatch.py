@@ -138,7 +138,7 @@ def test_self_check_passes_for_the_real_kernels_and_catches_broken_ones():
     check.cache_clear()
     assert check("cpu", torch.float32) is None
 
-    def broken(x, weight, bias, a, b, scale, p, training):
+    def broken(x, weight, bias, a, b, scale, dropout=None):
         return torch.zeros(*x.shape[:-1], b.shape[0], dtype=x.dtype) + x.sum() * 0
 
     assert "differs from PyTorch" in minilora.dispatch.check_against_pytorch(broken, "cpu", torch.float32)

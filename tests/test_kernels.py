@@ -18,6 +18,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from functools import partial  # noqa: E402
+
 import bitsandbytes as bnb  # noqa: E402
 import bitsandbytes.functional as bnbf  # noqa: E402
 import minilora.kernels as K  # noqa: E402
@@ -65,11 +67,16 @@ def assert_close(ours, ref, tol, what):
     assert err <= tol, f"{what}: relative max error {err:.2e} > {tol:.0e}"
 
 
+def law(p, training=True):
+    """The dropout a LoRA layer hands the kernels: minilora's law at p, None when inactive."""
+    return partial(lora_dropout, p=p) if training and p > 0 else None
+
+
 def run(fn, x, weight, bias, a, b, scale, p, training, seed, **config):
     """{"y", "dx", "dbias", "dA", "dB"} under one seed (so both sides draw the same dropout mask)."""
     x = x.detach().requires_grad_(x.requires_grad)
     torch.manual_seed(seed)
-    y = fn(x, weight, bias, a, b, scale, p, training, **config)
+    y = fn(x, weight, bias, a, b, scale, law(p, training), **config)
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(y)
     wrt = {name: t for name, t in (("dx", x), ("dbias", bias), ("dA", a), ("dB", b))
            if t is not None and t.requires_grad}
@@ -220,8 +227,8 @@ def test_matches_bnb_linear4bit_plus_lora(dtype):
     a, b, _ = make_lora(96, 192, 8, dtype, False)
     x = make_x(12, 192, dtype, False, False).requires_grad_()
 
-    def peft_like(x, weight, bias, a, b, scale, p, training):  # PEFT's Linear4bit (masks drawn by our law)
-        return base(x) + (F.linear(F.linear(lora_dropout(x.float(), p, training), a), b) * scale).to(dtype)
+    def peft_like(x, weight, bias, a, b, scale, dropout):  # PEFT's Linear4bit (masks drawn by our law)
+        return base(x) + (F.linear(F.linear(dropout(x.float()), a), b) * scale).to(dtype)
 
     args = (x, base.weight, base.bias, a, b, 2.0, 0.1, True)
     ours, ref = run(K.lora_linear_4bit, *args, seed=3), run(peft_like, *args, seed=3)
@@ -245,15 +252,17 @@ def test_only_adapter_gradients_when_x_is_frozen():
     assert ours.keys() == {"y", "dA", "dB"}
 
 
-def test_eval_mode_skips_dropout_and_empty_input():
+def test_no_dropout_and_empty_input():
     weight = make_weight(64, 128)
     a, b, bias = make_lora(64, 128, 4, torch.float32, True)
     x = make_x(3, 128, torch.float32, False, False)
     with torch.no_grad():
-        ours = K.lora_linear_4bit(x, weight, bias, a, b, 2.0, 0.5, False)
-        ref = K.lora_linear_4bit_reference(x, weight, bias, a, b, 2.0, 0.0, False)
+        ours = K.lora_linear_4bit(x, weight, bias, a, b, 2.0)
+        ref = K.lora_linear_4bit_reference(x, weight, bias, a, b, 2.0)
         assert_close(ours, ref, TOL[torch.float32], "y")
-        empty = K.lora_linear_4bit(x[:0], weight, bias, a, b, 2.0, 0.0, False)
+        dropped = K.lora_linear_4bit(x, weight, bias, a, b, 2.0, law(0.5))
+        assert not torch.allclose(dropped, ours)  # the dropout passed in is applied
+        empty = K.lora_linear_4bit(x[:0], weight, bias, a, b, 2.0)
     assert empty.shape == (0, 64)
 
 
@@ -263,8 +272,8 @@ def test_gradient_of_a_sum_with_a_broadcast_output_gradient(m):
     weight = make_weight(67, 128)
     a, b, _ = make_lora(67, 128, 4, torch.float32, False)
     x = make_x(m, 128, torch.float32, True, False).requires_grad_()
-    ours = torch.autograd.grad(K.lora_linear_4bit(x, weight, None, a, b, 2.0, 0.0, True).sum(), [x, a, b])
-    ref = torch.autograd.grad(K.lora_linear_4bit_reference(x, weight, None, a, b, 2.0, 0.0, True).sum(),
+    ours = torch.autograd.grad(K.lora_linear_4bit(x, weight, None, a, b, 2.0).sum(), [x, a, b])
+    ref = torch.autograd.grad(K.lora_linear_4bit_reference(x, weight, None, a, b, 2.0).sum(),
                               [x, a, b])
     for name, o, r in zip(["dx", "dA", "dB"], ours, ref, strict=True):
         assert_close(o, r, TOL[torch.float32], name)
@@ -277,7 +286,7 @@ def test_checkpoint_gives_the_same_gradients():
     x = make_x(6, 192, torch.float16, True, False).requires_grad_()
 
     def f(x):
-        return K.lora_linear_4bit(x, weight, bias, a, b, 2.0, 0.2, True)
+        return K.lora_linear_4bit(x, weight, bias, a, b, 2.0, law(0.2))
 
     def grads(use_checkpoint):
         torch.manual_seed(7)
@@ -296,7 +305,7 @@ def test_backward_saves_no_full_precision_weight(branch):
     x = make_x(8, k, torch.float16, False, False).requires_grad_()  # 8 rows: x is smaller than W
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        K.lora_linear_4bit(x, weight, bias, a, b, 2.0, 0.1, True, config=forcing(branch))
+        K.lora_linear_4bit(x, weight, bias, a, b, 2.0, law(0.1), config=forcing(branch))
     assert saved
     assert not [t.shape for t in saved if t.is_floating_point() and t.numel() >= n * k], \
         [t.shape for t in saved]
@@ -315,7 +324,7 @@ def test_unsupported_reason():
     assert K.unsupported_reason(x, make_weight(64, 128, quant_type="fp4")) is None
     with pytest.raises(ValueError, match="K % 64 != 0"):
         K.lora_linear_4bit(torch.randn(2, 96).to(DEV), make_weight(64, 96), None,
-                           torch.zeros(4, 96), torch.zeros(64, 4), 1.0, 0.0, False)
+                           torch.zeros(4, 96), torch.zeros(64, 4), 1.0)
 
 
 def test_unsupported_reason_sees_the_cpu_repacked_layout():

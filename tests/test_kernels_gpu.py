@@ -15,6 +15,8 @@ from functools import partial
 import pytest
 import torch
 
+from minilora.dropout import lora_dropout
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -101,7 +103,7 @@ def test_fused_bf16_phi3_shapes_match_reference(K, weights, name, m):
     for fn in (K.lora_linear_4bit, K.lora_linear_4bit_reference):
         xi = x.clone().requires_grad_()
         torch.manual_seed(1)
-        y = fn(xi, weight, None, a, b, 2.0, p, True)
+        y = fn(xi, weight, None, a, b, 2.0, partial(lora_dropout, p=p) if p else None)
         results.append((y, *torch.autograd.grad(y, [xi, a, b], dy)))
     for what, ours, ref in zip(["y", "dx", "dA", "dB"], *results, strict=True):
         assert ours.dtype == ref.dtype and ours.shape == ref.shape
@@ -122,7 +124,7 @@ def test_fused_bf16_plain_absmax_and_bias(K, weights, m):
     results = []
     for fn in (K.lora_linear_4bit, K.lora_linear_4bit_reference):
         xi = x.clone().requires_grad_()
-        y = fn(xi, weight, bias, a, b, 0.5, 0.0, True)
+        y = fn(xi, weight, bias, a, b, 0.5)
         results.append((y, *torch.autograd.grad(y, [xi, bias, a, b], torch.ones_like(y))))
     for what, ours, ref in zip(["y", "dx", "dbias", "dA", "dB"], *results, strict=True):
         err = rel_err(ours, ref)
@@ -136,8 +138,8 @@ def test_split_k_is_deterministic(K, weights):
     a = torch.randn(8, 3072, device="cuda") * 0.02
     b = torch.randn(9216, 8, device="cuda") * 0.02
     with torch.no_grad():
-        first = K.lora_linear_4bit(x, weight, None, a, b, 2.0, 0.0, False)
-        assert all(torch.equal(first, K.lora_linear_4bit(x, weight, None, a, b, 2.0, 0.0, False))
+        first = K.lora_linear_4bit(x, weight, None, a, b, 2.0)
+        assert all(torch.equal(first, K.lora_linear_4bit(x, weight, None, a, b, 2.0))
                    for _ in range(3))
 
 
@@ -163,7 +165,7 @@ def test_fused_bf16_odd_shapes_each_branch(K, branch, m):
     for fn in (partial(K.lora_linear_4bit, config=forced), K.lora_linear_4bit_reference):
         xi = x.detach().requires_grad_()
         torch.manual_seed(1)
-        y = fn(xi, weight, bias, a, b, 2.0, 0.1, True)
+        y = fn(xi, weight, bias, a, b, 2.0, partial(lora_dropout, p=0.1))
         results.append((y, *torch.autograd.grad(y, [xi, bias, a, b], dy)))
     for what, ours, ref in zip(["y", "dx", "dbias", "dA", "dB"], *results, strict=True):
         err = rel_err(ours, ref)

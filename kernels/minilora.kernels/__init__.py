@@ -1,11 +1,13 @@
 """minilora's Triton kernels: NF4 dequant and a LoRA linear layer fused over a 4-bit weight.
 
-Installed as `minilora.kernels` (pyproject's package-dir), never as a top-level `kernels`: a PyPI
-project of that name exists, and transformers and bitsandbytes import it when it is there.
+Installed as `minilora.kernels` (pyproject's package-dir) from `kernels/minilora.kernels/`: a folder name
+no import statement can reach, so this code never runs as a top-level `kernels`, the name of Hugging Face's
+PyPI project that transformers imports. The package imports nothing from `minilora`: what a kernel needs
+(the LoRA dropout, the tile configuration) is passed in.
 Without a GPU the kernels run only in Triton's interpreter (TRITON_INTERPRET=1 set before import).
 
     dequantize_4bit(packed, quant_state, dtype) -> (N, K)     nf4.py, bit-exact with bitsandbytes
-    lora_linear_4bit(x, weight, bias, lora_A, lora_B, scale, dropout_p, training, config) -> (..., N)
+    lora_linear_4bit(x, weight, bias, lora_A, lora_B, scale, dropout, config) -> (..., N)
     prepare(x, weight, lora_A, lora_B, config) -> FusedLoRA4bit
                                                               fused_lora.py; checked once, then called
                                                               per forward (what a LoRA layer keeps)
@@ -15,20 +17,13 @@ Without a GPU the kernels run only in Triton's interpreter (TRITON_INTERPRET=1 s
     python -m minilora.kernels.compile_check --arch 90|80     compile every launch for a GPU, without one
 """
 
-if __name__ != "minilora.kernels":
-    # Run from a checkout's root (python -m ...), this folder is also reachable as a top-level `kernels`,
-    # the name of a PyPI project that transformers and bitsandbytes probe for. Under that name, load
-    # nothing and drop __file__: both then read the name as not installed (transformers takes a module
-    # without __file__ or __version__ for a stray namespace folder) instead of loading these kernels twice.
-    del __file__
-else:
-    from . import tiles
-    from .fused_lora import FusedLoRA4bit, LoRALinear4bitFunction, lora_linear_4bit, prepare
-    from .nf4 import dequantize_4bit
-    from .reference import dequantize_4bit_reference, lora_linear_4bit_reference
-    from .support import unsupported_reason
-    from .tiles import DEFAULT as DEFAULT_CONFIG
-    from .tiles import KernelConfig, TileConfig
+from . import tiles
+from .fused_lora import FusedLoRA4bit, LoRALinear4bitFunction, lora_linear_4bit, prepare
+from .nf4 import dequantize_4bit
+from .reference import dequantize_4bit_reference, lora_linear_4bit_reference
+from .support import unsupported_reason
+from .tiles import DEFAULT as DEFAULT_CONFIG
+from .tiles import KernelConfig, TileConfig
 
 __all__ = [
     "DEFAULT_CONFIG", "FusedLoRA4bit", "KernelConfig", "LoRALinear4bitFunction", "TileConfig", "dequantize_4bit",

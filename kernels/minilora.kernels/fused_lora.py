@@ -11,23 +11,25 @@ in the main loop, and start their accumulator at the LoRA term instead of adding
 
 The GEMMs dispatch on M, the number of rows, to split-K, tiled or dequant + cuBLAS: tiles.py.
 
-Dropout runs on the host (minilora/dropout.py's law) outside the autograd Function, drawn as the PyTorch
-path draws it (same RNG stream, same masks), and its backward is PyTorch's. Without dropout, dX is one fused
+Dropout is the caller's (`dropout`, a function of the LoRA input; minilora passes its LoRA layer's law) and
+runs on the host outside the autograd Function, on the input the PyTorch path drops out (same RNG stream, same
+masks); its backward is PyTorch's. Without dropout, dX is one fused
 kernel (base + LoRA); with dropout, the kernel computes the base part and the LoRA part G @ A goes
 back through dropout's own backward.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from minilora.dropout import lora_dropout
-
 from .nf4 import Packed4bit, dequantize_packed, load_w_tile
 from .support import packed_for
 from .tiles import DEFAULT, KernelConfig, dot_precision, r_pad
+
+Dropout = Callable[[torch.Tensor], torch.Tensor]  # the LoRA branch's dropout: input -> dropped-out input
 
 # ------------------------------------------------------------------------------------------------
 # Triton kernels
@@ -335,8 +337,8 @@ class FusedLoRA4bit:
     config: KernelConfig = DEFAULT
 
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None, lora_A: torch.Tensor, lora_B: torch.Tensor,
-                 scale: float, dropout_p: float, training: bool) -> torch.Tensor:
-        xd = _lora_dropout(x, dropout_p, lora_A.dtype) if training and dropout_p > 0 else None
+                 scale: float, dropout: Dropout | None = None) -> torch.Tensor:
+        xd = None if dropout is None else _dropped_out(x, dropout, lora_A.dtype)
         return LoRALinear4bitFunction.apply(x, xd, lora_A.contiguous(), lora_B.contiguous(), bias, self.packed,
                                             float(scale), self.config)
 
@@ -353,28 +355,29 @@ def prepare(x: torch.Tensor, weight, lora_A: torch.Tensor, lora_B: torch.Tensor,
 
 
 def lora_linear_4bit(x: torch.Tensor, weight, bias: torch.Tensor | None, lora_A: torch.Tensor,
-                     lora_B: torch.Tensor, scale: float, dropout_p: float, training: bool,
+                     lora_B: torch.Tensor, scale: float, dropout: Dropout | None = None,
                      config: KernelConfig = DEFAULT) -> torch.Tensor:
     """y (..., N) = x W^T + bias + scale * B A dropout(x), in x's dtype, for x (..., K).
 
     `weight` is a bitsandbytes Params4bit (N, K); lora_A (r, K) and lora_B (N, r) are the fp32
-    adapter weights (cast to x's dtype inside; their gradients come back in their own dtype).
+    adapter weights (cast to x's dtype inside; their gradients come back in their own dtype). `dropout` is
+    the LoRA branch's dropout as a function of its input, None when none is active (evaluation, p = 0).
     Checks its arguments on every call: a layer calls `prepare` once and keeps what it returns.
     """
     try:
         fused = prepare(x, weight, lora_A, lora_B, config)
     except ValueError as err:
         raise ValueError(f"lora_linear_4bit: {err}") from None
-    return fused(x, bias, lora_A, lora_B, scale, dropout_p, training)
+    return fused(x, bias, lora_A, lora_B, scale, dropout)
 
 
-def _lora_dropout(x: torch.Tensor, p: float, lora_dtype: torch.dtype) -> torch.Tensor:
-    """dropout(x) in x's dtype, drawn exactly as minilora's PyTorch path draws it (lora.py).
+def _dropped_out(x: torch.Tensor, dropout: Dropout, lora_dtype: torch.dtype) -> torch.Tensor:
+    """dropout(x) in x's dtype, drawn on the tensor minilora's PyTorch path drops out (lora.py).
 
     That path drops out x cast to the adapter dtype (fp32) unless autocast is on. The same law on the
     same dtype consumes the RNG stream the same way, so a Triton run gets the PyTorch run's masks (on
     CUDA, fused dropout's vector width depends on the dtype: a bf16 draw would give other masks).
     """
     if torch.is_autocast_enabled(x.device.type) or x.dtype == lora_dtype:
-        return lora_dropout(x, p)
-    return lora_dropout(x.to(lora_dtype), p).to(x.dtype)
+        return dropout(x)
+    return dropout(x.to(lora_dtype)).to(x.dtype)
