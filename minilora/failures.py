@@ -20,6 +20,8 @@ from collections.abc import Callable
 from minilora.errors import UserError
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_OUT_OF_MEMORY, EXIT_INTERRUPTED = 1, 2, 3, 130
+# Where an unexpected error goes: the README section says what to send and where.
+REPORT_TO = "README.md, 'Reporting a bug'"
 # What allocators say when they run out: torch's CPU allocator, CUDA, and the HIP/MPS equivalents.
 _OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
 # Errors of the machine rather than of the program: the message is all the user needs.
@@ -41,13 +43,24 @@ def first_line(err: BaseException) -> str:
 
 
 def write_crash_log(err: BaseException) -> str:
-    """The traceback, in a file of its own; returns its path."""
+    """The command, the traceback and the environment (`python -m minilora.env`), in a file of its own;
+    returns its path."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     fd, path = tempfile.mkstemp(prefix=f"minilora-crash-{stamp}-", suffix=".log")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         f.write(" ".join(sys.argv) + "\n\n")
         f.write("".join(traceback.format_exception(type(err), err, err.__traceback__)))
+        f.write("\n" + environment_report() + "\n")
     return path
+
+
+def environment_report() -> str:
+    try:
+        from minilora.env import format_report, report
+
+        return format_report(report())
+    except Exception as failed:  # the log must still be written when the environment is what broke
+        return f"environment: unavailable ({type(failed).__name__}: {first_line(failed)})"
 
 
 def describe(err: BaseException) -> tuple[str, int]:
@@ -60,8 +73,8 @@ def describe(err: BaseException) -> tuple[str, int]:
     if isinstance(err, OSError) and err.errno in _ENVIRONMENT_ERRNOS:
         where = f"{err.filename}: " if err.filename else ""
         return f"error: {where}{err.strerror}", EXIT_FAILED
-    return (f"error: unexpected {type(err).__name__}: {first_line(err)} (traceback in {write_crash_log(err)}; "
-            "please report it)"), EXIT_FAILED
+    return (f"error: unexpected {type(err).__name__}: {first_line(err)} (details in {write_crash_log(err)}; "
+            f"please report it with that file: {REPORT_TO})"), EXIT_FAILED
 
 
 def run_cli(entry: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:

@@ -39,11 +39,13 @@ def test_an_unexpected_error_is_one_line_and_a_crash_log_with_the_traceback(caps
 
     assert run_cli(entry, []) == 1
     err = capsys.readouterr().err.strip()
-    found = re.fullmatch(r"error: unexpected ValueError: something no check foresaw \(traceback in (\S+); "
-                         r"please report it\)", err)
+    found = re.fullmatch(r"error: unexpected ValueError: something no check foresaw \(details in (\S+); "
+                         r"please report it with that file: README.md, 'Reporting a bug'\)", err)
     assert found, err
     log = Path(found.group(1)).read_text()
     assert "Traceback (most recent call last)" in log and "something no check foresaw" in log
+    # The environment, as `python -m minilora.env` prints it, for the bug report.
+    assert re.search(r"^transformers +\d+\.\d+", log, re.M) and re.search(r"^fused kernels +(yes|no)", log, re.M)
     Path(found.group(1)).unlink()
 
 
