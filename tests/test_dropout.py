@@ -78,6 +78,7 @@ def test_eval_no_op_and_tiny_p_keep_the_input():
     assert module(x) is x and isinstance(module, torch.nn.Dropout) and module.p == 0.5
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_off_the_cpu_it_is_torch_dropout():
     x = torch.randn(128, 64, device="cuda")

@@ -104,6 +104,7 @@ def assert_rows_match(model, batches, examples, reference, **tolerance):
                 start += n
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's varlen attention needs a CUDA GPU")
 def test_varlen_attention_logits_equal_unpacked():
     device = torch.device("cuda")

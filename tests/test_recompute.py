@@ -109,6 +109,7 @@ def test_micro_batch_token_bound(flags, tokens):
     assert max_micro_batch_tokens(cfg) == tokens
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_auto_is_selective_on_a_gpu_without_probing():
     model = torch.nn.Linear(2, 2)  # the probe would fail on it: on CUDA none runs
