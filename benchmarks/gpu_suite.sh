@@ -63,19 +63,8 @@ step() {
 # 1. The device and the software stack (written first: the rest is read against it). A missing
 #    package shows here, not as a collection error that would hide every test of a step.
 step "nvidia-smi" 15 "$OUT/nvidia-smi.txt" nvidia-smi
-step "versions" 30 "$OUT/versions.txt" python3 -c "
-import importlib.metadata as md, platform, torch, triton, bitsandbytes
-print('python', platform.python_version())
-print('torch', torch.__version__, 'cuda', torch.version.cuda,
-      'device', torch.cuda.get_device_name() if torch.cuda.is_available() else None)
-print('triton', triton.__version__)
-print('bitsandbytes', bitsandbytes.__version__)
-for name in ('transformers', 'peft', 'accelerate', 'safetensors', 'pytest', 'matplotlib', 'numpy', 'kernels'):
-    try:
-        print(name, md.version(name))
-    except md.PackageNotFoundError:
-        print(name, 'not installed')
-"
+# `python -m minilora.env --check`: versions, device, and the fused kernels against PyTorch in each dtype.
+step "environment and kernel check" 60 "$OUT/env.txt" python3 -m minilora.env --check
 git rev-parse HEAD >"$OUT/commit.txt" 2>/dev/null || echo unknown >"$OUT/commit.txt"
 git status --porcelain >>"$OUT/commit.txt" 2>/dev/null || true
 
@@ -98,13 +87,13 @@ step "kernel benchmark" 80 "$OUT/benchmark_kernels.txt" \
 #    training loop vs transformers + PEFT in a hand-written reference loop vs transformers.Trainer: tokens/s,
 #    peak memory, time to first step, loss parity, MFU, where a step's time goes (results and goals in
 #    $OUT/train/*-train.{json,md}), then its bar chart. It gets what is left up to 430 s, less the plot and
-#    kill grace; benchmarks.train starts no system that would outlast --budget-s and keeps what finished.
+#    kill grace; benchmarks.throughput starts no system that would outlast --budget-s and keeps what finished.
 TRAIN_LIMIT=$((430 - (SECONDS - SUITE_START)))
 if [ "$TRAIN_LIMIT" -ge 120 ]; then
     step "training benchmark" "$TRAIN_LIMIT" "$OUT/benchmark_train.txt" \
-        python3 -m benchmarks.train --seqs 2048 --out "$OUT/train" --budget-s "$((TRAIN_LIMIT - 20))"
+        python3 -m benchmarks.throughput --seqs 2048 --out "$OUT/train" --budget-s "$((TRAIN_LIMIT - 20))"
     step "training plot" 25 "$OUT/plot_train.txt" \
-        bash -c 'python3 -m benchmarks.plot "$1"/*-train.json' _ "$OUT/train"
+        bash -c 'python3 -m benchmarks.plot_throughput "$1"/*-train.json' _ "$OUT/train"
 else
     SUMMARY+=("$(printf '%-34s %-12s %4ss  %s' "training benchmark" "SKIPPED" 0 "only ${TRAIN_LIMIT}s left of 430")")
     FAILED=1
@@ -151,7 +140,7 @@ fi
 
 {
     echo "GPU suite: $(date -Iseconds), $((SECONDS - SUITE_START))s, commit $(head -n 1 "$OUT/commit.txt")"
-    grep -E '^(torch|triton|bitsandbytes) ' "$OUT/versions.txt" 2>/dev/null
+    grep -E '^(torch|torch CUDA build|triton|bitsandbytes|device.*|fused kernels|check .*) ' "$OUT/env.txt" 2>/dev/null
     echo
     printf '%s\n' "${SUMMARY[@]}"
     echo

@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from .harness import RESULTS_DIR, ROOT, environment, write_results
-from .train_setup import LORA, examples_from_tokens, saved_model
+from .throughput_setup import LORA, examples_from_tokens, saved_model
 
 # Each lever as the TrainConfig fields train.py's flags set; full_logits_loss changes the loss module instead.
 VARIANTS = {
@@ -56,7 +56,7 @@ LR, SEED, DATA_SEED, DROPOUT_SEED, WARMUP_STEPS = 2e-4, 0, 1, 100, 2
 
 
 def model_dir(cuda: bool, cache: Path) -> Path:
-    """The training benchmark's saved random-weight base (train_setup.saved_model, reused if already built):
+    """The training benchmark's saved random-weight base (throughput_setup.saved_model, reused if already built):
     Phi-3-mini in bf16 on GPUs, its small CPU version in fp32 otherwise."""
     if cuda:
         return saved_model("phi3-mini", torch.bfloat16, torch.device("cuda"), cache)

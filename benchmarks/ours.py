@@ -4,7 +4,7 @@ minilora.training.loop.TrainingLoop constructed as minilora.training.job constru
 benchmark fills in from its recipe.
 The benchmark then calls `loop.train_step()` itself, step by step: the product's step, timed from outside.
 
-Imported inside a system's process only (benchmarks.train_systems, benchmarks.levers): its library imports
+Imported inside a system's process only (benchmarks.throughput_systems, benchmarks.levers): its library imports
 belong to the measured time to first step.
 """
 
@@ -34,7 +34,8 @@ def build_loop(model, cfg: TrainConfig, examples: list, device: torch.device, pr
                pad_id: int) -> TrainingLoop:
     """The job's TrainingLoop over `examples`, without evaluation; its metrics.jsonl goes to cfg.output."""
     Path(cfg.output).mkdir(parents=True, exist_ok=True)
-    loop = TrainingLoop(model, cfg, examples, [], pad_id, device, precision, {"benchmark": cfg.to_dict()})
+    loop = TrainingLoop(model, cfg, train_examples=examples, eval_batches=[], pad_id=pad_id, device=device,
+                        precision=precision, fingerprint={"benchmark": cfg.to_dict()})
     model.train()  # as TrainingLoop.run() does before its first step
     return loop
 

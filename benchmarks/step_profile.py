@@ -6,7 +6,7 @@ but what it spends the time on.
 
 On CUDA the times are the kernels' device time (the GPU's busy time; `wall_ms - total_ms` is roughly
 the time it waited for the host). On a CPU they are the operators' self time on the profiled thread.
-Used by benchmarks.train_systems after the timed steps (the profiled steps are never among them).
+Used by benchmarks.throughput_systems after the timed steps (the profiled steps are never among them).
 """
 
 import re

@@ -39,7 +39,7 @@ __all__ = sorted(_MODULE_OF)
 
 
 def __getattr__(name: str):
-    if name not in _MODULE_OF:  # a submodule, as `import minilora; minilora.dispatch` found it before
+    if name not in _MODULE_OF:  # a submodule: `import minilora; minilora.dispatch` works without importing it
         try:
             return importlib.import_module(f"{__name__}.{name}")
         except ModuleNotFoundError as err:

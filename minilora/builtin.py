@@ -22,6 +22,7 @@ from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM, PreTrain
 from transformers.utils import logging as hf_logging
 
 from minilora.atomic import atomic_replace_dir
+from minilora.cache_root import cache_root
 from minilora.errors import UserError
 
 # Bumped whenever the tokenizer or the weights change, so a stale cache folder is never reused.
@@ -147,8 +148,7 @@ def save_builtin(path: str | os.PathLike, seed: int = 0) -> Path:
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "minilora" / "builtin"
+    return cache_root() / "builtin"
 
 
 def _is_complete(folder: Path) -> bool:

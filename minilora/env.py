@@ -74,7 +74,7 @@ def fused_kernels_verdict() -> str:
     if dispatch.default_mode() == "torch":
         return "no: MINILORA_KERNELS=torch chooses PyTorch"
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not dispatch.triton_interpreted():
+    if device == "cpu" and not dispatch.kernels_interpreted():
         return ("no: no CUDA device (PyTorch computes every layer; TRITON_INTERPRET=1 with --kernels triton runs "
                 "the kernels in Triton's interpreter, for tests)")
     try:
@@ -119,17 +119,18 @@ def check_kernels() -> list[str]:
     import torch
 
     from minilora import dispatch
+    from minilora.kernel_check import check_kernels
 
     if torch.cuda.is_available():
         device, dtypes = "cuda", (torch.bfloat16, torch.float16, torch.float32)
-    elif dispatch.triton_interpreted():
+    elif dispatch.kernels_interpreted():
         device, dtypes = "cpu", (torch.float32,)  # the interpreter's bf16 dot is wrong; fp32 checks the code
     else:
         return ["check: no CUDA device, nothing to check (TRITON_INTERPRET=1 checks the kernels in Triton's "
                 "interpreter, fp32)"]
     lines = []
     for dtype in dtypes:
-        failed = dispatch.self_check(device, dtype)
+        failed = check_kernels(device, dtype)
         lines.append(f"check {device} {str(dtype).removeprefix('torch.')}: "
                      f"{'ok, equal to PyTorch' if failed is None else 'FAILED: ' + failed}")
     return lines
@@ -148,11 +149,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli() -> None:
-    from minilora.failures import run_cli
-
-    sys.exit(run_cli(main))
-
-
 if __name__ == "__main__":
-    cli()
+    # Not through cli_runner.run_cli: its crash log calls this report (every part of which is guarded).
+    sys.exit(main())

@@ -20,10 +20,10 @@ import torch
 from jinja2 import TemplateError
 from torch import nn
 
+from minilora.adapted_model import load_trained, resolve_trained
+from minilora.cli_runner import run_cli
 from minilora.errors import UserError
-from minilora.failures import run_cli
 from minilora.quant import load_tokenizer
-from minilora.trained import load_trained, resolve_trained
 
 DEFAULT_MAX_NEW_TOKENS = 256
 CHAT_END = "<|end|>"  # Phi-3's end of a chat turn; a reply stops there as at eos
@@ -76,12 +76,22 @@ def generate_ids(
     model: nn.Module,
     tokenizer,
     prompt_ids: list[int],
+    *,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = 0.0,
     top_p: float = 1.0,
     use_cache: bool = True,
 ) -> list[int]:
-    """The new token ids (stop token included when one ended the reply)."""
+    """The new token ids (stop token included when one ended the reply).
+
+    model           a causal LM (load_for_generation's, or any transformers model)
+    tokenizer       its tokenizer (pad and stop tokens come from it and the model's generation config)
+    prompt_ids      the prompt's token ids (encode_prompt renders a chat prompt)
+    max_new_tokens  at most this many new tokens
+    temperature     0: greedy; above 0: sampling at this temperature (torch's generator decides the draws)
+    top_p           nucleus sampling's probability mass (1: off); only with temperature > 0
+    use_cache       the KV cache (same tokens either way; off is slower, for checking)
+    """
     _check_sampling(max_new_tokens, temperature, top_p)
     input_ids = torch.tensor([prompt_ids], device=model.device)  # (1, T)
     if temperature > 0:
@@ -106,13 +116,16 @@ def generate(
     model: nn.Module,
     tokenizer,
     prompt: str,
+    *,
     chat: bool = False,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     temperature: float = 0.0,
     top_p: float = 1.0,
 ) -> str:
-    """The model's continuation of `prompt` (only the new text, special tokens dropped)."""
-    ids = generate_ids(model, tokenizer, encode_prompt(tokenizer, prompt, chat), max_new_tokens, temperature, top_p)
+    """The model's continuation of `prompt` (only the new text, special tokens dropped). `chat`: render
+    the prompt as one user turn with the tokenizer's chat template; the rest as in `generate_ids`."""
+    ids = generate_ids(model, tokenizer, encode_prompt(tokenizer, prompt, chat), max_new_tokens=max_new_tokens,
+                       temperature=temperature, top_p=top_p)
     return tokenizer.decode(ids, skip_special_tokens=True)
 
 
@@ -174,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
     for prompt in prompts:
         ids = encode_prompt(tokenizer, prompt, args.chat)
-        new = generate_ids(model, tokenizer, ids, args.max_new_tokens, args.temperature, args.top_p)
+        new = generate_ids(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_p=args.top_p)
         text = tokenizer.decode(new, skip_special_tokens=True)
         if args.prompt_file:
             print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False), flush=True)
@@ -187,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Console entry point: every failure is one `error:` line and an exit code (minilora/failures.py)."""
+    """Console entry point: every failure is one `error:` line and an exit code (minilora/cli_runner.py)."""
     sys.exit(run_cli(main))
 
 

@@ -8,7 +8,7 @@ from torch import nn
 
 from minilora.dora import DoRALinear
 from minilora.errors import UserError
-from minilora.lora import LoRALinear, is_4bit
+from minilora.lora import LoRALinear, is_4bit, refuse_4bit_merge
 from minilora.recipe import DEFAULT_TARGETS
 from minilora.training.recompute import canonical_name
 
@@ -115,19 +115,10 @@ def merge_lora(model: nn.Module, dequantize: bool = False, dtype: torch.dtype = 
     which first replaces it with a full-precision (`dtype`) copy: never a silent re-quantization."""
     layers = lora_layers(model)
     if not dequantize:
-        quantized = [n for n, m in layers.items() if is_4bit(m.base_layer) and not m.merged]
-        if quantized:
-            raise UserError(
-                f"cannot merge into the 4-bit layer {quantized[0]} without re-quantizing, which would "
-                "lose the LoRA update in NF4 rounding; pass dequantize=True to merge into a "
-                f"full-precision copy of the base ({len(quantized)} layers)"
-            )
+        refuse_4bit_merge(layers)
     for layer in layers.values():
         if dequantize and is_4bit(layer.base_layer):
-            # Sum in fp32 and round once to `dtype`: adding a rounded update to a rounded weight rounds twice.
-            layer.dequantize_base(torch.float32)
-            layer.merge()
-            layer.base_layer.to(dtype)
+            layer.merge_into_full_precision(dtype)
         else:
             layer.merge()
 

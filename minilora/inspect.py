@@ -128,8 +128,8 @@ def module_report(name: str, m: dict) -> dict:
 
 def base_norms(model: str, shapes: dict[str, list[int]], adapter_dir: Path) -> dict[str, float]:
     """||W||_F of each adapted module's dequantized base weight, the base loaded as it was trained."""
+    from minilora.adapted_model import load_trained, resolve_trained
     from minilora.lora import dequantize_weight
-    from minilora.trained import load_trained, resolve_trained
 
     net = load_trained(resolve_trained(adapter_dir, model=model), None, device="cpu")
     norms = {}
@@ -142,12 +142,6 @@ def base_norms(model: str, shapes: dict[str, list[int]], adapter_dir: Path) -> d
             raise AdapterError(f"{adapter_dir}: {name} is {shape} in the adapter but {list(weight.shape)} in {model}")
         norms[name] = float(weight.double().norm())
     return norms
-
-
-def inspect_adapter(folder: str | Path, model: str | None = None) -> dict:
-    """{"adapter", "config", "modules": [per-module dict]} for the adapter in `folder`; with `model`,
-    each module also has `base_fro` and `relative_norm`."""
-    return _inspect_factors(folder, *read_factors(folder), model)
 
 
 def _inspect_factors(folder: str | Path, config: dict, modules: dict[str, dict], model: str | None) -> dict:

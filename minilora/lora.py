@@ -28,6 +28,7 @@ from torch import nn
 
 from minilora import dispatch
 from minilora.dropout import LoRADropout
+from minilora.errors import UserError
 
 
 def is_4bit(layer: nn.Module) -> bool:
@@ -40,6 +41,17 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
         w = layer.weight
         return bnb.functional.dequantize_4bit(w.data, w.quant_state)
     return layer.weight
+
+
+def refuse_4bit_merge(layers: dict[str, "LoRALinear"]) -> None:
+    """UserError, before any layer changes, if one of `layers` (name -> layer) still has a 4-bit base: a
+    merge into it would re-quantize, and NF4 rounding would lose most of an r=8 update."""
+    for name, layer in layers.items():
+        if is_4bit(layer.base_layer) and not layer.merged:
+            raise UserError(
+                f"cannot merge LoRA into the 4-bit layer {name} without re-quantizing, which would lose the "
+                "update in NF4 rounding; merge into a full-precision copy of the base instead "
+                "(minilora.merge_lora(model, dequantize=True), or python -m minilora.merge)")
 
 
 def plain_linear(layer: nn.Module, dtype: torch.dtype) -> nn.Linear:
@@ -159,11 +171,7 @@ class LoRALinear(nn.Module):
         """Fold scale * B @ A into a full-precision base weight. Idempotent."""
         if self.merged:
             return
-        if is_4bit(self.base_layer):
-            raise RuntimeError(
-                "refusing to merge LoRA into a 4-bit base: re-quantizing would lose the update in NF4 "
-                "rounding; use minilora.merge_lora(model, dequantize=True) to merge into a dequantized copy"
-            )
+        refuse_4bit_merge({type(self).__name__: self})
         with torch.no_grad():
             w = self.base_layer.weight
             w.add_(self.delta_weight().to(w.dtype))
@@ -177,6 +185,17 @@ class LoRALinear(nn.Module):
             w = self.base_layer.weight
             w.sub_(self.delta_weight().to(w.dtype))
         self.merged = False
+
+    def merge_into_full_precision(self, dtype: torch.dtype) -> None:
+        """Merge into a full-precision copy of the base, in `dtype`: the base dequantized (if 4-bit) or cast
+        to fp32, W + scale·B@A summed in fp32 and rounded once to `dtype` (adding a rounded update to a
+        rounded weight would round twice)."""
+        if is_4bit(self.base_layer):
+            self.dequantize_base(torch.float32)
+        else:
+            self.base_layer.float()
+        self.merge()
+        self.base_layer.to(dtype)
 
     def dequantize_base(self, dtype: torch.dtype) -> None:
         """Replace a 4-bit base layer with an nn.Linear holding its dequantized weight."""

@@ -24,14 +24,14 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils.hub import convert_file_size_to_int
 
+from minilora.adapted_model import TrainedSetup, load_trained, resolve_trained
 from minilora.adapter import read_adapter_config
 from minilora.atomic import atomic_replace_dir
+from minilora.cli_runner import run_cli
 from minilora.errors import UserError
-from minilora.failures import run_cli
 from minilora.lock import LOCK_NAME, FolderLock
 from minilora.lora import LoRALinear, is_4bit, plain_linear
 from minilora.quant import is_local_model, resolve_model_path
-from minilora.trained import TrainedSetup, load_trained, resolve_trained
 
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
           "fp32": torch.float32, "float32": torch.float32}
@@ -68,18 +68,14 @@ def fold_lora(model: nn.Module, dtype: torch.dtype) -> tuple[int, int]:
     """Replace every LoRALinear by one nn.Linear holding W + scale·B@A and every other 4-bit layer by
     its dequantized nn.Linear, all in `dtype`; cast the rest of the model to `dtype`. In place.
 
-    The sum is formed in fp32 and rounded once: adding a bf16-rounded update to a bf16 weight would
-    round twice. Only one layer at a time is held in fp32, so the peak is the output model plus one
-    matrix. Returns (LoRA layers merged, other 4-bit layers dequantized).
+    Each sum is rounded once (LoRALinear.merge_into_full_precision). Only one layer at a time is held in
+    fp32, so the peak is the output model plus one matrix. Returns (LoRA layers merged, other 4-bit layers
+    dequantized).
     """
     lora = [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
     for name, layer in lora:
-        if is_4bit(layer.base_layer):
-            layer.dequantize_base(torch.float32)
-        else:
-            layer.base_layer.float()
-        layer.merge()  # refuses a 4-bit base by itself: no path here re-quantizes
-        _replace(model, name, layer.base_layer.to(dtype))
+        layer.merge_into_full_precision(dtype)
+        _replace(model, name, layer.base_layer)
     quantized = [(name, m) for name, m in model.named_modules() if is_4bit(m)]
     for name, layer in quantized:
         _replace(model, name, plain_linear(layer, dtype))
@@ -140,6 +136,7 @@ def _base_tokenizer(base: str):
 def merge_adapter(
     adapter_dir: str | Path,
     output_dir: str | Path,
+    *,
     model: str | None = None,
     dtype: torch.dtype | str = torch.bfloat16,
     quant: str | None = None,
@@ -149,8 +146,16 @@ def merge_adapter(
 ) -> Path:
     """Write `output_dir`: the base with the adapter folded in, as a plain HF model in `dtype`.
 
-    `model` overrides the adapter config's `base_model_name_or_path`; `quant` overrides how the base is
-    loaded (default: as in the training run's run.json, else nf4). Returns `output_dir`.
+    adapter_dir     a PEFT-format adapter folder (minilora's or PEFT's)
+    output_dir      the merged model's folder (created; refused if it is the adapter's or not empty)
+    model           the base (hub id or folder; default: the adapter config's `base_model_name_or_path`)
+    dtype           the merged weights' dtype: torch.bfloat16/float16/float32 or "bf16", "fp16", "fp32"
+    quant           how the base is loaded before merging, "nf4", "fp4" or "none" (default: as in the
+                    training run's run.json, else nf4), so the merge folds into the weights it trained on
+    overwrite       replace a non-empty `output_dir`
+    max_shard_size  the largest safetensors shard ("5GB", "500MB" or bytes)
+    device          where the base is loaded and merged (default: CUDA if present, else the CPU)
+    Returns `output_dir`.
     """
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     dtype = parse_dtype(dtype)
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cli() -> None:
-    """Console entry point: every failure is one `error:` line and an exit code (minilora/failures.py)."""
+    """Console entry point: every failure is one `error:` line and an exit code (minilora/cli_runner.py)."""
     sys.exit(run_cli(main))
 
 

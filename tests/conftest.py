@@ -37,7 +37,7 @@ TINY_CONFIGS = {
 def run_command(capsys):
     """`run_command(main, argv)` runs a command line's `main` as its console script does: (exit code,
     stdout, the `error` lines of stderr joined, each ending in a newline; loading bars are not errors)."""
-    from minilora.failures import run_cli
+    from minilora.cli_runner import run_cli
 
     def call(main, argv: list[str]) -> tuple[int, str, str]:
         capsys.readouterr()

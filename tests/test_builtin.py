@@ -97,3 +97,16 @@ def test_unknown_builtin_lists_known_names(tmp_path):
     with pytest.raises(UserError, match="unknown builtin model 'builtin:gpt5'; known: builtin:tiny-phi3"):
         resolve_builtin("builtin:gpt5", tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_every_cache_lives_under_one_root(monkeypatch, tmp_path):
+    """The built-in models and the prepared data share one root, decided in one place (cache_root.py)."""
+    from minilora.builtin import default_cache_dir
+    from minilora.data.cache import default_root
+
+    monkeypatch.setenv("MINILORA_CACHE", str(tmp_path / "mine"))
+    assert (default_cache_dir(), default_root()) == (tmp_path / "mine" / "builtin", tmp_path / "mine" / "data")
+    monkeypatch.delenv("MINILORA_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "minilora" / "builtin"
+    assert default_root() == tmp_path / "xdg" / "minilora" / "data"

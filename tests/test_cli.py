@@ -80,12 +80,13 @@ def test_config_file_errors_name_the_file_and_key(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("key,replacement", [
+    ("gradient_checkpointing", "recompute (none: no recompute) and recompute_every"),
     ("grad-checkpointing", "recompute (none: no recompute) and recompute_every"),
     ("checkpoint_every", "recompute_every")])
-def test_config_file_keys_of_earlier_versions_name_their_replacement(tmp_path, key, replacement):
+def test_config_file_keys_of_other_trainers_name_minilora_s_key(tmp_path, key, replacement):
     path = tmp_path / "run.yaml"
     path.write_text(f"{key}: 2\n")
-    with pytest.raises(UserError, match=rf"run.yaml: key '{key}' is now {re.escape(replacement)}"):
+    with pytest.raises(UserError, match=rf"run.yaml: key '{key}': minilora calls it {re.escape(replacement)}$"):
         parse_config(["--config", str(path), "--data", str(DEMO)])
 
 

@@ -16,7 +16,7 @@ from minilora.adapter import CONFIG_NAME
 from minilora.dora import DoRALinear
 from minilora.generate import encode_prompt, generate_ids, load_for_generation
 from minilora.merge import merge_adapter
-from minilora.training.plot import read_metrics
+from minilora.training.run_plots import read_metrics
 
 PARAMS = ("lora_A", "lora_B", "lora_magnitude_vector")
 

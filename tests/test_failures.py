@@ -8,8 +8,8 @@ import pytest
 import torch
 from train_utils import DEMO
 
+from minilora.cli_runner import describe, run_cli
 from minilora.errors import DataError, UserError
-from minilora.failures import describe, run_cli
 from minilora.training.cli import run
 
 CASES = {

@@ -1,6 +1,8 @@
 """Generation: our LoRA model decodes the same tokens as PEFT on the same adapter folder, with or
 without the KV cache, and the model card's "How to Get Started" snippet runs on a minilora adapter."""
 
+import contextlib
+import io
 import json
 import runpy
 import shutil
@@ -16,9 +18,10 @@ from torch import nn
 import minilora
 from minilora.generate import encode_prompt, generate, generate_ids, load_for_generation, main, stop_token_ids
 from minilora.quant import load_tokenizer, resolve_model_path
+from minilora.training.card import CARD
 
 BASE = "builtin:tiny-phi3"
-PROMPT = "The weather is good today."  # the prompt of the model card's snippet (training/card.py)
+PROMPT = "The weather is good today."
 
 
 @pytest.fixture(scope="module")
@@ -53,30 +56,30 @@ def test_kv_cache_on_and_off_give_identical_greedy_tokens(ours):
     assert model.config.use_cache  # load_base turned it off for training; generation turns it back on
 
 
-# The verbatim snippet sets no length, so transformers warns that it falls back to 20 new tokens.
+def card_snippet(base_model: str, adapter_path: str) -> str:
+    """The model card's "How to Get Started" code, as render_card fills it in (training/card.py)."""
+    section = CARD.split("## How to Get Started with the Model", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    return code.format(base_model=base_model, adapter_path=adapter_path)
+
+
+# The snippet sets no length, so transformers warns that it falls back to 20 new tokens.
 @pytest.mark.filterwarnings("ignore:Using the model-agnostic default:UserWarning")
 def test_model_card_snippet_runs_on_our_adapter_and_matches_our_generate(adapter):
-    base_model, lora_adapter = resolve_model_path(BASE), str(adapter)
-    # ---- the model card's "How to Get Started" snippet (training/card.py), verbatim but for the two names ----
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(base_model)
-    model = PeftModel.from_pretrained(model, lora_adapter)
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-
-    prompt = "The weather is good today."
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
-    outputs = model.generate(**inputs)
-    printed = tokenizer.decode(outputs[0], skip_special_tokens=True)
-    # ---- end of snippet ----
+    snippet = card_snippet(resolve_model_path(BASE), str(adapter))
+    assert "PeftModel.from_pretrained(model, lora_adapter)" in snippet  # the card's code, not a test's copy
+    scope, printed = {}, io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(snippet, "model card snippet", "exec"), scope)
+    inputs, outputs = scope["inputs"], scope["outputs"]
     snippet_new = outputs[0, inputs["input_ids"].shape[1]:].tolist()
     assert len(snippet_new) > 0
     ours_model, ours_tokenizer = load_for_generation(adapter, quant="none")  # the snippet's fp32 base
-    ids = encode_prompt(ours_tokenizer, prompt)
+    ids = encode_prompt(ours_tokenizer, scope["prompt"])
     assert ids == inputs["input_ids"][0].tolist()
     assert generate_ids(ours_model, ours_tokenizer, ids, max_new_tokens=len(snippet_new)) == snippet_new
-    assert printed == prompt + generate(ours_model, ours_tokenizer, prompt, max_new_tokens=len(snippet_new))
+    ours = scope["prompt"] + generate(ours_model, ours_tokenizer, scope["prompt"], max_new_tokens=len(snippet_new))
+    assert printed.getvalue() == ours + "\n"
 
 
 def test_the_base_is_loaded_in_the_trained_compute_dtype(adapter, tmp_path):

@@ -5,8 +5,8 @@ import torch
 from train_utils import run_quick
 
 import minilora
-import minilora.dispatch
-from minilora.training.plot import read_metrics
+from minilora.kernel_check import check_kernels
+from minilora.training.run_plots import read_metrics
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -42,14 +42,13 @@ def test_offload_on_cuda_keeps_gradients(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_kernels_pass_the_auto_mode_self_check_on_this_gpu(dtype):
-    minilora.dispatch.self_check.cache_clear()
-    assert minilora.dispatch.self_check("cuda:0", dtype) is None
+def test_kernels_pass_the_check_against_pytorch_on_this_gpu(dtype):
+    assert check_kernels("cuda:0", dtype) is None
 
 
 def test_auto_mode_training_run_takes_the_fused_path(tmp_path, monkeypatch):
-    """Training evaluates before step 1 (under no_grad) and recomputes checkpointed layers: the
-    self-check that the first fused call runs must pass there, or `auto` would quietly use PyTorch."""
+    """Training evaluates before step 1 (under no_grad) and recomputes checkpointed layers: `auto` must
+    serve both with the kernels, never quietly fall back to PyTorch."""
     fused_calls = []
     real = minilora.LoRALinear.fused_kernel
 
@@ -60,9 +59,6 @@ def test_auto_mode_training_run_takes_the_fused_path(tmp_path, monkeypatch):
         return fused
 
     monkeypatch.setattr(minilora.LoRALinear, "fused_kernel", counting)
-    minilora.dispatch.self_check.cache_clear()
-    minilora.dispatch._warned.clear()
     assert run_quick(tmp_path, kernels="auto", max_steps=3, precision="bf16", save_every=0) == 0
-    assert not minilora.dispatch._warned  # a failed self-check warns (and turns the kernels off)
     # Fused calls in evaluation (no grad) and in training (grad): the kernels served both.
     assert set(fused_calls) == {False, True}

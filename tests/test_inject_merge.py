@@ -109,6 +109,9 @@ def test_merging_into_4bit_is_refused_unless_dequantized(tiny_model_dir):
         unmerged = model(x).logits
         with pytest.raises(UserError, match="without re-quantizing"):
             minilora.merge_lora(model)
+        assert not any(m.merged for m in minilora.lora_layers(model).values())  # refused before any change
+        with pytest.raises(UserError, match="without re-quantizing"):  # the same refusal, one layer at a time
+            model.model.layers[0].self_attn.qkv_proj.merge()
         minilora.merge_lora(model, dequantize=True, dtype=torch.float32)
         layer = model.model.layers[0].self_attn.qkv_proj
         assert type(layer.base_layer) is torch.nn.Linear and layer.merged

@@ -13,7 +13,8 @@ from train_utils import run_quick
 
 import minilora
 import minilora.dispatch
-from minilora.training.plot import read_metrics
+from minilora.kernel_check import check_against_pytorch, check_kernels
+from minilora.training.run_plots import read_metrics
 
 TOL = dict(atol=2e-5, rtol=1e-4)  # fp32, different summation order (tiled GEMM vs bnb dequant + mm)
 
@@ -57,9 +58,14 @@ def test_triton_path_matches_the_torch_path_with_dropout(rows):
 
 
 def test_auto_mode_never_imports_the_kernels_on_cpu(monkeypatch):
+    """Fails if `auto` on a CPU imports the kernels: the import raises, and the layer would not run."""
     monkeypatch.setitem(sys.modules, "minilora.kernels", None)  # importing it now raises ImportError
-    layer = lora_4bit_layer()
-    layer(torch.randn(3, 128))
+    layer = lora_4bit_layer(dropout=0.0)
+    x = torch.randn(3, 128)
+    y = layer(x)
+    assert layer.fused_kernel(x) is None  # decided: PyTorch
+    with torch.no_grad():  # and PyTorch computed the layer: base + scale * B A x
+        torch.testing.assert_close(y, layer.base_layer(x) + (x @ layer.lora_A.T @ layer.lora_B.T) * layer.scale)
 
 
 def test_the_decision_is_kept_per_device_and_dtype_until_the_base_changes():
@@ -105,47 +111,17 @@ def test_triton_training_run_tracks_the_torch_run(tmp_path):
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
-@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "autocast", "checkpointed layer"])
-def test_self_check_passes_wherever_the_first_fused_call_happens(context):
-    """The first fused call on a device runs the self-check inside whatever it is in: evaluation
-    (training evaluates before step 1), bf16 autocast, a checkpointed decoder layer. The check must
-    pass there, and the checkpointed layer must still recompute and backpropagate afterwards."""
-    check = minilora.dispatch.self_check
-    check.cache_clear()
-    if context == "checkpointed layer":
-        linear = torch.nn.Linear(8, 8)
-        seen = []
-
-        def layer(x):
-            seen.append(check("cpu", torch.float32))  # the original forward runs it; the recompute hits the cache
-            return linear(x).tanh()
-
-        x = torch.randn(3, 8, requires_grad=True)
-        torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).square().sum().backward()
-        assert seen == [None, None]
-        assert x.grad is not None and linear.weight.grad is not None
-    else:
-        with {"no_grad": torch.no_grad(), "inference_mode": torch.inference_mode(),
-              "autocast": torch.autocast("cpu", dtype=torch.bfloat16)}[context]:
-            assert check("cpu", torch.float32) is None
-    check.cache_clear()
-
-
-def test_self_check_passes_for_the_real_kernels_and_catches_broken_ones():
-    """`auto` trusts the kernels on a device only after they reproduce PyTorch there (run here in
-    the interpreter, in fp32); a kernel that computes something else, or raises, is turned off."""
-    check = minilora.dispatch.self_check
-    check.cache_clear()
-    assert check("cpu", torch.float32) is None
+def test_the_kernel_check_passes_the_real_kernels_and_catches_broken_ones():
+    """`python -m minilora.env --check` and the GPU suite: the kernels reproduce PyTorch (here in the
+    interpreter, in fp32); a kernel that computes something else, or raises, is reported in one line."""
+    assert check_kernels("cpu", torch.float32) is None
 
     def broken(x, weight, bias, a, b, scale, dropout=None):
         return torch.zeros(*x.shape[:-1], b.shape[0], dtype=x.dtype) + x.sum() * 0
 
-    assert "differs from PyTorch" in minilora.dispatch.check_against_pytorch(broken, "cpu", torch.float32)
+    assert "differs from PyTorch" in check_against_pytorch(broken, "cpu", torch.float32)
 
     def raising(*args):
         raise RuntimeError("PTX compilation failed")
 
-    assert minilora.dispatch.check_against_pytorch(raising, "cpu", torch.float32) == \
-        "RuntimeError: PTX compilation failed"
-    check.cache_clear()
+    assert check_against_pytorch(raising, "cpu", torch.float32) == "RuntimeError: PTX compilation failed"

@@ -8,7 +8,7 @@ from train_utils import run_quick
 import minilora
 from minilora.inspect import inspect
 from minilora.training.lora_stats import LoRAStats
-from minilora.training.plot import read_metrics
+from minilora.training.run_plots import read_metrics
 
 
 @pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])

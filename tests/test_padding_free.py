@@ -150,7 +150,8 @@ def test_accumulated_gradients_do_not_depend_on_rows_per_micro_batch(tmp_path):
     grads = []
     for batch_size, accum in ((8, 1), (4, 2), (2, 4)):
         cfg = quick_config(tmp_path / f"o{batch_size}", batch_size=batch_size, grad_accum=accum, dropout=0.0)
-        loop = TrainingLoop(lora_model(), cfg, examples, [], tokenizer.pad_token_id, torch.device("cpu"), "fp32", {})
+        loop = TrainingLoop(lora_model(), cfg, train_examples=examples, eval_batches=[], pad_id=tokenizer.pad_token_id,
+                            device=torch.device("cpu"), precision="fp32", fingerprint={})
         micro = [loop.stream.next() for _ in range(accum)]
         assert all(b.input_ids.shape[0] == 1 and len(b.lines[0]) == batch_size for b in micro)
         n_targets = sum(b.n_target_tokens for b in micro)

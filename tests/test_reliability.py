@@ -93,7 +93,7 @@ def test_missing_data_file(tmp_path, existing_output, capsys):
 ])
 def test_bad_flags_are_caught_before_the_model_loads(flags, fragment, tmp_path, existing_output, capsys,
                                                       monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr("minilora.dispatch.kernels_interpreted", lambda: False)  # no Triton interpreter here
     loaded = []
     monkeypatch.setattr("minilora.training.job.load_base", lambda *a, **k: loaded.append(1))
     assert run(argv_for(existing_output, DEMO, *flags)) == 2

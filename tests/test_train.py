@@ -104,7 +104,8 @@ def test_gradient_accumulation_is_normalised_by_target_tokens(tmp_path):
         torch.manual_seed(0)
         model = minilora.load_base("builtin:tiny-phi3")
         minilora.add_lora(model, dropout=0.0)
-        trainer = TrainingLoop(model, cfg, examples, [], tokenizer.pad_token_id, torch.device("cpu"), "fp32", {})
+        trainer = TrainingLoop(model, cfg, train_examples=examples, eval_batches=[], pad_id=tokenizer.pad_token_id,
+                               device=torch.device("cpu"), precision="fp32", fingerprint={})
         seen = []
 
         def record_then_step(*args, step=trainer.optimizer.step, params=trainer.params, seen=seen, **kwargs):

@@ -12,6 +12,7 @@ Without a GPU the kernels run only in Triton's interpreter (TRITON_INTERPRET=1 s
                                                               fused_lora.py; checked once, then called
                                                               per forward (what a LoRA layer keeps)
     unsupported_reason(x, weight) -> str | None               support.py; None: the kernels can run
+    interpreted() -> bool                                     nf4.py: Triton's interpreter runs them (CPU)
     KernelConfig, DEFAULT_CONFIG                              tiles.py: which branch and tiles a launch uses
     *_reference                                               reference.py, the PyTorch oracle
     python -m minilora.kernels.compile_check --arch 90|80     compile every launch for a GPU, without one
@@ -19,7 +20,7 @@ Without a GPU the kernels run only in Triton's interpreter (TRITON_INTERPRET=1 s
 
 from . import tiles
 from .fused_lora import FusedLoRA4bit, LoRALinear4bitFunction, lora_linear_4bit, prepare
-from .nf4 import dequantize_4bit
+from .nf4 import dequantize_4bit, interpreted
 from .reference import dequantize_4bit_reference, lora_linear_4bit_reference
 from .support import unsupported_reason
 from .tiles import DEFAULT as DEFAULT_CONFIG
@@ -27,6 +28,6 @@ from .tiles import KernelConfig, TileConfig
 
 __all__ = [
     "DEFAULT_CONFIG", "FusedLoRA4bit", "KernelConfig", "LoRALinear4bitFunction", "TileConfig", "dequantize_4bit",
-    "dequantize_4bit_reference", "lora_linear_4bit", "lora_linear_4bit_reference", "prepare", "tiles",
+    "dequantize_4bit_reference", "interpreted", "lora_linear_4bit", "lora_linear_4bit_reference", "prepare", "tiles",
     "unsupported_reason",
 ]

@@ -31,7 +31,6 @@ import argparse
 import datetime
 import itertools
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -277,7 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="also write the report as <out>/<date>-kernel-compile-sm<arch>-triton<x.y>.md "
                                  "(e.g. benchmarks/results)")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if nf4.interpreted():
         print("compile_check: unset TRITON_INTERPRET: this compiles the kernels for the GPU", file=sys.stderr)
         return 2
     import triton

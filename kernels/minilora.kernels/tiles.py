@@ -12,7 +12,8 @@ The GEMMs dispatch on M, the number of rows (thresholds in `KernelConfig`):
                                       so the CPU tests reach every branch in fp32
 
 Tile sizes were chosen so that every launch compiles without register spills for sm_90 and sm_80
-under triton 3.6 and 3.9 (benchmarks/results/*-kernel-compile-*.md); their speed is not yet measured.
+under triton 3.6 and 3.9 (benchmarks/results/*-kernel-compile-*.md); `python -m benchmarks.kernels`
+times them on a GPU.
 """
 
 from dataclasses import dataclass
@@ -42,8 +43,8 @@ class KernelConfig:
     """How the fused GEMMs choose a branch and tiles: passed down from the layer to every launch.
 
     The M thresholds are reasoned from H100 numbers (bitsandbytes calibrates its own fused kernel to
-    win up to M ~ 320-512 there), not yet measured for these kernels: `python -m benchmarks.kernels`
-    sweeps every branch per M and prints the crossovers to set them from.
+    win up to M ~ 320-512 there); `python -m benchmarks.kernels` sweeps every branch per M on a GPU and
+    prints the crossovers to set them from.
     """
 
     small_m_max: int = 64  # largest M that takes split-K

@@ -3,10 +3,10 @@
     <root>/<key>/   a complete store (store.py), never modified once in place
     <root>/.tmp-*   a preparation in progress (or killed), never read
 
-The root is `--data-cache`, else `$MINILORA_CACHE/data`, else `~/.cache/minilora/data`
-(`$XDG_CACHE_HOME` respected). A store is prepared in a temporary folder and renamed into place only
-when complete, so a killed preparation leaves nothing that is later trusted; on load its files are
-checked against the sizes and SHA-256 digests recorded in its meta.json. Removing the root (or any
+The root is `--data-cache`, else `data/` in minilora's cache root (cache_root.py: `$MINILORA_CACHE`,
+else `$XDG_CACHE_HOME/minilora`, else `~/.cache/minilora`). A store is prepared in a temporary folder
+and renamed into place only when complete, so a killed preparation leaves nothing that is later trusted;
+on load its files are checked against the sizes and SHA-256 digests recorded in its meta.json. Removing the root (or any
 `<key>` folder) is always safe: it is prepared again on the next run.
 """
 
@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from minilora.cache_root import cache_root
 from minilora.data.store import ARRAYS, expected_sizes
 from minilora.data.tokenize import PLAIN_PROMPT, PLAIN_PROMPT_WITH_INPUT
 
@@ -25,10 +26,7 @@ STORE_VERSION = 1
 
 
 def default_root() -> Path:
-    if os.environ.get("MINILORA_CACHE"):
-        return Path(os.environ["MINILORA_CACHE"]) / "data"
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "minilora" / "data"
+    return cache_root() / "data"
 
 
 def file_sha256(path: Path) -> str:

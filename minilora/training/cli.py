@@ -1,5 +1,5 @@
 """`train.py`'s command line: flags generated from TrainConfig and an optional YAML/TOML config file.
-Failures become one `error:` line and an exit code in minilora/failures.py."""
+Failures become one `error:` line and an exit code in minilora/cli_runner.py."""
 
 import argparse
 import dataclasses
@@ -14,14 +14,16 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from minilora.cli_runner import run_cli
 from minilora.errors import UserError
-from minilora.failures import run_cli
 from minilora.training.config import TrainConfig, validate
 
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few dozen keys; more is a mistake (or hostile)
-# Config-file keys of earlier versions: the error names what replaced them.
-RENAMED_KEYS = {"grad_checkpointing": "recompute (none: no recompute) and recompute_every",
-                "checkpoint_every": "recompute_every"}
+# Keys that other trainers' configs use (transformers' `gradient_checkpointing`), with minilora's names for
+# them: the error points there instead of only saying "unknown".
+OTHER_NAMES = {"gradient_checkpointing": "recompute (none: no recompute) and recompute_every",
+               "grad_checkpointing": "recompute (none: no recompute) and recompute_every",
+               "checkpoint_every": "recompute_every"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,8 +75,8 @@ def read_config_file(path: str) -> dict:
     out = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
-        if name in RENAMED_KEYS:
-            raise UserError(f"{path}: key {key!r} is now {RENAMED_KEYS[name]}")
+        if name in OTHER_NAMES:
+            raise UserError(f"{path}: key {key!r}: minilora calls it {OTHER_NAMES[name]}")
         if name not in known:
             raise UserError(f"{path}: unknown key {key!r}")
         out[name] = _coerce(path, name, value, known[name])

@@ -43,8 +43,8 @@ from minilora.training.distributed import DistInfo, barrier, init_distributed, m
 from minilora.training.loop import StopRequest, TrainingLoop, TrainingStopped, epoch_batches, max_micro_batch_tokens
 from minilora.training.metrics import METRICS_NAME, read_metrics
 from minilora.training.offload import OffloadSaved
-from minilora.training.plot import plot_run
 from minilora.training.recompute import choose_mode, enable_recompute
+from minilora.training.run_plots import plot_run
 
 RUN_FILES = (RUN_FILE, METRICS_NAME, "eval.json", "loss.png", "lora_stats.png", "README.md", CONFIG_NAME, WEIGHTS_NAME)
 
@@ -235,6 +235,18 @@ def train_from_config(cfg: TrainConfig) -> int:
 
 
 def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
+    """One rank's whole job, in the order it runs; returns the exit code.
+
+    cfg   the resolved, validated run configuration (train.py's flags and config file)
+    dist  this process's rank and world (torchrun); rank 0 alone writes outputs
+    stop  set by SIGINT/SIGTERM (job.run holds the handlers); checked at each safe point
+
+    Checks that need no data (precision, kernels, output folder, targets) -> tokenizer and data (prepared
+    or from the cache) -> the run's fingerprint and, with --resume, the checkpoint to continue from ->
+    base model + LoRA -> the training loop -> held-out evaluation -> outputs: adapter, run.json, eval.json,
+    loss.png, model card, and a summary of where they are. 0 when done; a stop's own code (130, 143, 1)
+    when a signal or repeated non-finite steps ended it early.
+    """
     started = time.time()
     device = torch.device(f"cuda:{dist.local_rank}" if torch.cuda.is_available() else "cpu")
     say = print if dist.main else (lambda *a, **k: None)
@@ -263,7 +275,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
 
     pad_id = tokenizer.pad_token_id
     eval_batches = epoch_batches(data.eval_examples, cfg, 0, pad_id, dist.world)
-    trainer = TrainingLoop(model, cfg, data.train_examples, eval_batches, pad_id, device, precision, fp, dist, stop)
+    trainer = TrainingLoop(model, cfg, train_examples=data.train_examples, eval_batches=eval_batches,
+                           pad_id=pad_id, device=device, precision=precision, fingerprint=fp, dist=dist, stop=stop)
     run = {"config": cfg.to_dict(), "precision": precision, "compute_dtype": str(COMPUTE_DTYPE[precision]),
            "double_quant": True, "device": str(device), "hardware": hardware(device), "versions": versions(),
            "architecture": type(model).__name__, "recompute": recompute, "command": " ".join(sys.argv),

@@ -21,8 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from minilora.adapter import load_adapter, save_adapter
+from minilora.cli_runner import EXIT_OUT_OF_MEMORY, first_line, is_out_of_memory
 from minilora.data.batching import Batch, make_batches, make_padding_free_batches
-from minilora.failures import EXIT_OUT_OF_MEMORY, first_line, is_out_of_memory
 from minilora.inject import lora_layers, lora_parameters
 from minilora.training.checkpoint import (
     load_training_state,
@@ -159,9 +159,22 @@ def total_steps(cfg: TrainConfig, n_batches: int) -> int:
 class TrainingLoop:
     """Holds what the steps share; `run()` is the loop."""
 
-    def __init__(self, model, cfg: TrainConfig, train_examples, eval_batches: list[Batch], pad_id: int,
+    def __init__(self, model, cfg: TrainConfig, *, train_examples, eval_batches: list[Batch], pad_id: int,
                  device: torch.device, precision: str, fingerprint: dict, dist: DistInfo | None = None,
                  stop: StopRequest | None = None):
+        """The optimizer, scaler, batch stream and schedule of one training run.
+
+        model           the 4-bit base with LoRA layers, on `device`; only its LoRA parameters train
+        cfg             the run's resolved TrainConfig (steps, batches, optimizer, checkpoints, output)
+        train_examples  the training examples (data.dataset's records: token ids and loss masks)
+        eval_batches    the held-out set, already batched ([] for no evaluation)
+        pad_id          the tokenizer's pad id (padded and packed layouts fill with it)
+        device          where the model is and batches go
+        precision       "fp32", "bf16" or "fp16" (autocast dtype; fp16 adds a grad scaler)
+        fingerprint     what a resume must match, saved in each checkpoint (job.fingerprint)
+        dist            this process's rank and world (None: one process)
+        stop            the request that SIGINT/SIGTERM handlers set (None: a fresh one, never set)
+        """
         dist = dist or DistInfo()
         self.stop = stop or StopRequest()  # job.py installs its signal handlers for the whole job
         self.model, self.cfg, self.device, self.precision, self.dist = model, cfg, device, precision, dist

@@ -1,7 +1,7 @@
 """What the training benchmark's three systems share: the model configurations, the recipe, the synthetic
 data, the model-FLOPs formula, and the random-weight base model they all load from disk.
 
-Used by the parent (benchmarks.train) and by each system's process (benchmarks.train_systems). Imports only
+Used by the parent (benchmarks.throughput) and by each system's process (benchmarks.throughput_systems). Imports only
 torch and the standard library at the top: a system's library imports belong to its measured time to first
 step.
 """

@@ -3,6 +3,7 @@ minilora's own TrainingLoop), their losses are compared step by step (and a diff
 results file, report and plot are written; every benchmark records its environment and writes its results
 with the one harness."""
 
+import ast
 import copy
 import json
 import re
@@ -10,13 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_utils import ROOT
 from transformers import AutoConfig
 
-from benchmarks import harness, kernels, levers, plot, step_profile
-from benchmarks import train as bt
-from benchmarks import train_report as report
-from benchmarks import train_setup as setup
-from benchmarks import train_systems as systems
+from benchmarks import harness, levers, plot_throughput, step_profile
+from benchmarks import throughput as bt
+from benchmarks import throughput_report as report
+from benchmarks import throughput_setup as setup
+from benchmarks import throughput_systems as systems
 
 STEPS, WARMUP, SEQ, BATCH = 4, 1, 32, 2
 
@@ -100,7 +102,7 @@ def test_results_file_report_and_plot_are_written(tiny_run, tmp_path):
     report_md = path.with_suffix(".md").read_text()
     assert "| ours |" in report_md and "- ours: minilora.training.loop.TrainingLoop.train_step" in report_md
 
-    png = plot.plot(saved, tmp_path / "tiny.png")
+    png = plot_throughput.plot(saved, tmp_path / "tiny.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -166,9 +168,22 @@ def test_profile_categories_of_known_kernel_and_operator_names(name, category):
     assert step_profile.categorize(name) == category
 
 
-def test_every_benchmark_writes_with_the_one_harness():
-    assert report.write_results is levers.write_results is kernels.write_results is harness.write_results
-    assert levers.environment is kernels.environment is bt.environment is harness.environment
+def test_no_benchmark_has_its_own_results_writer_or_environment_record():
+    """Every results file gets the same environment block and naming: only harness.py defines them, and
+    each benchmark that writes results takes them from there."""
+    benchmarks = sorted((ROOT / "benchmarks").glob("*.py"))
+    own, writers = [], []
+    for path in benchmarks:
+        tree = ast.parse(path.read_text())
+        own += [f"{path.name}: {node.name}" for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)
+                and node.name in ("write_results", "environment") and path.name != "harness.py"]
+        if "write_results(" in path.read_text() and path.name != "harness.py":
+            writers.append(path.name)
+            from_harness = [n for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)
+                            and (n.module, n.level) in (("harness", 1), ("benchmarks.harness", 0))]
+            assert any("write_results" in {a.name for a in n.names} for n in from_harness), path.name
+    assert own == []
+    assert {"kernels.py", "levers.py", "throughput_report.py", "epoch.py"} <= set(writers)
 
 
 def test_environment_records_commit_device_threads_load_and_versions(monkeypatch):

@@ -15,7 +15,7 @@ masks and initial LoRA weights:
 Per system: training tokens/s (median over the steps after warm-up), peak memory (GPU: max allocated
 and reserved; CPU: peak RSS while training), time to first step (from the start of loading to the end
 of optimizer step 1) and the loss at every step. The losses must agree within a tolerance, or the
-speed means nothing. On GPU also the model FLOPs utilisation (formula in train_setup.FLOPS_FORMULA).
+speed means nothing. On GPU also the model FLOPs utilisation (formula in throughput_setup.FLOPS_FORMULA).
 For ours and ref_loop, two extra steps (after the timed ones) run under torch.profiler: where the time
 goes, summed by category (GEMMs, NF4 dequant, attention, dropout, ...; benchmarks.step_profile).
 
@@ -23,15 +23,15 @@ Each system runs in its own process (clean peak memory; an OOM or crash costs on
 the parent writes <out>/<date>-<device>-train.json and .md after each one, so a timeout keeps data.
 From the repository root:
 
-    python -m benchmarks.train --quick                      # CPU: small Phi-3, < 5 min on 2 cores
-    python -m benchmarks.train                              # GPU: Phi-3-mini at seq 2048 and 512
-    python -m benchmarks.train --seqs 2048 --out DIR --budget-s 300
-    python -m benchmarks.plot benchmarks/results/<date>-<device>-train.json
+    python -m benchmarks.throughput --quick                      # CPU: small Phi-3, < 5 min on 2 cores
+    python -m benchmarks.throughput                              # GPU: Phi-3-mini at seq 2048 and 512
+    python -m benchmarks.throughput --seqs 2048 --out DIR --budget-s 300
+    python -m benchmarks.plot_throughput benchmarks/results/<date>-<device>-train.json
 
 This module plans the runs, starts each system's process and writes the files. The rest lives beside it:
-train_setup (the models, recipe, synthetic data and FLOP formula all systems share), train_systems (one
+throughput_setup (the models, recipe, synthetic data and FLOP formula all systems share), throughput_systems (one
 system built, trained and measured: the child process), ours (minilora built and driven as train.py does),
-step_profile (the profiled steps), train_report (rounds merged, ratios, loss parity, goals, the report),
+step_profile (the profiled steps), throughput_report (rounds merged, ratios, loss parity, goals, the report),
 harness (the environment record and the results writer every benchmark uses).
 """
 
@@ -51,8 +51,8 @@ from pathlib import Path
 import torch
 
 from .harness import RESULTS_DIR, ROOT, environment
-from .train_report import NOTES, compare, markdown, memory_mib, merge_rounds, show, write
-from .train_setup import (
+from .throughput_report import NOTES, compare, markdown, memory_mib, merge_rounds, show, write
+from .throughput_setup import (
     FLOPS_FORMULA,
     LORA,
     LR,
@@ -66,7 +66,7 @@ from .train_setup import (
     phi3_config,
     saved_model,
 )
-from .train_systems import child_main
+from .throughput_systems import child_main
 
 # Rows per step: GPU sizes fit an H100 80 GB; 256 is the CPU quick size (one row keeps a step ~1-2 s).
 BATCH_FOR_SEQ = {256: 1, 512: 16, 1024: 8, 2048: 4, 4096: 2}
@@ -75,7 +75,7 @@ MIN_RUN_S = {True: 20, False: 60}  # by --quick: a system's process takes at lea
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.train", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="CPU-sized: model cpu-small, seq 256, batch 1, 8 steps (2 warm-up), 2 rounds")
@@ -135,7 +135,7 @@ def run_child(system: str, spec: dict, work: Path, timeout_s: float) -> dict:
     spec_path, out_path, log_path = work / "spec.json", work / f"{system}.json", work / f"{system}.log"
     spec_path.write_text(json.dumps(spec, indent=1))
     out_path.unlink(missing_ok=True)  # never read an earlier round's result as this one's
-    cmd = [sys.executable, "-m", "benchmarks.train", "--child", system, "--spec", str(spec_path),
+    cmd = [sys.executable, "-m", "benchmarks.throughput", "--child", system, "--spec", str(spec_path),
            "--child-out", str(out_path)]
     with open(log_path, "w") as log:
         try:

@@ -1,8 +1,8 @@
 """The training benchmark's parent-side analysis: each system's rounds merged into one summary, the ratios
 ours / reference, the loss parity, the goal checks, and the results file and Markdown report.
 
-Pure functions of the results dict that benchmarks.train builds; benchmarks.plot draws from the file written
-here.
+Pure functions of the results dict that benchmarks.throughput builds; benchmarks.plot_throughput draws from
+the file written here.
 """
 
 import math
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .harness import write_results
 from .step_profile import markdown as profile_table
-from .train_setup import FLOPS_FORMULA, LORA, MAX_GRAD_NORM, REFERENCES, SYSTEMS
+from .throughput_setup import FLOPS_FORMULA, LORA, MAX_GRAD_NORM, REFERENCES, SYSTEMS
 
 # Loss agreement between ours and each reference, relative. fp32 (CPU): only summation order and the
 # chunked loss differ. bf16 (GPU): the reference keeps its residual stream in fp32

@@ -9,7 +9,7 @@ Two measurements, both on this machine, in one process:
 2. Phi-3-mini's 128 adapted modules (r=8, the real shapes, random factors and gradients): the time of
    the same statistics call, to set against a Phi-3-mini step on the device where it trains.
 
-    python -m benchmarks.lora_stats [--every 10] [--repeats 15]
+    python -m benchmarks.lora_stats_cost [--every 10] [--repeats 15]
 """
 
 import argparse

@@ -1,6 +1,6 @@
-"""Bar charts from a training-benchmark results file (benchmarks.train): tokens/s and peak memory per system.
+"""Bar charts from a training-benchmark results file (benchmarks.throughput): tokens/s and peak memory per system.
 
-    python -m benchmarks.plot benchmarks/results/<date>-<device>-train.json [more.json ...] [--out file.png]
+    python -m benchmarks.plot_throughput benchmarks/results/<date>-<device>-train.json [more.json ...] [--out file.png]
 
 One figure per file, written beside it as <stem>.png: left, training tokens/s (median, whiskers p20-p80);
 right, peak memory (GPU: max allocated, with reserved marked; CPU: peak RSS). One group of bars per run
@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .train_setup import SYSTEMS  # noqa: E402
+from .throughput_setup import SYSTEMS  # noqa: E402
 
 LABELS = {"ours": "minilora", "ref_loop": "HF+PEFT, reference loop", "trainer": "HF+PEFT, Trainer"}
 COLORS = {"ours": "tab:green", "ref_loop": "tab:blue", "trainer": "tab:gray"}
@@ -96,8 +96,8 @@ def plot(results: dict, path: Path) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.split("\n\n")[0])
-    p.add_argument("results", nargs="+", type=Path, help="benchmarks.train results file(s) (.json)")
+    p = argparse.ArgumentParser(prog="python -m benchmarks.plot_throughput", description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", type=Path, help="benchmarks.throughput results file(s) (.json)")
     p.add_argument("--out", type=Path, help="PNG path (only with a single results file; default <stem>.png)")
     args = p.parse_args(argv)
     if args.out and len(args.results) > 1:

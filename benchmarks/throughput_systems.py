@@ -12,7 +12,7 @@ the call ours' loop makes; a digest of each system's batches is recorded and com
 initial LoRA weights (ours saves them, the references copy them in), at the same constant lr, with
 `torch.manual_seed(seed + step)` before every step so all draw the same dropout masks.
 
-benchmarks.train starts `python -m benchmarks.train --child SYSTEM --spec FILE --child-out FILE`, which
+benchmarks.throughput starts `python -m benchmarks.throughput --child SYSTEM --spec FILE --child-out FILE`, which
 calls child_main; the tests call run_system in process. Imports only torch and the standard library at the
 top: each system's library imports happen inside it, so they count towards its time to first step.
 """
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .harness import draw_masks_as_minilora
-from .train_setup import LORA, MAX_GRAD_NORM, batches_digest, synthetic_examples
+from .throughput_setup import LORA, MAX_GRAD_NORM, batches_digest, synthetic_examples
 
 
 class Meter:
@@ -245,7 +245,7 @@ def run_ref_loop(spec: dict, meter: Meter) -> dict:
                "labels": b.labels.to(meter.device)} for b in batches]
     profile = reference_loop(spec, params, lambda b: model(**b).loss, inputs, meter)
     return {"load_s": load_s, **mem, "trainable": sum(p.numel() for p in params), "profile": profile,
-            "code_path": "benchmarks.train_systems.reference_loop (hand-written AdamW step) over transformers "
+            "code_path": "benchmarks.throughput_systems.reference_loop (hand-written AdamW step) over transformers "
                          "4-bit + PEFT", "batches_sha256": batches_digest(batches),
             "loss_path": "model(input_ids, attention_mask, labels).loss: full logits, mean CE"}
 
