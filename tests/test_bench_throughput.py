@@ -5,6 +5,7 @@ with the one harness."""
 
 import ast
 import copy
+import importlib.metadata
 import json
 import re
 from pathlib import Path
@@ -191,7 +192,8 @@ def test_environment_records_commit_device_threads_load_and_versions(monkeypatch
     assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", env["commit"])
     assert env["device"] == "cpu" and env["device_name"]
     assert env["cpu_count"] >= 1 and env["torch_threads"] >= 1 and len(env["load_avg"]) == 3
-    assert env["torch"] == torch.__version__
+    # The installed release, as pip names it (torch.__version__ adds a build tag such as +cu130 to some builds).
+    assert env["torch"] == importlib.metadata.version("torch")
     assert {"python", "transformers", "bitsandbytes", "triton", "peft", "date"} <= env.keys()
 
     def no_git(*args, **kwargs):

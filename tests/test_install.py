@@ -118,7 +118,7 @@ def test_lowest_versions_are_the_lower_bounds_of_the_ranges():
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     pins = dict(re.match(r"([^=]+)==([^ ]+)", line).groups() for line in done.stdout.splitlines())
-    assert pins["torch"] == "2.13" and pins["transformers"] == "5.17" and pins["peft"] == "0.17"
+    assert pins["torch"] == "2.13" and pins["transformers"] == "5.17" and pins["peft"] == "0.18"
 
 
 def test_env_reports_the_installed_versions_and_why_the_kernels_do_not_run_on_a_cpu():
