@@ -24,23 +24,10 @@ the ordinary base (minilora/adapter.py): scale · B A - scale · B0 A0 = scale �
 
 import torch
 
+from minilora.recipe import BASE_CHANGING_INITS as BASE_CHANGING
+from minilora.recipe import parse_init
+
 ZEROS, LOFTQ, PISSA, OLORA = "zeros", "loftq", "pissa", "olora"
-METHODS = (ZEROS, LOFTQ, PISSA, OLORA)
-BASE_CHANGING = (PISSA, OLORA)
-
-
-def parse_init(init: str) -> tuple[str, int | None]:
-    """("pissa", None), ("pissa", 4) for "pissa:4", ("loftq", None), ...; ValueError for anything else."""
-    method, _, niter = init.partition(":")
-    if method not in METHODS:
-        raise ValueError(f"init {init!r}: expected one of {', '.join(METHODS)} (or pissa:N)")
-    if not niter:
-        if init.endswith(":"):
-            raise ValueError(f"init {init!r}: pissa:N needs a number of iterations N")
-        return method, None
-    if method != PISSA or not niter.isdigit() or int(niter) < 0:
-        raise ValueError(f"init {init!r}: only pissa takes a count of randomized-SVD iterations (pissa:N, N >= 0)")
-    return method, int(niter)
 
 
 def changes_base(init: str) -> bool:
