@@ -21,6 +21,7 @@ quantization errors: `quant_error` (the ordinary base), `init_error` (the model 
 `trained_error`. Load time: `load_base(..., lora=dict(init=...))` alone, the median of --repeats loads.
 
     python -m benchmarks.init [--steps 30] [--repeats 5] [--out benchmarks/results]
+    python -m benchmarks.init --load-only      # the demo model's load times alone, pissa:4 among them
 """
 
 import argparse
@@ -44,6 +45,7 @@ from .harness import PACKAGES, RESULTS_DIR, environment, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
 INITS = ("zeros", "loftq", "pissa", "olora")
+LOAD_INITS = (*INITS, "pissa:4")  # the randomized SVD, timed beside the exact one
 TARGETS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
 RUN = dict(data=str(ROOT / "examples" / "demo.jsonl"), r=8, alpha=16, batch_size=4, grad_accum=2, seq_len=128,
            lr=1e-3, warmup_steps=3, eval_every=0, save_every=0, seed=42)
@@ -78,9 +80,9 @@ def save_generated(folder: Path, outliers: bool, seed: int = 0) -> str:
 def load_seconds(model: str, repeats: int) -> dict[str, float]:
     """init -> median seconds of `load_base(..., lora=dict(init=...))`; the inits take turns, so a change in
     the machine's load over the measurement reaches all of them alike."""
-    times = {init: [] for init in INITS}
+    times = {init: [] for init in LOAD_INITS}
     for _ in range(repeats):
-        for init in INITS:
+        for init in LOAD_INITS:
             torch.manual_seed(0)
             start = time.perf_counter()
             minilora.load_base(model, device="cpu", lora=dict(r=RUN["r"], alpha=RUN["alpha"], init=init))
@@ -152,8 +154,18 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=str(RESULTS_DIR), help="folder for the results files")
+    parser.add_argument("--load-only", action="store_true", help="only the demo model's load times")
     args = parser.parse_args(argv)
     env = environment("cpu")
+    if args.load_only:
+        seconds = load_seconds("builtin:tiny-phi3", args.repeats)
+        payload = {"environment": env, "repeats": args.repeats, "load_s": seconds,
+                   "load_average_end": [round(x, 2) for x in os.getloadavg()]}
+        text = "\n".join(["| init | load s | vs zeros |", "|---|---:|---:|"] + [
+            f"| {init} | {t:.3f} | {100 * (t / seconds['zeros'] - 1):+.1f}% |" for init, t in seconds.items()])
+        print(text)
+        print(f"results: {write_results('init-load', payload, text + chr(10), out_dir=args.out)}")
+        return 0
     abouts = {"demo": "builtin:tiny-phi3, random weights.",
               "lowrank": f"Generated: adapted weights rank-{RANK} + {NOISE:.0%} noise.",
               "outliers": f"Generated: rank-{RANK} + {NOISE:.0%} noise + one outlier input channel per 64 at "
@@ -168,8 +180,10 @@ def main(argv=None) -> int:
             for init in INITS:
                 result = model["inits"][init] = train_and_inspect(path, init, args.steps, tmp / f"{name}-{init}")
                 print(f"{name} {init}: held-out {result['eval_before']:.4f} -> {result['eval_after']:.4f}", flush=True)
-            for init, seconds in load_seconds(path, args.repeats).items():
-                model["inits"][init]["load_s"] = seconds
+            seconds = load_seconds(path, args.repeats)
+            for init in INITS:
+                model["inits"][init]["load_s"] = seconds[init]
+            model["load_s"] = seconds
             payload["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     payload["goals"] = goals(payload["models"])
     text = markdown(payload)
