@@ -9,7 +9,15 @@ from torch import nn
 from minilora.dora import DoRALinear
 from minilora.errors import UserError
 from minilora.lora import LoRALinear, dequantize_weight, is_4bit, lora_scale
-from minilora.lora_init import BASE_CHANGING, LOFTQ, ZEROS, initial_factors, parse_init, subtract_update
+from minilora.lora_init import (
+    BASE_CHANGING,
+    LOFTQ,
+    ZEROS,
+    initial_factors,
+    one_cpu_thread,
+    parse_init,
+    subtract_update,
+)
 from minilora.recipe import DEFAULT_TARGETS
 from minilora.training.recompute import canonical_name
 
@@ -82,21 +90,23 @@ def add_lora(
     _check_init(model, names, init, method, use_dora, quantizer)
     model.requires_grad_(False)
     layer_class = DoRALinear if use_dora else LoRALinear
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        if method == ZEROS:
-            base = quantizer(linear) if quantizer is not None else linear
-            setattr(parent, child, layer_class(base, r, alpha, dropout, use_rslora))
-            continue
-        given = None if initial is None else initial.get(name)
-        if initial is not None and given is None:
-            raise UserError(f"init={init!r}: no initial factors given for {name}")
-        base, a0, b0 = _initialise(linear, init, method, r, lora_scale(alpha, r, use_rslora), quantizer, given)
-        layer = layer_class(base, r, alpha, dropout, use_rslora)
-        layer.set_initial(a0, b0, subtracted=method in BASE_CHANGING)
-        setattr(parent, child, layer)
+    device = quantizer.device if quantizer is not None else model.get_submodule(names[0]).weight.device
+    with one_cpu_thread(device):  # each target's quantization and init, whatever the init
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            linear = getattr(parent, child)
+            if method == ZEROS:
+                base = quantizer(linear) if quantizer is not None else linear
+                setattr(parent, child, layer_class(base, r, alpha, dropout, use_rslora))
+                continue
+            given = None if initial is None else initial.get(name)
+            if initial is not None and given is None:
+                raise UserError(f"init={init!r}: no initial factors given for {name}")
+            base, a0, b0 = _initialise(linear, init, method, r, lora_scale(alpha, r, use_rslora), quantizer, given)
+            layer = layer_class(base, r, alpha, dropout, use_rslora)
+            layer.set_initial(a0, b0, subtracted=method in BASE_CHANGING)
+            setattr(parent, child, layer)
     return names
 
 

@@ -23,7 +23,7 @@ import torch
 
 from minilora.errors import AdapterError
 from minilora.lora import dequantize_weight, lora_scale
-from minilora.lora_init import LOFTQ, ZEROS, changes_base, initial_factors, subtract_update
+from minilora.lora_init import LOFTQ, ZEROS, changes_base, initial_factors, one_cpu_thread, subtract_update
 from minilora.quant import Quantizer, load_base
 from minilora.run_record import read_run_record
 from minilora.trained import resolve_trained
@@ -70,7 +70,8 @@ def quant_errors(model: str, modules: dict[str, dict], adapter_dir: Path) -> dic
         if list(linear.weight.shape) != shape:
             raise AdapterError(f"{adapter_dir}: {name} is {shape} in the adapter but {list(linear.weight.shape)} "
                                f"in {model}")
-        rows[name] = _module_errors(linear, m, quantizer, init)
+        with one_cpu_thread(device):
+            rows[name] = _module_errors(linear, m, quantizer, init)
     return rows
 
 
