@@ -87,7 +87,7 @@ def add_lora(
             f"no module of {type(model).__name__} matches the LoRA targets ({shown}); "
             f"linear layers it has: {', '.join(linear_layer_kinds(model)) or 'none'}"
         )
-    _check_init(model, names, init, method, use_dora, quantizer)
+    _check_init(model, names, init, method, r, use_dora, quantizer)
     model.requires_grad_(False)
     layer_class = DoRALinear if use_dora else LoRALinear
     device = quantizer.device if quantizer is not None else model.get_submodule(names[0]).weight.device
@@ -110,7 +110,8 @@ def add_lora(
     return names
 
 
-def _check_init(model: nn.Module, names: list[str], init: str, method: str, use_dora: bool, quantizer) -> None:
+def _check_init(model: nn.Module, names: list[str], init: str, method: str, r: int, use_dora: bool,
+                quantizer) -> None:
     if method == ZEROS:
         return
     if use_dora:
@@ -119,6 +120,11 @@ def _check_init(model: nn.Module, names: list[str], init: str, method: str, use_
     if any(is_4bit(model.get_submodule(n)) for n in names):
         raise UserError(f"init={init!r} is computed from the full-precision weights, which a 4-bit base no longer "
                         f"holds: load it with load_base(..., lora=dict(init={init!r}, ...))")
+    narrow = [n for n in names if min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) < r]
+    if narrow:
+        layer = model.get_submodule(narrow[0])
+        raise UserError(f"init={init!r} takes r={r} directions of each weight, but {narrow[0]} is "
+                        f"[{layer.out_features}, {layer.in_features}]: use a rank at most its smaller side")
     if method == LOFTQ and quantizer is None:
         raise UserError("init='loftq' fits the adapter to the 4-bit quantization error; a full-precision base "
                         "has none (load a 4-bit base with load_base(..., lora=dict(init='loftq', ...)))")

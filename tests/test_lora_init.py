@@ -185,3 +185,8 @@ def test_unknown_init_is_one_line(tiny_model_dir, init):
 def test_loftq_needs_a_4bit_base(tiny_model_dir):
     with pytest.raises(UserError, match="quantization error"):
         minilora.load_base(tiny_model_dir("phi3"), quant="none", device="cpu", lora=dict(init="loftq"))
+
+
+def test_a_rank_above_a_weights_smaller_side_is_one_line(tiny_model_dir):
+    with pytest.raises(UserError, match="at most its smaller side"):
+        minilora.load_base(tiny_model_dir("phi3"), device="cpu", lora=dict(r=65, init="pissa"))
