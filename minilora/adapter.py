@@ -5,6 +5,12 @@
                                 base_model.model.<module path>.lora_B.weight  [out, r]  fp32
                                 base_model.model.<module path>.lora_magnitude_vector  [out]  fp32 (DoRA only)
 
+A layer whose init changed its base (PiSSA, OLoRA: the base holds W - scale · B0 A0) is saved as PEFT's
+`path_initial_model_for_weight_conversion` saves it, a plain LoRA of the ordinary base W:
+lora_A = [A; A0] [2r, in], lora_B = [B, -B0] [out, 2r], r and alpha doubled (alpha x sqrt 2 with rsLoRA,
+so the scale is unchanged), `init_lora_weights: true`. Loading such a file back onto the layers it came
+from (a resumed run) splits it again and checks that A0, B0 are the layer's own.
+
 Our loader is strict where PEFT's is not (PEFT loads with strict=False, so a renamed key loads
 nothing and only warns): every missing or unexpected key and every shape mismatch is an error.
 """
@@ -34,13 +40,30 @@ def peft_key(module_path: str, param: str) -> str:
     return PREFIX + module_path + SUFFIX[param]
 
 
+def saved_factors(layer) -> dict[str, torch.Tensor]:
+    """The layer's adapter tensors as saved: its parameters, converted when its init changed the base."""
+    params = dict(layer.adapter_params())
+    if layer.base_changed:
+        params["lora_A"] = torch.cat([layer.lora_A, layer.initial_A], dim=0)  # (2r, in)
+        params["lora_B"] = torch.cat([layer.lora_B, -layer.initial_B], dim=1)  # (out, 2r)
+    return params
+
+
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """PEFT-keyed fp32 copies of every LoRA weight."""
     tensors = {}
     for path, layer in lora_layers(model).items():
-        for param, value in layer.adapter_params().items():
+        for param, value in saved_factors(layer).items():
             tensors[peft_key(path, param)] = value.detach().to("cpu", torch.float32).contiguous()
     return tensors
+
+
+def saved_rank_alpha(layer) -> tuple[int, float]:
+    """(r, lora_alpha) of the saved adapter: doubled rank for a converted layer, alpha such that the scale
+    stays alpha / r (or alpha / sqrt(r)), as PEFT's conversion writes them."""
+    if not layer.base_changed:
+        return layer.r, layer.alpha
+    return 2 * layer.r, layer.alpha * (2**0.5 if layer.use_rslora else 2)
 
 
 def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None) -> dict:
@@ -50,19 +73,20 @@ def adapter_config(model: nn.Module, base_model_name_or_path: str | None = None)
     first = layers[0]
 
     def settings(m):
-        return m.r, m.alpha, m.use_rslora, m.dropout_p, isinstance(m, DoRALinear)
+        return m.r, m.alpha, m.use_rslora, m.dropout_p, isinstance(m, DoRALinear), m.base_changed
 
     if any(settings(m) != settings(first) for m in layers):
-        raise AdapterError("LoRA layers differ in r, alpha, rsLoRA, dropout or DoRA; one adapter config cannot "
-                           "describe them")
+        raise AdapterError("LoRA layers differ in r, alpha, rsLoRA, dropout, DoRA or init; one adapter config "
+                           "cannot describe them")
     if base_model_name_or_path is None:
         base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    r, alpha = saved_rank_alpha(first)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model_name_or_path,
-        "r": first.r,
-        "lora_alpha": first.alpha,
+        "r": r,
+        "lora_alpha": alpha,
         "lora_dropout": first.dropout_p,
         "target_modules": matched_target_names(model),
         "use_rslora": first.use_rslora,
@@ -155,23 +179,58 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise AdapterError(f"{folder / WEIGHTS_NAME}: no tensor for {missing[0]!r} ({len(missing)} missing keys)")
+    values = {}
     for key, (layer, p) in expected.items():
-        target = getattr(layer, p)
-        if tensors[key].shape != target.shape:
+        saved = saved_factors(layer)[p]
+        if tensors[key].shape != saved.shape:
             raise AdapterError(f"{folder / WEIGHTS_NAME}: {key} has shape {list(tensors[key].shape)}, "
-                               f"the model needs {list(target.shape)} (r={layer.r})")
+                               f"the model needs {list(saved.shape)} (r={saved_rank_alpha(layer)[0]})")
+        values[key] = _trained_part(tensors[key], layer, p, folder / WEIGHTS_NAME, key)
     with torch.no_grad():
         for key, (layer, p) in expected.items():
-            getattr(layer, p).copy_(tensors[key])
+            getattr(layer, p).copy_(values[key])
     return list(layers)
+
+
+def _trained_part(tensor: torch.Tensor, layer, param: str, path: Path, key: str) -> torch.Tensor:
+    """A converted factor's first half ([A; A0] -> A, [B, -B0] -> B), once its second half is checked to
+    be the layer's own initial factor (else the base under the layer is not the one the adapter needs)."""
+    if not layer.base_changed or param not in ("lora_A", "lora_B"):
+        return tensor
+    r = layer.r
+    trained, initial = (tensor[:r], tensor[r:]) if param == "lora_A" else (tensor[:, :r], -tensor[:, r:])
+    own = layer.initial_A if param == "lora_A" else layer.initial_B
+    if not torch.equal(initial.to(own.device, own.dtype), own):
+        raise AdapterError(f"{path}: {key} was converted from other initial factors than this model's base was "
+                           "built from")
+    return trained
 
 
 def _check_existing_layers(layers: dict, config: dict, folder: Path) -> None:
     layer = next(iter(layers.values()))
     scale = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
-    if layer.r != config["r"] or not math.isclose(layer.scale, scale):
+    saved_r = saved_rank_alpha(layer)[0]
+    if saved_r != config["r"] or not math.isclose(layer.scale, scale):
         raise AdapterError(f"{folder / CONFIG_NAME}: r={config['r']}, scale={scale:g} do not fit the model's "
-                           f"LoRA layers (r={layer.r}, scale={layer.scale:g})")
+                           f"LoRA layers (r={saved_r}, scale={layer.scale:g})")
     if bool(config.get("use_dora", False)) != isinstance(layer, DoRALinear):
         raise AdapterError(f"{folder / CONFIG_NAME}: use_dora={bool(config.get('use_dora', False))} does not fit "
                            "the model's LoRA layers")
+
+
+def read_initial_factors(folder: str | Path, r: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name -> (A0 [r, in], B0 [out, r]) from a converted adapter (rank 2r): its second halves."""
+    folder = Path(folder)
+    tensors = read_adapter_weights(folder)
+    factors = {}
+    for key, value in tensors.items():
+        for param in ("lora_A", "lora_B"):
+            suffix = SUFFIX[param]
+            if key.startswith(PREFIX) and key.endswith(suffix):
+                name = key[len(PREFIX):-len(suffix)]
+                part = value[r:] if param == "lora_A" else -value[:, r:]
+                factors.setdefault(name, {})[param] = part
+    if not factors or any(len(f) != 2 for f in factors.values()) or any(
+            f["lora_A"].shape[0] != r for f in factors.values()):
+        raise AdapterError(f"{folder / WEIGHTS_NAME}: not a converted adapter of rank {2 * r}")
+    return {name: (f["lora_A"], f["lora_B"]) for name, f in factors.items()}

@@ -8,7 +8,16 @@ from torch import nn
 
 from minilora.dora import DoRALinear
 from minilora.errors import UserError
-from minilora.lora import LoRALinear, is_4bit, refuse_4bit_merge
+from minilora.lora import LoRALinear, dequantize_weight, is_4bit, lora_scale, refuse_4bit_merge
+from minilora.lora_init import (
+    BASE_CHANGING,
+    LOFTQ,
+    ZEROS,
+    initial_factors,
+    one_cpu_thread,
+    parse_init,
+    subtract_update,
+)
 from minilora.recipe import DEFAULT_TARGETS
 from minilora.training.recompute import canonical_name
 
@@ -44,13 +53,27 @@ def add_lora(
     targets: Sequence[str] | str | None = None,
     use_rslora: bool = False,
     use_dora: bool = False,
+    init: str = ZEROS,
+    initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    quantizer=None,
 ) -> list[str]:
     """Replace each matching linear layer with a LoRALinear (a DoRALinear if `use_dora`) and freeze
     all other parameters.
 
+    `init`: "zeros" (A kaiming-uniform, B = 0), or "loftq", "pissa", "pissa:N", "olora"
+    (minilora/lora_init.py), computed from each target's full-precision weight: on a full-precision base
+    here (pissa and olora subtract scale · B0 A0 from it, as PEFT does), on a 4-bit base only while it
+    loads (`load_base(..., lora=dict(init=...))`, which passes its `quantizer`: the 4-bit layer each
+    target's base becomes). `initial`: module name -> (A0, B0) to use instead of computing them (a resumed
+    run rebuilds its base from the factors it started with).
+
     Returns the names of the replaced modules. Raises UserError when nothing matches.
     """
     targets = list(DEFAULT_TARGETS) if targets is None else targets
+    try:
+        method, _ = parse_init(init)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     if lora_layers(model):
         raise UserError("the model already has LoRA layers; load a fresh base to add another adapter")
     names = [name for name, m in model.named_modules() if name and _matches(name, targets)]
@@ -64,13 +87,65 @@ def add_lora(
             f"no module of {type(model).__name__} matches the LoRA targets ({shown}); "
             f"linear layers it has: {', '.join(linear_layer_kinds(model)) or 'none'}"
         )
+    _check_init(model, names, init, method, r, use_dora, quantizer)
     model.requires_grad_(False)
     layer_class = DoRALinear if use_dora else LoRALinear
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, layer_class(getattr(parent, child), r, alpha, dropout, use_rslora))
+    device = quantizer.device if quantizer is not None else model.get_submodule(names[0]).weight.device
+    with one_cpu_thread(device):  # each target's quantization and init, whatever the init
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            linear = getattr(parent, child)
+            if method == ZEROS:
+                base = quantizer(linear) if quantizer is not None else linear
+                setattr(parent, child, layer_class(base, r, alpha, dropout, use_rslora))
+                continue
+            given = None if initial is None else initial.get(name)
+            if initial is not None and given is None:
+                raise UserError(f"init={init!r}: no initial factors given for {name}")
+            base, a0, b0 = _initialise(linear, init, method, r, lora_scale(alpha, r, use_rslora), quantizer, given)
+            layer = layer_class(base, r, alpha, dropout, use_rslora)
+            layer.set_initial(a0, b0, subtracted=method in BASE_CHANGING)
+            setattr(parent, child, layer)
     return names
+
+
+def _check_init(model: nn.Module, names: list[str], init: str, method: str, r: int, use_dora: bool,
+                quantizer) -> None:
+    if method == ZEROS:
+        return
+    if use_dora:
+        raise UserError(f"init={init!r} with DoRA is not supported: DoRA's magnitude is the row norm of the base "
+                        "it starts from; use init='zeros' with DoRA")
+    if any(is_4bit(model.get_submodule(n)) for n in names):
+        raise UserError(f"init={init!r} is computed from the full-precision weights, which a 4-bit base no longer "
+                        f"holds: load it with load_base(..., lora=dict(init={init!r}, ...))")
+    narrow = [n for n in names if min(model.get_submodule(n).in_features, model.get_submodule(n).out_features) < r]
+    if narrow:
+        layer = model.get_submodule(narrow[0])
+        raise UserError(f"init={init!r} takes r={r} directions of each weight, but {narrow[0]} is "
+                        f"[{layer.out_features}, {layer.in_features}]: use a rank at most its smaller side")
+    if method == LOFTQ and quantizer is None:
+        raise UserError("init='loftq' fits the adapter to the 4-bit quantization error; a full-precision base "
+                        "has none (load a 4-bit base with load_base(..., lora=dict(init='loftq', ...)))")
+
+
+@torch.no_grad()
+def _initialise(linear: nn.Linear, init: str, method: str, r: int, scale: float, quantizer,
+                given: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """(base layer, A0 [r, in], B0 [out, r]) for one target; computed on the device the base goes to."""
+    device = quantizer.device if quantizer is not None else linear.weight.device
+    weight = linear.weight.data.to(device)  # (out, in), the compute dtype
+    if method == LOFTQ:  # the base is the ordinary 4-bit W; the factors fit what its rounding lost
+        base = quantizer(linear)
+        a0, b0 = given if given is not None else initial_factors(weight, init, r, scale, dequantize_weight(base))
+        return base, a0.to(device), b0.to(device)
+    a0, b0 = (t.to(device) for t in given) if given is not None else initial_factors(weight, init, r, scale)
+    residual = subtract_update(weight, a0, b0, scale)  # (out, in)
+    if quantizer is not None:
+        return quantizer(linear, residual), a0, b0
+    linear.weight.data.copy_(residual)
+    return linear, a0, b0
 
 
 def linear_layer_kinds(model: nn.Module) -> list[str]:

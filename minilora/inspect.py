@@ -14,7 +14,9 @@ Per module: `delta_fro` = ||ΔW||_F = ||S||_2; `effective_rank` = exp(H(p)), p_i
 dimensionality"; between 1 and r); `stable_rank` = ||ΔW||_F^2 / ||ΔW||_2^2 = Σ σ_i^2 / σ_1^2;
 `numerical_rank` = #{σ_i > σ_1 · max(out, in) · eps_fp32} (NumPy's matrix_rank tolerance, with the
 float32 epsilon of the stored factors). A zero update (B = 0) has all three at 0.
-With a base model: `base_fro` = ||W||_F of the dequantized base weight and `relative_norm` = ||ΔW||_F / ||W||_F.
+With a base model: `base_fro` = ||W||_F of the dequantized base weight and `relative_norm` = ||ΔW||_F / ||W||_F,
+and the quantization error of the base and the share of it the initial and trained updates cancel
+(`quant_error`, `init_error`, `trained_error`, `init_cancelled`, `trained_cancelled`: inspect_quant.py).
 For a DoRA adapter these numbers describe the directional update scale · B A; `magnitude_vector`
 gives the mean and spread of the learned row magnitudes.
 
@@ -126,31 +128,16 @@ def module_report(name: str, m: dict) -> dict:
     return row
 
 
-def base_norms(model: str, shapes: dict[str, list[int]], adapter_dir: Path) -> dict[str, float]:
-    """||W||_F of each adapted module's dequantized base weight, the base loaded as it was trained."""
-    from minilora.adapted_model import load_trained, resolve_trained
-    from minilora.lora import dequantize_weight
-
-    net = load_trained(resolve_trained(adapter_dir, model=model), None, device="cpu")
-    norms = {}
-    for name, shape in shapes.items():
-        try:
-            weight = dequantize_weight(net.get_submodule(name))  # (out, in)
-        except AttributeError as err:
-            raise AdapterError(f"{adapter_dir}: module {name} is not a linear layer of {model}") from err
-        if list(weight.shape) != shape:
-            raise AdapterError(f"{adapter_dir}: {name} is {shape} in the adapter but {list(weight.shape)} in {model}")
-        norms[name] = float(weight.double().norm())
-    return norms
-
-
 def _inspect_factors(folder: str | Path, config: dict, modules: dict[str, dict], model: str | None) -> dict:
     rows = [module_report(name, m) for name, m in sorted(modules.items())]
     if model is not None:
-        norms = base_norms(model, {r["name"]: r["shape"] for r in rows}, Path(folder))
+        from minilora.inspect_quant import quant_errors
+
+        errors = quant_errors(model, modules, Path(folder))
         for row in rows:
-            row["base_fro"] = norms[row["name"]]
-            row["relative_norm"] = row["delta_fro"] / norms[row["name"]] if norms[row["name"]] else None
+            row.update(errors[row["name"]])
+            base = row["base_fro"]
+            row["relative_norm"] = row["delta_fro"] / base if base else None
     summary = {k: config.get(k) for k in ("r", "lora_alpha", "use_rslora", "use_dora", "base_model_name_or_path")}
     return {"adapter": str(folder), "config": summary, "modules": rows}
 
@@ -214,6 +201,7 @@ def format_table(report: dict) -> str:
     key = "relative_norm" if has_base else "delta_fro"
     rows = sorted(report["modules"], key=lambda row: -(row.get(key) or 0.0))
     header = ["module", "r", "|dW|_F"] + (["|dW|/|W|"] if has_base else []) + ["sigma_1", "eff.rank", "stable"]
+    header += ["q.err", "init", "trained"] if has_base else []
     if compared:
         header += ["cosine", "subspace"]
     lines = [header]
@@ -222,6 +210,8 @@ def format_table(report: dict) -> str:
         line = [row["name"], str(row["rank"]), _num(row["delta_fro"])]
         line += [_num(row.get("relative_norm"))] if has_base else []
         line += [_num(sigma_1), _num(row["effective_rank"], 3), _num(row["stable_rank"], 3)]
+        if has_base:
+            line += [_num(row["quant_error"], 3), _num(row["init_error"], 3), _num(row["trained_error"], 3)]
         if compared:
             other = compared[row["name"]]
             line += [_num(other["cosine"], 3), _num(other["subspace_similarity"], 3)]
@@ -240,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("adapter", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     parser.add_argument("--compare", metavar="ADAPTER2", help="second adapter: cosine and subspace similarity")
     parser.add_argument("--model", help="base model: adds each update's norm relative to the dequantized "
-                                        "base weight's (loads the base)")
+                                        "base weight's, the base's relative quantization error and how much of "
+                                        "it the initial and trained updates cancel (loads the base)")
     parser.add_argument("--json", metavar="FILE", help="write the report as JSON")
     parser.add_argument("--plot", metavar="FILE", help="write a PNG heatmap (layers x module types)")
     return parser
@@ -260,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot:
         from minilora.inspect_plot import plot_report
 
-        plot_report(report, args.plot)
-        print(f"wrote {args.plot}")
+        for written in plot_report(report, args.plot):
+            print(f"wrote {written}")
     return 0
 
 

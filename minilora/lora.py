@@ -31,6 +31,11 @@ from minilora.dropout import LoRADropout
 from minilora.errors import UserError
 
 
+def lora_scale(alpha: float, r: int, use_rslora: bool) -> float:
+    """alpha / r, or alpha / sqrt(r) with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
 def is_4bit(layer: nn.Module) -> bool:
     return isinstance(layer, bnb.nn.Linear4bit)
 
@@ -90,10 +95,14 @@ class LoRALinear(nn.Module):
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.r, self.alpha, self.use_rslora = r, alpha, use_rslora
-        self.scale = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.scale = lora_scale(alpha, r, use_rslora)
         device = base_layer.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, dtype=torch.float32, device=device))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, dtype=torch.float32, device=device))
+        # The initial factors of an init that subtracted scale · B0 A0 from the base (PiSSA, OLoRA;
+        # minilora/lora_init.py): the saved adapter is converted with them to a LoRA of the ordinary base.
+        self.register_buffer("initial_A", None, persistent=False)  # [r, in] fp32, or None
+        self.register_buffer("initial_B", None, persistent=False)  # [out, r] fp32, or None
         self.dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.disabled = False
@@ -104,6 +113,21 @@ class LoRALinear(nn.Module):
         # Same law as PEFT (and nn.Linear's default): kaiming-uniform with a = sqrt(5).
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
+
+    @torch.no_grad()
+    def set_initial(self, a: torch.Tensor, b: torch.Tensor, subtracted: bool) -> None:
+        """Start from A = a [r, in], B = b [out, r] (an init of lora_init.py); `subtracted`: the base
+        holds W - scale · b @ a, so the factors are kept for the conversion on save."""
+        self.lora_A.copy_(a)
+        self.lora_B.copy_(b)
+        if subtracted:
+            self.initial_A = self.lora_A.detach().clone()
+            self.initial_B = self.lora_B.detach().clone()
+
+    @property
+    def base_changed(self) -> bool:
+        """Whether the base holds W - scale · B0 A0 (and the saved adapter is the converted rank-2r LoRA)."""
+        return self.initial_A is not None
 
     def adapter_params(self) -> dict[str, nn.Parameter]:
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
@@ -221,5 +245,6 @@ class LoRALinear(nn.Module):
         kind = state4.quant_type if state4 is not None else str(self.base_layer.weight.dtype).replace("torch.", "")
         rs = ", rslora" if self.use_rslora else ""
         state = ", merged" if self.merged else (", disabled" if self.disabled else "")
+        state += ", base - scale*B0@A0" if self.base_changed else ""
         return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha:g}, "
                 f"scale={self.scale:g}, dropout={self.dropout_p:g}{rs}, base={kind}{state}")

@@ -8,6 +8,7 @@ lm_head stay in the compute dtype: unlike PEFT's `prepare_model_for_kbit_trainin
 them to fp32, which costs memory and speed.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -41,6 +42,27 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def quantize_linear(linear: nn.Linear, quant: str, double_quant: bool, compute_dtype: torch.dtype,
+                    device: torch.device, weight: torch.Tensor | None = None) -> bnb.nn.Linear4bit:
+    """A bnb Linear4bit on `device` holding `linear`'s weight (or `weight` [out, in], e.g. a residual that a
+    LoRA init leaves) in 4 bits, and its bias in the compute dtype."""
+    weight = linear.weight.data if weight is None else weight
+    layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant,
+                              quant_storage=torch.uint8, device="meta")
+    # bitsandbytes quantizes a Params4bit when it first moves to a device (blocks of 64 weights).
+    packed = bnb.nn.Params4bit(weight.to(compute_dtype), requires_grad=False, blocksize=64,
+                               compress_statistics=double_quant, quant_type=quant, quant_storage=torch.uint8)
+    layer.weight = packed.to(device)
+    if linear.bias is not None:
+        layer.bias = nn.Parameter(linear.bias.data.to(device, compute_dtype), requires_grad=False)
+    # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place during a no-grad eval
+    # forward into a CPU-only layout with bf16 absmax. That changes the numbers between eval and
+    # training and the bytes our kernels read; keep the standard layout.
+    layer.support_avx512bf16_for_cpu = False
+    return layer
+
+
 def quantize_linears(model: nn.Module, quant: str, double_quant: bool, compute_dtype: torch.dtype,
                      device: torch.device) -> int:
     """Replace every nn.Linear except the output head by a bnb Linear4bit on `device`, one layer at a
@@ -54,21 +76,7 @@ def quantize_linears(model: nn.Module, quant: str, double_quant: bool, compute_d
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        linear = getattr(parent, child)
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=compute_dtype, compress_statistics=double_quant, quant_type=quant,
-                                  quant_storage=torch.uint8, device="meta")
-        # bitsandbytes quantizes a Params4bit when it first moves to a device (blocks of 64 weights).
-        weight = bnb.nn.Params4bit(linear.weight.data.to(compute_dtype), requires_grad=False, blocksize=64,
-                                   compress_statistics=double_quant, quant_type=quant, quant_storage=torch.uint8)
-        layer.weight = weight.to(device)
-        if linear.bias is not None:
-            layer.bias = nn.Parameter(linear.bias.data.to(device, compute_dtype), requires_grad=False)
-        # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight in place during a no-grad eval
-        # forward into a CPU-only layout with bf16 absmax. That changes the numbers between eval and
-        # training and the bytes our kernels read; keep the standard layout.
-        layer.support_avx512bf16_for_cpu = False
-        setattr(parent, child, layer)
+        setattr(parent, child, quantize_linear(getattr(parent, child), quant, double_quant, compute_dtype, device))
     return len(names)
 
 
@@ -78,9 +86,14 @@ def load_base(
     double_quant: bool = True,
     compute_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    lora: dict | None = None,
 ) -> torch.nn.Module:
     """A frozen causal LM whose linear layers (all but the output head) are bnb `Linear4bit` (or plain,
-    with quant="none"). `name_or_path`: a hub id, a local folder, or `builtin:tiny-phi3`."""
+    with quant="none"). `name_or_path`: a hub id, a local folder, or `builtin:tiny-phi3`.
+
+    `lora`: add_lora's keyword arguments (r, alpha, dropout, targets, use_rslora, use_dora, init): the
+    LoRA layers go in while the base loads, each target's initialisation (minilora/lora_init.py) computed
+    from its full-precision weight right before that weight is quantized; returned with LoRA in place."""
     if quant not in QUANT_TYPES:
         raise UserError(f"quant={quant!r}: expected one of {', '.join(QUANT_TYPES)}")
     device = torch.device(device) if device is not None else default_device()
@@ -94,13 +107,36 @@ def load_base(
         raise UserError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from err
     if name_or_path.startswith(BUILTIN_PREFIX):
         model.config._name_or_path = name_or_path
-    if quant != "none":
+    quantizer = Quantizer(quant, double_quant, compute_dtype, device) if quant != "none" else None
+    if lora is not None:
+        from minilora.inject import add_lora
+
+        add_lora(model, **lora, quantizer=quantizer)  # quantizes the targets' base layers
+    if quantizer is not None:
         quantize_linears(model, quant, double_quant, compute_dtype, device)
         model.is_loaded_in_4bit = True  # how transformers marks 4-bit models; PEFT reads it too
     model.to(device)
     model.requires_grad_(False)
+    if lora is not None:
+        from minilora.inject import lora_parameters
+
+        for p in lora_parameters(model):
+            p.requires_grad_(True)
     model.config.use_cache = False  # training never decodes; the KV cache only costs memory
     return model
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """How load_base stores a linear layer: `quantize_linear` with these settings."""
+
+    quant: str
+    double_quant: bool
+    compute_dtype: torch.dtype
+    device: torch.device
+
+    def __call__(self, linear: nn.Linear, weight: torch.Tensor | None = None) -> bnb.nn.Linear4bit:
+        return quantize_linear(linear, self.quant, self.double_quant, self.compute_dtype, self.device, weight)
 
 
 def load_tokenizer(name_or_path: str):

@@ -158,9 +158,29 @@ def _fmt(value, digits=4):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def _variants(cfg: dict) -> str:
-    """Lines for DoRA and LoRA+, when the run used them."""
-    lines = ""
+INIT_WORDS = {"loftq": "LoftQ, one step (https://arxiv.org/abs/2310.08659): B A fits the 4-bit quantization error",
+              "pissa": "PiSSA (https://arxiv.org/abs/2404.02948): B A = the top-r singular part of W",
+              "olora": "OLoRA (https://arxiv.org/abs/2406.01775): B A from W's QR"}
+
+
+def _init_line(run: dict) -> str:
+    init = run.get("init") or {}
+    method = init.get("method", "zeros")
+    if method == "zeros":
+        return ""
+    line = f"\n- LoRA init: `{method}` ({INIT_WORDS[method.partition(':')[0]]})"
+    if init.get("converted"):
+        line += (f"; trained over the 4-bit W - scale * B0 A0, saved converted to a plain LoRA of the ordinary "
+                 f"4-bit base (r={init['saved_r']}, lora_alpha={init['saved_alpha']:g}: lora_A = [A; A0], "
+                 "lora_B = [B, -B0], as PEFT's `path_initial_model_for_weight_conversion` writes it)")
+    else:
+        line += "; the base is the ordinary 4-bit base, the adapter a plain LoRA"
+    return line
+
+
+def _variants(cfg: dict, run: dict) -> str:
+    """Lines for the init, DoRA and LoRA+, when the run used them."""
+    lines = _init_line(run)
     if cfg.get("dora"):
         lines += "\n- DoRA: yes (weight-decomposed LoRA, https://arxiv.org/abs/2402.09353; `use_dora: true`)"
     if cfg.get("lora_plus_ratio", 1.0) != 1.0:
@@ -188,7 +208,7 @@ def render_card(run: dict, adapter_path: str) -> str:
         n_truncated=data["n_truncated"],
         skipped=f"; skipped lines: {data['n_skipped']}" if data.get("n_skipped") else "",
         r=cfg["r"], alpha=f"{cfg['alpha']:g}", rslora=" (rsLoRA: scale alpha/sqrt(r))" if cfg["rslora"] else "",
-        dropout=cfg["dropout"], targets=json.dumps(result["target_modules"]), variants=_variants(cfg),
+        dropout=cfg["dropout"], targets=json.dumps(result["target_modules"]), variants=_variants(cfg, run),
         quant_line=quant_words + (", compute " + run["compute_dtype"] if quant != "none" else ""),
         precision=run["precision"], lr=cfg["lr"], warmup=result["warmup_steps"],
         batch_size=cfg["batch_size"], grad_accum=cfg["grad_accum"], steps=result["steps"],

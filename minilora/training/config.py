@@ -39,6 +39,11 @@ class TrainConfig:
     targets: list[str] = _f(list(recipe.DEFAULT_TARGETS),
                             "module names to adapt (exact or .suffix match); absent ones skip")
     rslora: bool = _f(False, "rank-stabilised scale alpha / sqrt(r)")
+    init: str = _f("zeros", "LoRA initialisation, computed from the full-precision weights as the base loads: "
+                            "zeros (QLoRA: B = 0), loftq (B A fits the 4-bit quantization error), pissa (the "
+                            "top-r singular part of W; pissa:N: randomized SVD, N iterations), olora (QR); "
+                            "pissa and olora quantize W - scale * B A and save the adapter converted to a "
+                            "rank-2r LoRA of the ordinary base")
     # research variants and statistics (Studying LoRA in the README)
     dora: bool = _f(False, "DoRA: learn a per-row magnitude over the (dequantized) base + LoRA direction")
     lora_plus_ratio: float = _f(1.0, "LoRA+: B's learning rate = this x A's (1: plain LoRA)")
@@ -124,6 +129,15 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> None:
         bad("dropout", "must be in [0, 1)")
     if not cfg.targets:
         bad("targets", "name at least one module")
+    try:
+        method, _ = recipe.parse_init(cfg.init)
+    except ValueError as err:
+        raise UserError(f"--init: {err}") from None
+    if method != "zeros" and cfg.dora:
+        raise UserError(f"--init {cfg.init} with --dora is not supported (DoRA's magnitude starts from the base's "
+                        "row norms); use --init zeros with --dora")
+    if method == "loftq" and cfg.quant == "none":
+        raise UserError("--init loftq fits the adapter to the 4-bit quantization error; --quant none has none")
     if not (cfg.lora_plus_ratio > 0 and math.isfinite(cfg.lora_plus_ratio)):
         bad("lora_plus_ratio", "must be positive (1: plain LoRA)")
     if cfg.log_lora_stats < 0:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import transformers
 
-from minilora.adapter import CONFIG_NAME, WEIGHTS_NAME, save_adapter
+from minilora.adapter import CONFIG_NAME, WEIGHTS_NAME, read_initial_factors, save_adapter
 from minilora.atomic import atomic_write_json, atomic_write_text
 from minilora.attention import use_varlen_attention
 from minilora.data.cache import default_root
@@ -34,6 +34,7 @@ from minilora.inject import (
     unmatched_targets,
 )
 from minilora.lock import LOCK_NAME, FolderLock
+from minilora.lora_init import changes_base
 from minilora.quant import load_base, load_tokenizer, resolve_model_path
 from minilora.run_record import RUN_FILE, read_run_record, write_run_record
 from minilora.training.card import render_card
@@ -189,16 +190,20 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(cfg: TrainConfig, precision: str, device: torch.device, processes: int = 1
-                ) -> tuple[torch.nn.Module, dict]:
+def build_model(cfg: TrainConfig, precision: str, device: torch.device, processes: int = 1,
+                initial: dict | None = None) -> tuple[torch.nn.Module, dict]:
     """The 4-bit base with LoRA as the run trains it: seeded first, so every rank (and a benchmark that builds
-    it the same way) starts from the same LoRA weights; kernel mode and recomputation set.
+    it the same way) starts from the same LoRA weights; the init (`--init`) computed while the base loads, or
+    its base rebuilt from `initial` ({module: (A0, B0)}, a resumed run's); kernel mode and recomputation set.
     `processes`: training processes on this host (they share its memory: `--recompute auto` weighs that).
-    Returns (model, {"mode": the recompute mode used, "why": in words})."""
+    Returns (model, {"mode": the recompute mode used, "why": in words, "load_s": seconds to load the base with
+    LoRA, init included}), the dict as run.json's `recompute`."""
     seed_everything(cfg.seed)
-    model = load_base(cfg.model, quant=cfg.quant, compute_dtype=COMPUTE_DTYPE[precision], device=device)
-    add_lora(model, r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora,
-             use_dora=cfg.dora)
+    started = time.perf_counter()
+    lora = dict(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora,
+                use_dora=cfg.dora, init=cfg.init, initial=initial)
+    model = load_base(cfg.model, quant=cfg.quant, compute_dtype=COMPUTE_DTYPE[precision], device=device, lora=lora)
+    load_s = time.perf_counter() - started
     set_kernel_mode(model, cfg.kernels)
     use_varlen_attention(model)  # padding-free rows: each example's attention alone, no (T, T) mask
     mode, why = cfg.recompute, f"{cfg.recompute} (--recompute)"
@@ -207,7 +212,21 @@ def build_model(cfg: TrainConfig, precision: str, device: torch.device, processe
     if mode != "none":
         offload = OffloadSaved() if cfg.offload_activations else None
         enable_recompute(model, every=cfg.recompute_every, offload=offload, mode=mode)
-    return model, {"mode": mode, "why": why}
+    return model, {"mode": mode, "why": why, "load_s": round(load_s, 3)}
+
+
+def init_record(cfg: TrainConfig) -> dict:
+    """run.json's `init`: which initialisation ran, and what the saved adapter is relative to the base."""
+    if not changes_base(cfg.init):
+        return {"method": cfg.init, "converted": False,
+                "base": "the ordinary 4-bit base" if cfg.quant != "none" else "the full-precision base"}
+    alpha = cfg.alpha * (2**0.5 if cfg.rslora else 2)
+    return {"method": cfg.init, "converted": True, "trained_on": "the base W - scale * B0 A0 (quantized)",
+            "saved_r": 2 * cfg.r, "saved_alpha": alpha,
+            "base": "the adapter is converted to a plain LoRA of the ordinary base: lora_A = [A; A0], "
+                    "lora_B = [B, -B0] (PEFT's path_initial_model_for_weight_conversion)",
+            "resume": "the base is rebuilt from W and the initial factors A0, B0 that each checkpoint's converted "
+                      "adapter holds"}
 
 
 def versions() -> dict:
@@ -267,11 +286,18 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
         if cfg.overwrite:
             clear_previous_run(out)
         out.mkdir(parents=True, exist_ok=True)
-    model, recompute = build_model(cfg, precision, device, dist.local_world)
+    # A resumed pissa/olora run rebuilds its base from the initial factors in the checkpoint (exact fp32
+    # values) rather than by computing them again: an SVD or QR need not repeat bit for bit across thread
+    # counts or library versions, the subtraction and quantization of fixed factors do.
+    initial = read_initial_factors(resume_from, cfg.r) if resume_from is not None and changes_base(cfg.init) else None
+    model, recompute = build_model(cfg, precision, device, dist.local_world, initial)
     if dist.enabled:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # but different dropout masks per rank
     say(f"model: {cfg.model} ({cfg.quant}, {precision}) on {hardware(device)}; {trainable_summary(model)}")
     say(f"recompute: {recompute['why']}")
+    if cfg.init != "zeros":
+        say(f"init: {cfg.init} ({'from the checkpoint' if initial else 'computed'} while the base loaded; base and "
+            f"LoRA loaded in {recompute['load_s']:.1f} s)")
 
     pad_id = tokenizer.pad_token_id
     eval_batches = epoch_batches(data.eval_examples, cfg, 0, pad_id, dist.world)
@@ -279,7 +305,8 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
                            pad_id=pad_id, device=device, precision=precision, fingerprint=fp, dist=dist, stop=stop)
     run = {"config": cfg.to_dict(), "precision": precision, "compute_dtype": str(COMPUTE_DTYPE[precision]),
            "double_quant": True, "device": str(device), "hardware": hardware(device), "versions": versions(),
-           "architecture": type(model).__name__, "recompute": recompute, "command": " ".join(sys.argv),
+           "architecture": type(model).__name__, "recompute": recompute, "init": init_record(cfg),
+           "command": " ".join(sys.argv),
            "world_size": dist.world,
            "data": {"format": data.train.fmt, "n_lines": data.train.n_lines, "sha256": data.train.sha256,
                     "n_train": len(data.train_examples), "n_eval": len(data.eval_examples),
