@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from minilora.adapter import load_adapter, save_adapter
 from minilora.data.batching import Batch, make_batches, make_padding_free_batches
+from minilora.errors import UserError
 from minilora.failures import EXIT_OUT_OF_MEMORY, first_line, is_out_of_memory
 from minilora.inject import lora_layers, lora_parameters
 from minilora.training.checkpoint import (
@@ -201,6 +202,17 @@ class TrainingLoop:
     def restore(self, folder: Path) -> None:
         load_adapter(self.model, folder)
         saved = load_training_state(folder)
+        try:
+            self._apply_saved(saved)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            # The manifest's checksums passed, so the file is as written, but not by this run's kind of loop.
+            raise UserError(f"--resume: {folder}: the training state does not fit this run ({type(err).__name__}: "
+                            f"{str(err)[:200]}); resume from an earlier checkpoint or start afresh with "
+                            "--overwrite") from None
+        if self.dist.main:
+            truncate_metrics(self.output / METRICS_NAME, self.state.step)
+
+    def _apply_saved(self, saved: dict) -> None:
         self.optimizer.load_state_dict(saved["optimizer"])
         for group in self.optimizer.param_groups:  # the saved groups carry the old value; it may be steered
             group["weight_decay"] = self.cfg.weight_decay
@@ -209,8 +221,6 @@ class TrainingLoop:
         self.stream.epoch, self.stream.index = saved["data_position"]["epoch"], saved["data_position"]["index"]
         self.state.step, self.state.tokens_seen = saved["step"], saved["tokens_seen"]
         self.state.eval_before, self.state.eval_last = saved["eval_before"], saved["eval_last"]
-        if self.dist.main:
-            truncate_metrics(self.output / METRICS_NAME, self.state.step)
 
     # --- logging ----------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
