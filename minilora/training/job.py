@@ -34,6 +34,7 @@ from minilora.inject import (
     unmatched_targets,
 )
 from minilora.lock import LOCK_NAME, FolderLock
+from minilora.model_files import describe_changes, model_file_digests
 from minilora.quant import load_base, load_tokenizer, resolve_model_path
 from minilora.run_record import RUN_FILE, read_run_record, write_run_record
 from minilora.training.card import render_card
@@ -139,12 +140,28 @@ def report_data(data: RunData, cfg: TrainConfig) -> None:
 
 
 def fingerprint(cfg: TrainConfig, data: RunData, precision: str, world: int) -> dict:
-    """What defines the run: a resume must match it exactly."""
+    """What defines the run: a resume must match it exactly. The base model and the data files count by
+    content (`base_files`: None for a hub model not downloaded yet; job.py fills it in after the load)."""
     free = resume_fields(FREE)
     values = {k: v for k, v in cfg.to_dict().items() if k not in free}
     values.update(data_sha256=data.train.sha256, eval_sha256=data.eval_sha256, precision=precision,
-                  world_size=world)
+                  world_size=world, base_files=model_file_digests(cfg.model))
     return values
+
+
+def _difference(key: str, old, new) -> str:
+    """One difference between a checkpoint's fingerprint and this command's, in bounded words."""
+    if key == "base_files":
+        return f"base_files: the files of the base model changed ({describe_changes(old or {}, new or {})})"
+    if key in ("data_sha256", "eval_sha256") and isinstance(old, str) and isinstance(new, str):
+        which = "data" if key == "data_sha256" else "held-out data"
+        return f"{key}: the {which} file's content changed (sha256 {old[:12]}... -> {new[:12]}...)"
+    return f"{key}: {_bounded(old)} -> {_bounded(new)}"
+
+
+def _bounded(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def resume_point(cfg: TrainConfig, fp: dict) -> tuple[Path, dict]:
@@ -155,14 +172,21 @@ def resume_point(cfg: TrainConfig, fp: dict) -> tuple[Path, dict]:
     if folder is None:
         raise UserError(f"--resume: no complete checkpoint in {Path(cfg.output) / 'checkpoints'} to resume from")
     saved, steer = read_manifest(folder)["fingerprint"], resume_fields(STEER)
-    diffs = [f"{k}: {saved.get(k)!r} -> {fp.get(k)!r}"
-             for k in sorted(set(saved) | set(fp)) if k not in steer and saved.get(k) != fp.get(k)]
-    if diffs:
-        raise UserError(f"--resume: this command differs from the run in {cfg.output}: " + "; ".join(diffs))
+    check_same_run(cfg, fp, saved, skip=steer | ({"base_files"} if fp.get("base_files") is None else set()))
     changed = {k: [saved[k], fp[k]] for k in sorted(steer) if k in saved and saved[k] != fp[k]}
     for k, (old, new) in changed.items():
         print(f"resume: --{k.replace('_', '-')} {old!r} -> {new!r} for the rest of the run")
     return folder, changed
+
+
+def check_same_run(cfg: TrainConfig, fp: dict, saved: dict, skip: set[str] = frozenset()) -> None:
+    """Refuse a resume whose fingerprint differs from the checkpoint's in anything but `skip`."""
+    diffs = [_difference(k, saved.get(k), fp.get(k))
+             for k in sorted(set(saved) | set(fp)) if k not in skip and saved.get(k) != fp.get(k)]
+    if diffs:
+        raise UserError(f"--resume: this command differs from the run in {cfg.output}: " + "; ".join(diffs[:8])
+                        + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+                        + ". Resume with what the run had, or start afresh with --overwrite (or another --output)")
 
 
 def check_targets(cfg: TrainConfig) -> None:
@@ -256,6 +280,10 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
             clear_previous_run(out)
         out.mkdir(parents=True, exist_ok=True)
     model, recompute = build_model(cfg, precision, device, dist.local_world)
+    if fp["base_files"] is None:  # a hub model downloaded by the load: its files are known only now
+        fp["base_files"] = model_file_digests(cfg.model)
+        if resume_from is not None:
+            check_same_run(cfg, fp, read_manifest(resume_from)["fingerprint"], skip=resume_fields(STEER))
     if dist.enabled:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # but different dropout masks per rank
     say(f"model: {cfg.model} ({cfg.quant}, {precision}) on {hardware(device)}; {trainable_summary(model)}")
