@@ -20,3 +20,10 @@ KERNEL_MODES = ("auto", "triton", "torch")
 # What a recomputed decoder layer keeps for backward (see minilora.training.recompute); none: no recompute;
 # auto: decided per run from the device and the memory the activations need
 RECOMPUTE_MODES = ("auto", "selective", "full", "none")
+
+# Upper bounds of the LoRA settings, for train's flags and for adapter configs read from anywhere: past
+# them a value is a mistake (or hostile) and would only allocate without bound or overflow. A rank is at
+# most a layer's width (Phi-3-mini: 3,072; the widest open models: ~16k); a scale alpha/r beyond ~1e6
+# overflows bf16/fp16 activations.
+MAX_R = 65_536
+MAX_ALPHA = 1e6
