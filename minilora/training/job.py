@@ -35,7 +35,7 @@ from minilora.inject import (
 )
 from minilora.lock import LOCK_NAME, FolderLock
 from minilora.model_files import describe_changes, model_file_digests
-from minilora.quant import load_base, load_tokenizer, resolve_model_path
+from minilora.quant import load_base, load_tokenizer, resolve_model_path, unloadable_model
 from minilora.run_record import RUN_FILE, read_run_record, write_run_record
 from minilora.training.card import render_card
 from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
@@ -189,14 +189,43 @@ def check_same_run(cfg: TrainConfig, fp: dict, saved: dict, skip: set[str] = fro
                         + ". Resume with what the run had, or start afresh with --overwrite (or another --output)")
 
 
-def check_targets(cfg: TrainConfig) -> None:
-    """Match the targets against the architecture on the meta device: no weights, no memory."""
+def probe_shapes(skeleton: torch.nn.Module, name: str) -> None:
+    """One forward of the meta-device model on 8 tokens: shapes only, no memory, a few ms. A config whose
+    sizes disagree (7 heads for a width of 256, key/value heads that do not divide the heads) builds, and
+    would fail only at the first batch, after the weights and the data are loaded."""
+    try:
+        with torch.no_grad():
+            skeleton(input_ids=torch.zeros(1, 8, dtype=torch.long, device="meta"))
+    except NotImplementedError:
+        return  # an operation without a meta implementation: the probe cannot tell, the load will
+    except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as err:
+        if "meta" in str(err).lower():
+            return
+        raise unloadable_model(name, err, "its config does not make a working model") from err
+
+
+def check_vocabulary(cfg: TrainConfig, tokenizer, vocab_size) -> None:
+    """Every id the tokenizer can give (pad included) must have a row in the model's embedding; else the
+    first batch would index past it."""
+    if not isinstance(vocab_size, int):
+        return
+    largest = max(len(tokenizer) - 1, tokenizer.pad_token_id or 0)
+    if largest >= vocab_size:
+        raise UserError(f"--model {cfg.model}: the tokenizer gives ids up to {largest:,} (pad id "
+                        f"{tokenizer.pad_token_id}), but config.json's vocab_size is {vocab_size:,}; the tokenizer "
+                        "does not belong to these weights")
+
+
+def check_targets(cfg: TrainConfig) -> int | None:
+    """Match the targets against the architecture on the meta device: no weights, no memory. Returns the
+    config's vocab_size."""
     try:
         config = transformers.AutoConfig.from_pretrained(resolve_model_path(cfg.model))
-    except (OSError, ValueError) as err:
-        raise UserError(f"--model {cfg.model}: cannot read its config ({str(err).splitlines()[0]})") from err
-    with torch.device("meta"):
-        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+        with torch.device("meta"):
+            skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # a config.json transformers cannot read or build a model from
+        raise unloadable_model(cfg.model, err, "its config does not make a model") from err
+    probe_shapes(skeleton, cfg.model)
     known = linear_layer_kinds(skeleton)
     add_lora(skeleton, r=cfg.r, alpha=cfg.alpha, targets=cfg.targets)  # raises UserError if none match
     # The default list names layers of several architectures, each absent from the others; a list the
@@ -205,6 +234,7 @@ def check_targets(cfg: TrainConfig) -> None:
     if unknown:
         raise UserError(f"--targets {', '.join(unknown)}: no such module in {type(skeleton).__name__} "
                         f"(its linear layers: {', '.join(known)})")
+    return getattr(config, "vocab_size", None)
 
 
 def seed_everything(seed: int) -> None:
@@ -265,8 +295,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
     precision = resolve_precision(cfg.precision, device)
     check_kernel_mode(cfg.kernels, device)
     check_output(cfg)
-    check_targets(cfg)  # the model's config and the targets, before the data is read (which may take long)
+    vocab_size = check_targets(cfg)  # the model's config and the targets, before the data is read
     tokenizer = load_tokenizer(cfg.model)
+    check_vocabulary(cfg, tokenizer, vocab_size)
     data = prepare_data(cfg, tokenizer, dist)
     fp = fingerprint(cfg, data, precision, dist.world)
     resume_from, steered = resume_point(cfg, fp) if cfg.resume else (None, {})
@@ -312,13 +343,14 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
 
     try:
         state = trainer.run()
+        eval_after = trainer.run_eval("after")  # collective: every rank evaluates its share
+        trainer.check_weights(f"the adapter in {out}")  # nothing non-finite is written as the result
     except TrainingStopped as stop:
         if dist.main:
             plot_run(out, f"{cfg.model} (stopped)")
             print(f"stopped: {stop}", file=sys.stderr)
         return stop.exit_code
 
-    eval_after = trainer.run_eval("after")  # collective: every rank evaluates its share
     if not dist.main:
         return 0
     save_adapter(model, out, cfg.model)
