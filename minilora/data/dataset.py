@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minilora.atomic import writing
 from minilora.data import cache
 from minilora.data.examples import Examples, seeded_permutation
 from minilora.data.prepare import prepare
@@ -84,7 +85,8 @@ def _stamp(build: Path, identity: dict) -> dict:
     """Record in the store's meta what it was made from (checked before every later use)."""
     meta = json.loads((build / "meta.json").read_text(encoding="utf-8"))
     meta.update(identity=identity)
-    (build / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    with writing(build / "meta.json", build):
+        (build / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return meta
 
 
