@@ -108,3 +108,36 @@ def test_pickle_bytes_under_a_state_files_name_are_one_line_and_run_nothing(thre
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the model's loading bar
     assert not marker.exists()
     assert err.startswith("error: --resume: ") and "not a training state minilora wrote" in err
+
+
+def _bad_position(state):
+    state["data_position"]["index"] = 10**9
+
+
+def _bad_moment(state):
+    first = next(iter(state["optimizer"]["state"].values()))
+    first["exp_avg"] = torch.zeros(3)
+
+
+STATE_EDITS = {
+    "negative step": (lambda s: s.update(step=-1), "step is -1, not a count"),
+    "position past the epoch": (_bad_position, "past its epoch's batches"),
+    "moment of the wrong shape": (_bad_moment, "exp_avg does not have its weight's shape"),
+    "NaN evaluation": (lambda s: s.update(eval_before={"loss": float("nan"), "ppl": 1.0, "tokens": 3}), "eval_before"),
+    "no RNG for this rank": (lambda s: s.update(rng_per_rank=[]), "IndexError"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(STATE_EDITS))
+def test_a_decodable_state_with_wrong_values_is_one_line(three_step_run, tmp_path, capsys, case):
+    edit, fragment = STATE_EDITS[case]
+    out = _copy(three_step_run, tmp_path)
+    newest = out / "checkpoints" / "step-3"
+    state = load_state(newest)
+    edit(state)
+    save_state(state, newest)
+    _reseal(newest)
+    assert run(argv_for(out, DEMO, "--max-steps=4", "--save-every=1", "--eval-every=0", "--resume")) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: --resume: {newest}: the training state does not fit this run") and fragment in err

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from minilora.adapter import load_adapter, save_adapter
 from minilora.data.batching import Batch, make_batches, make_padding_free_batches
-from minilora.errors import UserError
+from minilora.errors import UserError, shown
 from minilora.failures import EXIT_OUT_OF_MEMORY, first_line, is_out_of_memory
 from minilora.inject import lora_layers, lora_parameters
 from minilora.training.checkpoint import (
@@ -222,6 +222,7 @@ class TrainingLoop:
         self.stream.epoch, self.stream.index = saved["data_position"]["epoch"], saved["data_position"]["index"]
         self.state.step, self.state.tokens_seen = saved["step"], saved["tokens_seen"]
         self.state.eval_before, self.state.eval_last = saved["eval_before"], saved["eval_last"]
+        _check_saved_values(self)
 
     # --- logging ----------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -445,3 +446,24 @@ class TrainingLoop:
         if self.device.type == "cuda":
             post["mem"] = f"{record['peak_mem_mb'] / 1024:.1f}G"
         return post
+
+
+def _check_saved_values(loop: "TrainingLoop") -> None:
+    """What a restored state must hold for the loop to go on: counters that are counts, a data position inside
+    its epoch, AdamW moments shaped like their weights, evaluations with finite numbers. A checkpoint from
+    elsewhere could hold anything that decodes; a wrong value would fail steps later, or silently."""
+    for name, value in (("step", loop.state.step), ("tokens_seen", loop.state.tokens_seen),
+                        ("epoch", loop.stream.epoch), ("index", loop.stream.index)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**53:
+            raise ValueError(f"{name} is {shown(value)}, not a count")
+    if loop.stream.index > len(loop.stream.batches(loop.stream.epoch)):
+        raise ValueError(f"data position {loop.stream.index} is past its epoch's batches")
+    for param, entry in loop.optimizer.state.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in entry and (not torch.is_tensor(entry[key]) or entry[key].shape != param.shape):
+                raise ValueError(f"the optimizer's {key} does not have its weight's shape {list(param.shape)}")
+    for name in ("eval_before", "eval_last"):
+        value = getattr(loop.state, name)
+        if value is not None and not (isinstance(value, dict) and all(
+                isinstance(value.get(k), (int, float)) and math.isfinite(value[k]) for k in ("loss", "ppl", "tokens"))):
+            raise ValueError(f"{name} is {shown(value)}")
