@@ -67,6 +67,7 @@ def prepare_for_generation(model: nn.Module) -> nn.Module:
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
 MAX_NEW_TOKENS = 1 << 20  # and at most the model's context, checked once it is loaded
 MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
+MAX_PROMPT_FILE_BYTES = 64 << 20  # read whole into memory: prompts, not a corpus
 
 
 def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None) -> None:
@@ -152,6 +153,9 @@ def read_prompts(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{path}: no such prompt file (--prompt-file)")
+    if p.stat().st_size > MAX_PROMPT_FILE_BYTES:
+        raise UserError(f"{path}: {p.stat().st_size:,} bytes of prompts is more than --prompt-file reads "
+                        f"({MAX_PROMPT_FILE_BYTES:,}); split it")
     try:
         prompts = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as err:

@@ -99,6 +99,15 @@ def test_generate_refuses_out_of_range_sampling_before_loading(tmp_path, run_com
     assert code == 2 and err.startswith(f"error: {fragment}") and err.count("\n") == 1
 
 
+def test_generate_refuses_a_prompt_file_too_large_to_read(tmp_path, run_command, monkeypatch):
+    monkeypatch.setattr(generate, "MAX_PROMPT_FILE_BYTES", 1000)
+    (tmp_path / "p.txt").write_text("hi\n" * 1000)
+    argv = ["--model", "builtin:tiny-phi3", "--prompt-file", str(tmp_path / "p.txt")]
+    code, _, err = run_command(generate.main, argv)
+    assert code == 2 and err == f"error: {tmp_path / 'p.txt'}: 3,000 bytes of prompts is more than --prompt-file " \
+        "reads (1,000); split it\n"
+
+
 def test_generate_refuses_a_reply_longer_than_the_models_context(run_command, tmp_path):
     code, _, err = run_command(generate.main, ["--model", "builtin:tiny-phi3", "--prompt", "hi",
                                                "--max-new-tokens", "100000"])
