@@ -7,24 +7,16 @@ identified by the files of its local snapshot (what was actually loaded), so it 
 they are there.
 """
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from minilora.data.cache import file_sha256
 from minilora.quant import BUILTIN_PREFIX, resolve_model_path
 
 # What transformers reads from a model folder: weights (*.safetensors, *.bin and their index *.json),
 # configs (*.json), tokenizers (tokenizer.model, vocab/merges *.txt, *.tiktoken), chat templates (*.jinja),
 # and code for trust_remote_code models (*.py). READMEs, licences and images do not change the model.
 MODEL_SUFFIXES = (".safetensors", ".bin", ".json", ".model", ".txt", ".jinja", ".tiktoken", ".py")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 22):
-            h.update(block)  # hashlib releases the GIL for large blocks: files hash in parallel threads
-    return h.hexdigest()
 
 
 def local_model_folder(name_or_path: str) -> Path | None:
@@ -48,8 +40,8 @@ def model_file_digests(name_or_path: str) -> dict[str, str] | None:
     files = sorted(p for p in folder.rglob("*")
                    if p.suffix in MODEL_SUFFIXES and p.is_file()
                    and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    with ThreadPoolExecutor(max_workers=4) as pool:
-        digests = list(pool.map(_sha256, files))
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib releases the GIL: shards hash in parallel
+        digests = list(pool.map(file_sha256, files))
     return {str(p.relative_to(folder)): d for p, d in zip(files, digests, strict=True)}
 
 
