@@ -120,8 +120,8 @@ def load_tokenizer(name_or_path: str):
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:  # ValueError: a folder whose files name no usable tokenizer
-        raise UserError(f"cannot load the tokenizer of {name_or_path!r}: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # a folder whose files name no usable tokenizer, or a damaged tokenizer.json
+        raise unloadable_model(name_or_path, err, "cannot load its tokenizer") from err
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id serves; eos is always there.
         tokenizer.pad_token = tokenizer.eos_token

@@ -102,6 +102,8 @@ MODELS = {
     "kv heads not dividing": (_edit_config(num_key_value_heads=3), "does not make a working model"),
     "hidden_size a string": (_edit_config(hidden_size="big"), "its config does not make a model"),
     "config not JSON": (lambda f: (f / "config.json").write_text("{oops"), "its config does not make a model"),
+    "truncated tokenizer": (lambda f: (f / "tokenizer.json").write_text('{"version": "1.0", "trunc'),
+                            "cannot load its tokenizer"),
     "vocab below the tokenizer": (_edit_config(vocab_size=200, pad_token_id=0), "the tokenizer gives ids up to 263"),
 }
 
