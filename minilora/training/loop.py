@@ -367,8 +367,9 @@ class TrainingLoop:
         if state.step >= first_step and set(range(first_step, state.step + 1)) <= set(state.skipped_steps):
             raise TrainingStopped(  # fewer bad steps than --max-bad-steps, but not one update was applied
                 f"none of the {state.step - first_step + 1} optimizer steps of this run could be applied (non-finite "
-                f"loss, gradients or weights: steps {state.skipped_steps[-5:]}); the adapter is not a result. Lower "
-                f"the learning rate (--lr {self.cfg.lr / 4:g}) or check the data", exit_code=1)
+                f"loss, gradients or weights: steps {state.skipped_steps[-5:]}); the adapter is not a result. Start "
+                f"again with a lower learning rate (the same command plus --overwrite --lr {self.cfg.lr / 4:g}) or "
+                "check the data", exit_code=1)
         return state
 
     # --- after non-finite steps ----------------------------------------------------------------------
