@@ -141,6 +141,8 @@ def base_norms(model: str, shapes: dict[str, list[int]], adapter_dir: Path) -> d
         if list(weight.shape) != shape:
             raise AdapterError(f"{adapter_dir}: {name} is {shape} in the adapter but {list(weight.shape)} in {model}")
         norms[name] = float(weight.double().norm())
+        if not math.isfinite(norms[name]):  # |dW|/|W| would be NaN in the table and not JSON in --json
+            raise UserError(f"--model {model}: the weight of {name} holds NaN or inf values")
     return norms
 
 

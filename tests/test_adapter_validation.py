@@ -109,3 +109,21 @@ def test_the_good_adapter_passes_the_check_and_negative_alpha_is_allowed(good_ad
     assert check_adapter_config(config, "x") is config
     assert check_adapter_config({**BASE_CONFIG, "lora_alpha": -8}, "x")["lora_alpha"] == -8
     assert check_adapter_config({**BASE_CONFIG, "target_modules": ".*qkv_proj"}, "x")["r"] == 4
+
+
+def test_inspect_against_a_base_with_nan_weights_is_one_line(good_adapter, tmp_path, run_command):
+    import shutil
+
+    from minilora.builtin import resolve_builtin
+
+    model = tmp_path / "model"
+    shutil.copytree(resolve_builtin("tiny-phi3"), model)
+    weights = load_file(model / "model.safetensors")
+    key = "model.layers.2.self_attn.qkv_proj.weight"
+    weights[key][0, 0] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    code, _, err = run_command(inspect.main, [str(good_adapter), "--model", str(model), "--json",
+                                              str(tmp_path / "r.json")])
+    assert code == 2 and err == f"error: --model {model}: the weight of model.layers.2.self_attn.qkv_proj holds " \
+        "NaN or inf values\n"
+    assert not (tmp_path / "r.json").exists()
