@@ -127,3 +127,11 @@ def test_inspect_against_a_base_with_nan_weights_is_one_line(good_adapter, tmp_p
     assert code == 2 and err == f"error: --model {model}: the weight of model.layers.2.self_attn.qkv_proj holds " \
         "NaN or inf values\n"
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("body", ['{"config": []}', "[]", '{"config": {"quant": [1]}}', '{"config": null}'])
+def test_a_run_json_of_the_wrong_shape_beside_an_adapter_means_the_defaults(tmp_path, body):
+    from minilora.run_record import TrainedBase, read_trained_base
+
+    (tmp_path / "run.json").write_text(body)
+    assert read_trained_base(tmp_path) == TrainedBase()
