@@ -17,12 +17,15 @@ ints, finite floats, strings, booleans and null stand for themselves.
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+
+from minilora.atomic import current_umask
 
 JSON_NAME = "training_state.json"
 TENSORS_NAME = "training_state.safetensors"
@@ -89,6 +92,7 @@ def save_state(state: dict, folder: Path) -> None:
     tensors: dict[str, torch.Tensor] = {}
     body = _encode(state, tensors)
     save_file(tensors, str(folder / TENSORS_NAME), metadata={"format": "pt"})
+    os.chmod(folder / TENSORS_NAME, 0o666 & ~current_umask())  # safetensors creates it 0600; the umask decides
     (folder / JSON_NAME).write_text(json.dumps(body, allow_nan=False), encoding="utf-8")
 
 
