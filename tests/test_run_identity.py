@@ -33,13 +33,13 @@ def _edit_tokenizer_config(folder):
 
 
 def _add_file(folder):
-    (folder / "added_tokens.json").write_text('{"<x>": 264}')
+    (folder / "special_tokens_map.json").write_text('{"pad_token": "<|endoftext|>"}')
 
 
 CHANGES = {"weights scaled": (_scale_weights, "model.safetensors changed"),
            "chat template edited": (_edit_template, "chat_template.jinja changed"),
            "tokenizer config edited": (_edit_tokenizer_config, "tokenizer_config.json changed"),
-           "a tokenizer file added": (_add_file, "added_tokens.json added")}
+           "a tokenizer file added": (_add_file, "special_tokens_map.json added")}
 
 
 @pytest.fixture(scope="module")
