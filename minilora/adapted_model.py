@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from minilora.adapter import load_adapter, read_adapter_config
-from minilora.errors import UserError
+from minilora.errors import UserError, shown
 from minilora.quant import default_device, load_base
 from minilora.recipe import QUANT_TYPES
 from minilora.run_record import TrainedBase, read_trained_base
@@ -46,13 +46,27 @@ def resolve_trained(adapter_dir: str | Path | None, model: str | None = None, qu
     return TrainedSetup(base, trained, quant or trained.quant, source)
 
 
+def check_device(name: torch.device | str) -> torch.device:
+    """`--device` as a torch.device this machine has: torch accepts `cuda:3` without a GPU and fails only
+    when the first tensor moves there."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise UserError(f"--device {shown(name)}: {str(err)[:200]}") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count or count == 0:
+            have = f"{count} CUDA device{'s' if count != 1 else ''}" if count else "no CUDA GPU"
+            raise UserError(f"--device {device}: this machine has {have}; use --device cpu")
+    elif device.type != "cpu":
+        raise UserError(f"--device {device}: minilora runs on cpu or cuda")
+    return device
+
+
 def load_trained(setup: TrainedSetup, adapter_dir: str | Path | None,
                  device: torch.device | str | None = None) -> nn.Module:
     """The base loaded as `setup` says, with the adapter in `adapter_dir` on it (strict)."""
-    try:
-        device = torch.device(device) if device is not None else default_device()
-    except RuntimeError as err:
-        raise UserError(f"--device {device!r}: {err}") from err
+    device = check_device(device) if device is not None else default_device()
     net = load_base(setup.base, quant=setup.quant, double_quant=setup.trained.double_quant,
                     compute_dtype=setup.compute_dtype, device=device)
     if adapter_dir is not None:

@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from minilora.adapter_check import check_adapter_config, check_adapter_tensors
 from minilora.atomic import atomic_write, atomic_write_json
 from minilora.dora import DoRALinear
 from minilora.errors import AdapterError
@@ -31,6 +32,7 @@ from minilora.inject import add_lora, lora_layers, matched_target_names
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20  # PEFT's config is ~1 KB; a larger one is a mistake (or hostile) and is not read
 # PEFT's key = PREFIX + module path + SUFFIX[our parameter name]
 PREFIX = "base_model.model."
 SUFFIX = {"lora_A": ".lora_A.weight", "lora_B": ".lora_B.weight", "lora_magnitude_vector": ".lora_magnitude_vector"}
@@ -120,28 +122,14 @@ def read_adapter_config(folder: str | Path) -> dict:
         raise AdapterError(f"{folder}: no such adapter folder")
     if not path.is_file():
         raise AdapterError(f"{path}: missing (an adapter folder holds {CONFIG_NAME} and {WEIGHTS_NAME})")
+    if path.stat().st_size > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{path}: {path.stat().st_size:,} bytes is not an adapter config (at most "
+                           f"{MAX_CONFIG_BYTES:,})")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise AdapterError(f"{path}: not valid JSON ({str(err) or 'nested too deeply'})") from err
-    if not isinstance(config, dict):
-        raise AdapterError(f"{path}: expected a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}, only 'LORA' adapters are supported")
-    for key, kind in (("r", int), ("lora_alpha", (int, float)), ("target_modules", (list, str))):
-        if not isinstance(config.get(key), kind) or isinstance(config.get(key), bool):
-            raise AdapterError(f"{path}: '{key}' is missing or has the wrong type ({config.get(key)!r})")
-    if config["r"] <= 0:
-        raise AdapterError(f"{path}: r must be positive, got {config['r']}")
-    for key in ("use_rslora", "use_dora"):  # PEFT writes true/false; a string "false" would read as true
-        if config.get(key) is not None and not isinstance(config[key], bool):
-            raise AdapterError(f"{path}: '{key}' must be true or false, got {config[key]!r}")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key):
-            raise AdapterError(f"{path}: per-module {key} is not supported by minilora")
-    if config.get("modules_to_save"):
-        raise AdapterError(f"{path}: modules_to_save ({config['modules_to_save']}) is not supported by minilora")
-    return config
+        raise AdapterError(f"{path}: not valid JSON ({str(err)[:200] or 'nested too deeply'})") from err
+    return check_adapter_config(config, path)
 
 
 def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
@@ -149,9 +137,10 @@ def read_adapter_weights(folder: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise AdapterError(f"{path}: missing")
     try:
-        return load_file(str(path))
+        tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise AdapterError(f"{path}: not a readable safetensors file ({err})") from err
+        raise AdapterError(f"{path}: not a readable safetensors file ({str(err)[:200]})") from err
+    return check_adapter_tensors(tensors, path)
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:

@@ -25,7 +25,7 @@ REPORT_TO = "README.md, 'Reporting a bug'"
 # What allocators say when they run out: torch's CPU allocator, CUDA, and the HIP/MPS equivalents.
 _OOM_WORDS = ("out of memory", "can't allocate memory", "not enough memory", "cannot allocate memory")
 # Errors of the machine rather than of the program: the message is all the user needs.
-_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -22,7 +22,7 @@ from torch import nn
 
 from minilora.adapted_model import load_trained, resolve_trained
 from minilora.cli_runner import run_cli
-from minilora.errors import UserError
+from minilora.errors import UserError, shown
 from minilora.quant import load_tokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -62,13 +62,32 @@ def prepare_for_generation(model: nn.Module) -> nn.Module:
     return model
 
 
-def _check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    if max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: must be at least 1")
-    if temperature < 0:
-        raise UserError(f"--temperature {temperature}: must be >= 0 (0 is greedy)")
+# Sampling divides the logits by the temperature: below this they overflow to inf and the softmax gives
+# NaN (1e-300 does); above, the distribution is uniform to float precision. 0 means greedy.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-3, 1e3
+MAX_NEW_TOKENS = 1 << 20  # and at most the model's context, checked once it is loaded
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes a 64-bit integer
+MAX_PROMPT_FILE_BYTES = 64 << 20  # read whole into memory: prompts, not a corpus
+
+
+def _check_sampling(max_new_tokens: int, temperature: float, top_p: float, seed: int | None = None) -> None:
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise UserError(f"--max-new-tokens {shown(max_new_tokens)}: must be in [1, {MAX_NEW_TOKENS:,}]")
+    if not (temperature == 0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        raise UserError(f"--temperature {shown(temperature)}: must be 0 (greedy) or in "
+                        f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]")
     if not 0 < top_p <= 1:
-        raise UserError(f"--top-p {top_p}: must be in (0, 1]")
+        raise UserError(f"--top-p {shown(top_p)}: must be in (0, 1]")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise UserError(f"--seed {shown(seed)}: must be in [0, 2**63)")
+
+
+def _check_context(model: nn.Module, n_prompt: int, max_new_tokens: int) -> None:
+    """The prompt and the reply must fit the model's positions (a longer request only grows the KV cache)."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(context, int) and n_prompt + max_new_tokens > context:
+        raise UserError(f"--max-new-tokens {max_new_tokens:,}: with the prompt's {n_prompt:,} tokens that is more "
+                        f"than the model's {context:,} positions")
 
 
 @torch.no_grad()
@@ -147,6 +166,9 @@ def read_prompts(path: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{path}: no such prompt file (--prompt-file)")
+    if p.stat().st_size > MAX_PROMPT_FILE_BYTES:
+        raise UserError(f"{path}: {p.stat().st_size:,} bytes of prompts is more than --prompt-file reads "
+                        f"({MAX_PROMPT_FILE_BYTES:,}); split it")
     try:
         prompts = [line for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError as err:
@@ -180,13 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _check_sampling(args.max_new_tokens, args.temperature, args.top_p)  # before the model is loaded
+    _check_sampling(args.max_new_tokens, args.temperature, args.top_p, args.seed)  # before the model is loaded
     prompts = read_prompts(args.prompt_file) if args.prompt_file else [args.prompt]
     model, tokenizer = load_for_generation(args.adapter, args.model, args.quant)
     if args.seed is not None:
         torch.manual_seed(args.seed)
     for prompt in prompts:
         ids = encode_prompt(tokenizer, prompt, args.chat)
+        _check_context(model, len(ids), args.max_new_tokens)
         new = generate_ids(model, tokenizer, ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_p=args.top_p)
         text = tokenizer.decode(new, skip_special_tokens=True)

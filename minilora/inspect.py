@@ -243,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         target = getattr(args, flag)
         if target and not Path(target).resolve().parent.is_dir():
             raise UserError(f"--{flag} {target}: its folder does not exist")
+        if target and Path(target).is_dir():
+            raise UserError(f"--{flag} {target}: is a folder; give a file name")
     report = inspect(args.adapter, compare=args.compare, model=args.model)
     print(format_table(report))
     if args.json:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from minilora.adapted_model import resolve_trained
-from minilora.errors import AdapterError
+from minilora.errors import AdapterError, UserError
 from minilora.lora import dequantize_weight, lora_scale
 from minilora.lora_init import LOFTQ, ZEROS, changes_base, initial_factors, one_cpu_thread, subtract_update
 from minilora.quant import Quantizer, load_base
@@ -70,6 +70,8 @@ def quant_errors(model: str, modules: dict[str, dict], adapter_dir: Path) -> dic
         if list(linear.weight.shape) != shape:
             raise AdapterError(f"{adapter_dir}: {name} is {shape} in the adapter but {list(linear.weight.shape)} "
                                f"in {model}")
+        if not torch.isfinite(linear.weight).all():  # every error would be NaN, and --json not JSON
+            raise UserError(f"--model {model}: the weight of {name} holds NaN or inf values")
         with one_cpu_thread(device):
             rows[name] = _module_errors(linear, m, quantizer, init)
     return rows

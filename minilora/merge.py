@@ -24,7 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer
 from transformers.utils.hub import convert_file_size_to_int
 
-from minilora.adapted_model import TrainedSetup, load_trained, resolve_trained
+from minilora.adapted_model import TrainedSetup, check_device, load_trained, resolve_trained
 from minilora.adapter import read_adapter_config
 from minilora.atomic import atomic_replace_dir
 from minilora.cli_runner import run_cli
@@ -108,6 +108,17 @@ def check_plain(model: nn.Module) -> None:
         raise RuntimeError(f"merge left LoRA/4-bit traces: modules {leftover[:3]}, keys {bad_keys[:3]}")
 
 
+def check_finite(model: nn.Module, dtype: torch.dtype) -> None:
+    """Refuse to write a merged model holding NaN or inf: the adapter is checked when read, so these come from
+    the base's own weights or from a sum past the range of `dtype` (fp16 ends at 65,504)."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            hint = "; try --dtype bf16 or fp32" if dtype == torch.float16 else ""
+            raise UserError(f"the merged weight {name} holds NaN or inf values in "
+                            f"{str(dtype).removeprefix('torch.')} (from the base model's weights or an update "
+                            f"beyond the dtype's range){hint}; nothing was written")
+
+
 # --- the whole job ----------------------------------------------------------------------------------
 
 
@@ -160,6 +171,8 @@ def merge_adapter(
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     dtype = parse_dtype(dtype)
     check_shard_size(max_shard_size)  # save_pretrained would refuse it only after the whole merge
+    if device is not None:
+        check_device(device)  # before the model loads
     config = read_adapter_config(adapter_dir)
     setup = resolve_trained(adapter_dir, model, quant)
     base = setup.base
@@ -177,6 +190,7 @@ def _merge_into(output_dir: Path, setup: TrainedSetup, adapter_dir: Path, dtype:
     net = load_trained(setup, adapter_dir, device)
     n_lora, n_other = fold_lora(net, dtype)
     check_plain(net)
+    check_finite(net, dtype)
     net.config.dtype = dtype
     # load_base switches the KV cache off for training; the export carries the base's own setting.
     net.config.use_cache = getattr(AutoConfig.from_pretrained(resolve_model_path(base)), "use_cache", True)

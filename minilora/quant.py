@@ -103,8 +103,8 @@ def load_base(
         # Loaded on the CPU, then quantized layer by layer onto the device: the full-precision model
         # never sits in GPU memory, and no device_map (Accelerate) is involved.
         model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype)
-    except OSError as err:
-        raise UserError(f"cannot load model {name_or_path!r}: {str(err).splitlines()[0]}") from err
+    except Exception as err:
+        raise unloadable_model(name_or_path, err) from err
     if name_or_path.startswith(BUILTIN_PREFIX):
         model.config._name_or_path = name_or_path
     quantizer = Quantizer(quant, double_quant, compute_dtype, device) if quant != "none" else None
@@ -139,12 +139,25 @@ class Quantizer:
         return quantize_linear(linear, self.quant, self.double_quant, self.compute_dtype, self.device, weight)
 
 
+def unloadable_model(name_or_path: str, err: Exception, what: str = "cannot load it") -> Exception:
+    """What to raise when transformers cannot build or load a model: a model folder is input, and its
+    config or weights fail in many ways (truncated safetensors, `"hidden_size": "big"`, a pad id past the
+    vocabulary, heads that do not divide the width), each raising its own exception type. Out of memory
+    stays itself (its own exit code)."""
+    from minilora.cli_runner import is_out_of_memory
+
+    if is_out_of_memory(err) or isinstance(err, UserError):
+        return err
+    text = (str(err).strip().splitlines() or [""])[0][:200]
+    return UserError(f"base model {name_or_path}: {what} ({type(err).__name__}: {text})")
+
+
 def load_tokenizer(name_or_path: str):
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as err:  # ValueError: a folder whose files name no usable tokenizer
-        raise UserError(f"cannot load the tokenizer of {name_or_path!r}: {str(err).splitlines()[0]}") from err
+    except Exception as err:  # a folder whose files name no usable tokenizer, or a damaged tokenizer.json
+        raise unloadable_model(name_or_path, err, "cannot load its tokenizer") from err
     if tokenizer.pad_token_id is None:
         # Padding positions are masked out of attention and loss, so any id serves; eos is always there.
         tokenizer.pad_token = tokenizer.eos_token

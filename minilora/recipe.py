@@ -37,3 +37,11 @@ def parse_init(init: str) -> tuple[str, int | None]:
     if method != "pissa" or not niter.isdigit():
         raise ValueError(f"init {init!r}: only pissa takes a count of randomized-SVD iterations (pissa:N, N >= 0)")
     return method, int(niter)
+
+
+# Upper bounds of the LoRA settings, for train's flags and for adapter configs read from anywhere: past
+# them a value is a mistake (or hostile) and would only allocate without bound or overflow. A rank is at
+# most a layer's width (Phi-3-mini: 3,072; the widest open models: ~16k); a scale alpha/r beyond ~1e6
+# overflows bf16/fp16 activations.
+MAX_R = 65_536
+MAX_ALPHA = 1e6

@@ -60,9 +60,11 @@ def read_trained_base(adapter_dir: str | Path) -> TrainedBase:
     try:
         run = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise UserError(f"{path}: not readable as JSON ({err}); pass --quant to say how the base was loaded") from err
-    quant = run.get("config", {}).get("quant") if isinstance(run, dict) else None
-    if quant not in QUANT_TYPES:
+        raise UserError(f"{path}: not readable as JSON ({str(err)[:200]}); pass --quant to say how the base was "
+                        "loaded") from err
+    config = run.get("config") if isinstance(run, dict) else None
+    quant = config.get("quant") if isinstance(config, dict) else None
+    if not isinstance(quant, str) or quant not in QUANT_TYPES:
         return TrainedBase()
     dtype = str(run.get("compute_dtype", "")).removeprefix("torch.")
     return TrainedBase(quant=quant, double_quant=run.get("double_quant", True) is not False, source=str(path),

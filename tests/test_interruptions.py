@@ -90,12 +90,12 @@ def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tmp_path, uninterrup
 def test_a_damaged_checkpoint_is_skipped_and_reported(tmp_path, uninterrupted, capsys):
     out = tmp_path / "out"
     assert run_quick(out, max_steps=24, save_every=3, eval_every=0) == 0
-    state = out / "checkpoints" / "step-24" / "training_state.pt"
+    state = out / "checkpoints" / "step-24" / "training_state.safetensors"
     state.write_bytes(state.read_bytes()[:100])  # truncated mid-write
     (out / "checkpoints" / ".step-27.abc.tmp").mkdir()  # an unfinished checkpoint folder
     assert run_quick(out, max_steps=24, save_every=3, eval_every=0, resume=True) == 0
     printed = capsys.readouterr().out
-    assert "step-24: skipped, training_state.pt does not match its checksum" in printed
+    assert "step-24: skipped, training_state.safetensors does not match its checksum" in printed
     assert "continuing from" in printed and "step-21" in printed
     assert same_adapter(adapter_tensors(out), uninterrupted)
 

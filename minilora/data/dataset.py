@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minilora.atomic import writing
 from minilora.data import cache
 from minilora.data.examples import Examples, seeded_permutation
 from minilora.data.prepare import prepare
@@ -60,9 +61,10 @@ def load_dataset(path, tokenizer, seq_len: int, skip_bad_lines: bool = False, ca
             shutil.rmtree(build, ignore_errors=True)
         return _dataset(path, sha, store, "", False, started)
     root = Path(cache_dir)
-    key = cache.cache_key(sha, tokenizer, seq_len, skip_bad_lines)
+    identity = cache.store_identity(sha, tokenizer, seq_len, skip_bad_lines)
+    key = cache.cache_key(identity)
     target = root / key
-    meta = cache.read_verified(target)
+    meta = cache.read_verified(target, identity)
     if meta is not None:
         return _dataset(path, sha, TokenStore(target, meta), str(target), True, started)
     stat = path.stat()
@@ -71,19 +73,20 @@ def load_dataset(path, tokenizer, seq_len: int, skip_bad_lines: bool = False, ca
         prepare(path, tokenizer, seq_len, skip_bad_lines, build, workers, progress)
         if path.stat().st_mtime_ns != stat.st_mtime_ns or path.stat().st_size != stat.st_size:
             raise UserError(f"{path}: the file changed while it was being prepared; run again")
-        meta = _stamp(build, sha)
-        cache.publish(build, target)
+        meta = _stamp(build, identity)
+        cache.publish(build, target, identity)
     except BaseException:
         shutil.rmtree(build, ignore_errors=True)
         raise
     return _dataset(path, sha, TokenStore(target, meta), str(target), False, started)
 
 
-def _stamp(build: Path, sha: str) -> dict:
-    """Add the cache's version and the data file's digest to the store's meta."""
+def _stamp(build: Path, identity: dict) -> dict:
+    """Record in the store's meta what it was made from (checked before every later use)."""
     meta = json.loads((build / "meta.json").read_text(encoding="utf-8"))
-    meta.update(version=cache.STORE_VERSION, data_sha256=sha)
-    (build / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+    meta.update(identity=identity)
+    with writing(build / "meta.json", build):
+        (build / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return meta
 
 

@@ -20,6 +20,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from jinja2 import TemplateError
 from tqdm.auto import tqdm
 
 from minilora.data.records import (
@@ -74,6 +75,32 @@ class Chunk:
     n_dropped: int = 0
 
 
+# What a chat template raises when it refuses a conversation (`raise_exception`), cannot be compiled (an
+# unknown filter) or fails on a value: the user's data or the model's template, never a bug of ours.
+TEMPLATE_ERRORS = (TemplateError, TypeError, ValueError, KeyError, IndexError)
+
+
+def _without_refused(job: Job, records: list, record_lines: list, chunk: Chunk) -> tuple[list, list]:
+    """The records the chat template renders, each tried alone; the first refused one becomes the chunk's
+    error (or, with skip_bad_lines, each is a skipped line)."""
+    kept, kept_lines = [], []
+    for record, lineno in zip(records, record_lines, strict=True):
+        try:
+            job.encoder.encode([record])
+        except TEMPLATE_ERRORS as err:
+            why = f"the tokenizer's chat template fails on this example ({type(err).__name__}: {str(err)[:200]})"
+            if not job.skip_bad_lines:
+                chunk.error = (lineno, why)
+                return [], []
+            chunk.skipped.append((lineno, why))
+            chunk.n_valid -= 1
+            continue
+        kept.append(record)
+        kept_lines.append(lineno)
+    chunk.skipped.sort()
+    return kept, kept_lines
+
+
 def process_chunk(job: Job, lines: list[tuple[int, bytes]]) -> Chunk:
     chunk, records, record_lines = Chunk(), [], []
     for lineno, line in lines:
@@ -88,7 +115,15 @@ def process_chunk(job: Job, lines: list[tuple[int, bytes]]) -> Chunk:
     chunk.n_valid = len(records)
     if job.encoder is None or not records:
         return chunk
-    encoded = job.encoder.encode(records)
+    try:
+        encoded = job.encoder.encode(records)
+    except TEMPLATE_ERRORS:
+        if not job.encoder.chat:
+            raise
+        records, record_lines = _without_refused(job, records, record_lines, chunk)
+        if chunk.error is not None or not records:
+            return chunk
+        encoded = job.encoder.encode(records)
     lengths = encoded.lengths  # (n,) untruncated
     starts = np.cumsum(lengths) - lengths
     kept = np.minimum(lengths, job.seq_len)  # (n,) tokens left after truncation

@@ -125,6 +125,8 @@ def parse_line(line: bytes):
         raise BadLine(f"expected JSON: {e.msg} (column {e.colno})") from None
     except RecursionError:
         raise BadLine("expected JSON: nested too deeply to read") from None
+    except ValueError as e:  # past Python's digit limit for an integer (4,300 digits)
+        raise BadLine(f"expected JSON: {str(e)[:120]}") from None
 
 
 def check_record(line: bytes, lineno: int, fmt: str, first: int) -> dict:

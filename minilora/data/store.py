@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minilora.atomic import writing
 from minilora.data.examples import IGNORE_INDEX, Examples
 
 ARRAYS = ("ids", "trained", "offsets", "lines", "targets")
@@ -43,7 +44,8 @@ class StoreWriter:
 
     def _write(self, name: str, array: np.ndarray) -> None:
         data = array.tobytes()
-        self.files[name].write(data)
+        with writing(self.folder / f"{name}.bin", self.folder):  # a full disk names the file and the space
+            self.files[name].write(data)
         self.digests[name].update(data)
 
     def append(self, ids: np.ndarray, trained: np.ndarray, lengths: np.ndarray, lines: np.ndarray,
@@ -62,14 +64,16 @@ class StoreWriter:
 
     def finish(self, meta: dict) -> dict:
         self._write("trained", np.packbits(self._bits))
-        for f in self.files.values():
-            f.flush()
-            os.fsync(f.fileno())
-            f.close()
+        with writing(self.folder, self.folder):
+            for f in self.files.values():
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
         meta = {**meta, "ids_dtype": self.dtype.name, "n_examples": self.n_examples, "n_tokens": self.n_tokens,
                 "sizes": {name: (self.folder / f"{name}.bin").stat().st_size for name in ARRAYS},
                 "sha256": {name: digest.hexdigest() for name, digest in self.digests.items()}}
-        (self.folder / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
+        with writing(self.folder / "meta.json", self.folder):
+            (self.folder / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
         return meta
 
     def close(self) -> None:

@@ -2,12 +2,15 @@
 
     <output>/checkpoints/step-N/
         adapter_config.json, adapter_model.safetensors   the adapter at step N (PEFT-loadable)
-        training_state.pt    optimizer, grad scaler, RNG states per rank (Python, NumPy, torch, CUDA), step,
-                             data position, the held-out loss before training
+        training_state.json, training_state.safetensors
+                             optimizer, grad scaler, RNG states per rank (Python, NumPy, torch, CUDA), step,
+                             data position, the held-out loss before training (state_io.py: no pickles)
         manifest.json        the run's fingerprint, a sha256 of each file above, and one of itself
 
 A checkpoint is built in a temporary folder and renamed into place (minilora.atomic), so after a
 `kill -9` every `step-N` folder is complete; the manifest also catches a folder damaged later.
+Nothing in a checkpoint is unpickled: a folder written by an older minilora (`training_state.pt`) is
+passed over, not loaded.
 """
 
 import hashlib
@@ -22,8 +25,10 @@ import torch
 
 from minilora.adapter import save_adapter
 from minilora.atomic import atomic_replace_dir
+from minilora.errors import UserError
+from minilora.training.state_io import JSON_NAME, StateFormatError, load_state, save_state
 
-STATE_NAME = "training_state.pt"
+PICKLED_STATE_NAME = "training_state.pt"  # older minilora; never loaded
 MANIFEST_NAME = "manifest.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
 SELF_KEY = "manifest_sha256"  # the manifest's checksum of its own other keys
@@ -68,7 +73,7 @@ def save_checkpoint(output: str | Path, step: int, model, optimizer, scaler, ext
 
     def build(folder: Path) -> None:
         save_adapter(model, folder, fingerprint.get("model"))
-        torch.save(state, folder / STATE_NAME)
+        save_state(state, folder)
         files = {p.name: _sha256(p) for p in sorted(folder.iterdir())}
         body = {"step": step, "fingerprint": fingerprint, "sha256": files}
         (folder / MANIFEST_NAME).write_text(json.dumps({**body, SELF_KEY: _manifest_digest(body)}, indent=2))
@@ -99,6 +104,9 @@ def verify_checkpoint(folder: Path) -> str | None:
     manifest = folder / MANIFEST_NAME
     if not manifest.is_file():
         return "no manifest.json (written last)"
+    if not (folder / JSON_NAME).is_file() and (folder / PICKLED_STATE_NAME).is_file():
+        return (f"written by an older minilora ({PICKLED_STATE_NAME} is a pickle, which could run code when "
+                "loaded: it is never loaded)")
     try:
         body = json.loads(manifest.read_text(encoding="utf-8"))
         digest = body.pop(SELF_KEY)
@@ -134,5 +142,8 @@ def read_manifest(folder: Path) -> dict:
 
 
 def load_training_state(folder: Path) -> dict:
-    # Our own file, written by save_checkpoint: it holds Python RNG tuples and NumPy arrays.
-    return torch.load(folder / STATE_NAME, map_location="cpu", weights_only=False)
+    try:
+        return load_state(folder)
+    except StateFormatError as err:
+        raise UserError(f"--resume: {err}; resume from an earlier checkpoint (remove {folder}) or start afresh "
+                        "with --overwrite") from None

@@ -15,7 +15,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from minilora.cli_runner import run_cli
-from minilora.errors import UserError
+from minilora.errors import UserError, shown
 from minilora.training.config import TrainConfig, validate
 
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few dozen keys; more is a mistake (or hostile)
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name == "targets":
             parser.add_argument(flag, dest=f.name, nargs="+", metavar="NAME", help=help_text)
         else:
-            parser.add_argument(flag, dest=f.name, type=_type(f), choices=meta.get("choices"), help=help_text)
+            parser.add_argument(flag, dest=f.name, type=_flag_type(f), choices=meta.get("choices"), help=help_text)
     return parser
 
 
@@ -55,6 +55,22 @@ def _type(f: dataclasses.Field) -> Callable:
     return {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
 
 
+def _flag_type(f: dataclasses.Field) -> Callable:
+    """The flag's parser; a refusal quotes the text shortened (argparse would print all of it)."""
+    kind = _type(f)
+    if kind is str:
+        return str
+
+    def parse(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {shown(text)}") from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def read_config_file(path: str) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -63,11 +79,13 @@ def read_config_file(path: str) -> dict:
         raise UserError(f"{path}: {p.stat().st_size:,} bytes is not a config file (at most {MAX_CONFIG_BYTES:,})")
     try:
         text = p.read_text(encoding="utf-8")
-        values = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+        values = tomllib.loads(text) if p.suffix == ".toml" else _load_yaml(path, text)
     except (UnicodeDecodeError, tomllib.TOMLDecodeError, yaml.YAMLError) as err:
-        raise UserError(f"{path}: cannot parse ({str(err).splitlines()[0]})") from err
+        raise UserError(f"{path}: cannot parse ({str(err).splitlines()[0][:200]})") from err
     except RecursionError as err:
         raise UserError(f"{path}: cannot parse (nested too deeply)") from err
+    except ValueError as err:  # an integer past Python's digit limit (4,300 digits)
+        raise UserError(f"{path}: cannot parse ({str(err)[:120]})") from err
     values = values or {}
     if not isinstance(values, dict):
         raise UserError(f"{path}: expected a mapping of flag names to values")
@@ -76,11 +94,20 @@ def read_config_file(path: str) -> dict:
     for key, value in values.items():
         name = str(key).replace("-", "_")
         if name in OTHER_NAMES:
-            raise UserError(f"{path}: key {key!r}: minilora calls it {OTHER_NAMES[name]}")
+            raise UserError(f"{path}: key {shown(key)}: minilora calls it {OTHER_NAMES[name]}")
         if name not in known:
-            raise UserError(f"{path}: unknown key {key!r}")
+            raise UserError(f"{path}: unknown key {shown(key)}")
         out[name] = _coerce(path, name, value, known[name])
     return out
+
+
+def _load_yaml(path: str, text: str):
+    """The YAML document, refusing aliases (`*name`) before anything is built: flags need none, and a few
+    hundred bytes of nested aliases expand to gigabytes wherever the value is walked or printed."""
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):
+            raise UserError(f"{path}: uses a YAML alias (*{event.anchor[:40]}); write each value out")
+    return yaml.safe_load(text)
 
 
 def _coerce(path: str, name: str, value, f: dataclasses.Field):
@@ -89,12 +116,12 @@ def _coerce(path: str, name: str, value, f: dataclasses.Field):
     if name == "targets":
         value = value.split(",") if isinstance(value, str) else value
         if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
-            raise UserError(f"{path}: 'targets' must be a list of module names, got {value!r}")
+            raise UserError(f"{path}: 'targets' must be a list of module names, got {shown(value)}")
         return value
     kind = _type(f) if f.type not in (bool, "bool") else bool
     accepted = (int, float) if kind is float else (kind,)
     if isinstance(value, bool) != (kind is bool) or not isinstance(value, accepted):
-        raise UserError(f"{path}: '{name}' must be {_TYPE_WORDS[kind]}, got {value!r}")
+        raise UserError(f"{path}: '{name}' must be {_TYPE_WORDS[kind]}, got {shown(value)}")
     return kind(value)
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from minilora import recipe
-from minilora.errors import UserError
+from minilora.errors import UserError, shown
 
 FREE = "free"  # `resume=FREE`: may differ on --resume (the run computes the same numbers)
 STEER = "steer"  # `resume=STEER`: may differ on --resume, with a notice (the rest of the run changes)
@@ -103,6 +103,22 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# The largest value of each numeric setting, checked before anything is allocated: past these a value is a
+# mistake (or hostile), and some would allocate without bound (a step holds its --grad-accum micro-batches;
+# --seq-len x --batch-size sizes the recompute probe). Lower bounds are checked in `validate`.
+UPPER_BOUNDS = {
+    "r": recipe.MAX_R, "alpha": recipe.MAX_ALPHA,
+    "dropout": 1.0, "eval_fraction": 1.0, "min_lr_ratio": 1.0,  # ranges with their own messages below
+    "lora_plus_ratio": 1e4,  # LoRA+ reports ratios of 2 to 2**8 (Hayou et al. 2024)
+    "lr": 1.0,  # AdamW's step is about lr per weight: past 1 an update outweighs any LoRA weight
+    "weight_decay": 1e3, "max_grad_norm": 1e6, "epochs": 1e6,
+    "max_steps": 10**9, "warmup_steps": 10**9,
+    "batch_size": 65_536, "grad_accum": 1_024, "seq_len": 1 << 20, "batch_tokens": 1 << 24,
+    "eval_max_examples": 10**9, "eval_every": 10**9, "save_every": 10**9, "keep_checkpoints": 10**6,
+    "log_lora_stats": 10**9, "seed": 2**32 - 1, "recompute_every": 10**6, "max_bad_steps": 10**6,
+}
+
+
 def resume_fields(kind: str) -> set[str]:
     """The fields marked `resume=kind` (FREE or STEER)."""
     return {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("resume") == kind}
@@ -112,7 +128,7 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> None:
     """Reject bad or contradictory settings with one clear line, before any model is loaded."""
 
     def bad(flag: str, why: str):
-        raise UserError(f"--{flag.replace('_', '-')} {getattr(cfg, flag)!r}: {why}")
+        raise UserError(f"--{flag.replace('_', '-')} {shown(getattr(cfg, flag))}: {why}")
 
     if not cfg.data:
         raise UserError("--data is required (a JSONL file)")
@@ -162,6 +178,9 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> None:
         bad("min_lr_ratio", "must be in [0, 1]")
     if cfg.weight_decay < 0 or cfg.max_grad_norm < 0:
         raise UserError("--weight-decay and --max-grad-norm must not be negative")
+    for name, most in UPPER_BOUNDS.items():  # after the checks above, which give their own messages
+        if getattr(cfg, name) > most:
+            bad(name, f"must be at most {most:,}" if isinstance(most, int) else f"must be at most {most:g}")
     if cfg.eval_file and "eval_fraction" in explicit and cfg.eval_fraction > 0:
         raise UserError("--eval-file and --eval-fraction both choose the held-out data; give one of them")
     if cfg.padding and cfg.packing:

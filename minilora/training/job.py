@@ -35,7 +35,8 @@ from minilora.inject import (
 )
 from minilora.lock import LOCK_NAME, FolderLock
 from minilora.lora_init import changes_base
-from minilora.quant import load_base, load_tokenizer, resolve_model_path
+from minilora.model_files import describe_changes, model_file_digests
+from minilora.quant import load_base, load_tokenizer, resolve_model_path, unloadable_model
 from minilora.run_record import RUN_FILE, read_run_record, write_run_record
 from minilora.training.card import render_card
 from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
@@ -140,12 +141,28 @@ def report_data(data: RunData, cfg: TrainConfig) -> None:
 
 
 def fingerprint(cfg: TrainConfig, data: RunData, precision: str, world: int) -> dict:
-    """What defines the run: a resume must match it exactly."""
+    """What defines the run: a resume must match it exactly. The base model and the data files count by
+    content (`base_files`: None for a hub model not downloaded yet; job.py fills it in after the load)."""
     free = resume_fields(FREE)
     values = {k: v for k, v in cfg.to_dict().items() if k not in free}
     values.update(data_sha256=data.train.sha256, eval_sha256=data.eval_sha256, precision=precision,
-                  world_size=world)
+                  world_size=world, base_files=model_file_digests(cfg.model))
     return values
+
+
+def _difference(key: str, old, new) -> str:
+    """One difference between a checkpoint's fingerprint and this command's, in bounded words."""
+    if key == "base_files":
+        return f"base_files: the files of the base model changed ({describe_changes(old or {}, new or {})})"
+    if key in ("data_sha256", "eval_sha256") and isinstance(old, str) and isinstance(new, str):
+        which = "data" if key == "data_sha256" else "held-out data"
+        return f"{key}: the {which} file's content changed (sha256 {old[:12]}... -> {new[:12]}...)"
+    return f"{key}: {_bounded(old)} -> {_bounded(new)}"
+
+
+def _bounded(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def resume_point(cfg: TrainConfig, fp: dict) -> tuple[Path, dict]:
@@ -156,24 +173,60 @@ def resume_point(cfg: TrainConfig, fp: dict) -> tuple[Path, dict]:
     if folder is None:
         raise UserError(f"--resume: no complete checkpoint in {Path(cfg.output) / 'checkpoints'} to resume from")
     saved, steer = read_manifest(folder)["fingerprint"], resume_fields(STEER)
-    diffs = [f"{k}: {saved.get(k)!r} -> {fp.get(k)!r}"
-             for k in sorted(set(saved) | set(fp)) if k not in steer and saved.get(k) != fp.get(k)]
-    if diffs:
-        raise UserError(f"--resume: this command differs from the run in {cfg.output}: " + "; ".join(diffs))
+    check_same_run(cfg, fp, saved, skip=steer | ({"base_files"} if fp.get("base_files") is None else set()))
     changed = {k: [saved[k], fp[k]] for k in sorted(steer) if k in saved and saved[k] != fp[k]}
     for k, (old, new) in changed.items():
         print(f"resume: --{k.replace('_', '-')} {old!r} -> {new!r} for the rest of the run")
     return folder, changed
 
 
-def check_targets(cfg: TrainConfig) -> None:
-    """Match the targets against the architecture on the meta device: no weights, no memory."""
+def check_same_run(cfg: TrainConfig, fp: dict, saved: dict, skip: set[str] = frozenset()) -> None:
+    """Refuse a resume whose fingerprint differs from the checkpoint's in anything but `skip`."""
+    diffs = [_difference(k, saved.get(k), fp.get(k))
+             for k in sorted(set(saved) | set(fp)) if k not in skip and saved.get(k) != fp.get(k)]
+    if diffs:
+        raise UserError(f"--resume: this command differs from the run in {cfg.output}: " + "; ".join(diffs[:8])
+                        + (f"; and {len(diffs) - 8} more" if len(diffs) > 8 else "")
+                        + ". Resume with what the run had, or start afresh with --overwrite (or another --output)")
+
+
+def probe_shapes(skeleton: torch.nn.Module, name: str) -> None:
+    """One forward of the meta-device model on 8 tokens: shapes only, no memory, a few ms. A config whose
+    sizes disagree (7 heads for a width of 256, key/value heads that do not divide the heads) builds, and
+    would fail only at the first batch, after the weights and the data are loaded."""
+    try:
+        with torch.no_grad():
+            skeleton(input_ids=torch.zeros(1, 8, dtype=torch.long, device="meta"))
+    except NotImplementedError:
+        return  # an operation without a meta implementation: the probe cannot tell, the load will
+    except (RuntimeError, ValueError, TypeError, AssertionError, IndexError) as err:
+        if "meta" in str(err).lower():
+            return
+        raise unloadable_model(name, err, "its config does not make a working model") from err
+
+
+def check_vocabulary(cfg: TrainConfig, tokenizer, vocab_size) -> None:
+    """Every id the tokenizer can give (pad included) must have a row in the model's embedding; else the
+    first batch would index past it."""
+    if not isinstance(vocab_size, int):
+        return
+    largest = max(len(tokenizer) - 1, tokenizer.pad_token_id or 0)
+    if largest >= vocab_size:
+        raise UserError(f"--model {cfg.model}: the tokenizer gives ids up to {largest:,} (pad id "
+                        f"{tokenizer.pad_token_id}), but config.json's vocab_size is {vocab_size:,}; the tokenizer "
+                        "does not belong to these weights")
+
+
+def check_targets(cfg: TrainConfig) -> int | None:
+    """Match the targets against the architecture on the meta device: no weights, no memory. Returns the
+    config's vocab_size."""
     try:
         config = transformers.AutoConfig.from_pretrained(resolve_model_path(cfg.model))
-    except (OSError, ValueError) as err:
-        raise UserError(f"--model {cfg.model}: cannot read its config ({str(err).splitlines()[0]})") from err
-    with torch.device("meta"):
-        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+        with torch.device("meta"):
+            skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    except Exception as err:  # a config.json transformers cannot read or build a model from
+        raise unloadable_model(cfg.model, err, "its config does not make a model") from err
+    probe_shapes(skeleton, cfg.model)
     known = linear_layer_kinds(skeleton)
     add_lora(skeleton, r=cfg.r, alpha=cfg.alpha, targets=cfg.targets)  # raises UserError if none match
     # The default list names layers of several architectures, each absent from the others; a list the
@@ -182,6 +235,7 @@ def check_targets(cfg: TrainConfig) -> None:
     if unknown:
         raise UserError(f"--targets {', '.join(unknown)}: no such module in {type(skeleton).__name__} "
                         f"(its linear layers: {', '.join(known)})")
+    return getattr(config, "vocab_size", None)
 
 
 def seed_everything(seed: int) -> None:
@@ -272,8 +326,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
     precision = resolve_precision(cfg.precision, device)
     check_kernel_mode(cfg.kernels, device)
     check_output(cfg)
-    check_targets(cfg)  # the model's config and the targets, before the data is read (which may take long)
+    vocab_size = check_targets(cfg)  # the model's config and the targets, before the data is read
     tokenizer = load_tokenizer(cfg.model)
+    check_vocabulary(cfg, tokenizer, vocab_size)
     data = prepare_data(cfg, tokenizer, dist)
     fp = fingerprint(cfg, data, precision, dist.world)
     resume_from, steered = resume_point(cfg, fp) if cfg.resume else (None, {})
@@ -291,6 +346,10 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
     # counts or library versions, the subtraction and quantization of fixed factors do.
     initial = read_initial_factors(resume_from, cfg.r) if resume_from is not None and changes_base(cfg.init) else None
     model, recompute = build_model(cfg, precision, device, dist.local_world, initial)
+    if fp["base_files"] is None:  # a hub model downloaded by the load: its files are known only now
+        fp["base_files"] = model_file_digests(cfg.model)
+        if resume_from is not None:
+            check_same_run(cfg, fp, read_manifest(resume_from)["fingerprint"], skip=resume_fields(STEER))
     if dist.enabled:
         torch.manual_seed(cfg.seed + 1_000_003 * dist.rank)  # but different dropout masks per rank
     say(f"model: {cfg.model} ({cfg.quant}, {precision}) on {hardware(device)}; {trainable_summary(model)}")
@@ -324,13 +383,14 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
 
     try:
         state = trainer.run()
+        eval_after = trainer.run_eval("after")  # collective: every rank evaluates its share
+        trainer.check_weights(f"the adapter in {out}")  # nothing non-finite is written as the result
     except TrainingStopped as stop:
         if dist.main:
             plot_run(out, f"{cfg.model} (stopped)")
             print(f"stopped: {stop}", file=sys.stderr)
         return stop.exit_code
 
-    eval_after = trainer.run_eval("after")  # collective: every rank evaluates its share
     if not dist.main:
         return 0
     save_adapter(model, out, cfg.model)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from minilora.adapter import load_adapter, save_adapter
 from minilora.cli_runner import EXIT_OUT_OF_MEMORY, first_line, is_out_of_memory
 from minilora.data.batching import Batch, make_batches, make_padding_free_batches
+from minilora.errors import UserError, shown
 from minilora.inject import lora_layers, lora_parameters
 from minilora.training.checkpoint import (
     load_training_state,
@@ -206,6 +207,7 @@ class TrainingLoop:
                  "eval_before": self.state.eval_before, "eval_last": self.state.eval_last,
                  "rng_per_rank": gather_objects(rng_states(), self.dist)}
         path = self.output / "checkpoints" / f"step-{self.state.step}"
+        self.check_weights(f"checkpoint {path}")
         if self.dist.main:
             save_checkpoint(self.output, self.state.step, self.model, self.optimizer, self.scaler, extra,
                             self.fingerprint, self.cfg.keep_checkpoints)
@@ -214,6 +216,17 @@ class TrainingLoop:
     def restore(self, folder: Path) -> None:
         load_adapter(self.model, folder)
         saved = load_training_state(folder)
+        try:
+            self._apply_saved(saved)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
+            # The manifest's checksums passed, so the file is as written, but not by this run's kind of loop.
+            raise UserError(f"--resume: {folder}: the training state does not fit this run ({type(err).__name__}: "
+                            f"{str(err)[:200]}); resume from an earlier checkpoint or start afresh with "
+                            "--overwrite") from None
+        if self.dist.main:
+            truncate_metrics(self.output / METRICS_NAME, self.state.step)
+
+    def _apply_saved(self, saved: dict) -> None:
         self.optimizer.load_state_dict(saved["optimizer"])
         for group in self.optimizer.param_groups:  # the saved groups carry the old value; it may be steered
             group["weight_decay"] = self.cfg.weight_decay
@@ -222,8 +235,7 @@ class TrainingLoop:
         self.stream.epoch, self.stream.index = saved["data_position"]["epoch"], saved["data_position"]["index"]
         self.state.step, self.state.tokens_seen = saved["step"], saved["tokens_seen"]
         self.state.eval_before, self.state.eval_last = saved["eval_before"], saved["eval_last"]
-        if self.dist.main:
-            truncate_metrics(self.output / METRICS_NAME, self.state.step)
+        _check_saved_values(self)
 
     # --- logging ----------------------------------------------------------------------------------
     def log(self, record: dict) -> None:
@@ -235,6 +247,14 @@ class TrainingLoop:
         if not self.eval_batches:
             return None
         result = evaluate(self.model, self.eval_batches, self.autocast, self.dist)
+        if not math.isfinite(result["loss"]):
+            if label == "before":  # no update yet: the base model itself computes NaN or inf
+                raise UserError(f"--model {self.cfg.model}: the held-out loss of the base model before training is "
+                                f"{result['loss']} (its weights or config give non-finite numbers); check the model")
+            raise TrainingStopped(f"the held-out loss is {result['loss']} at step {self.state.step} ({label} "
+                                  f"evaluation): the adapter gives non-finite numbers and is not a result. Continue "
+                                  f"from an earlier checkpoint with a lower learning rate: the same command plus "
+                                  f"--resume --lr {self.cfg.lr / 4:g}", exit_code=1)
         self.state.eval_last = result
         self.log({"kind": "eval", "step": self.state.step, "loss": result["loss"], "ppl": result["ppl"],
                   "tokens": result["tokens"], "when": label})
@@ -280,6 +300,11 @@ class TrainingLoop:
         elif finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        # A finite gradient can still give non-finite weights (an lr so large that the update overflows):
+        # such an update is undone at once, as a bad step, so no later step or save ever sees it.
+        weights_broken = finite and not scaler_skip and not self._weights_finite()
+        if weights_broken:
+            self._restore_params(before)
         elapsed = time.perf_counter() - started
         state.step += 1
         state.tokens_seen += n_tokens
@@ -296,6 +321,10 @@ class TrainingLoop:
             state.bad_steps = state.bad_steps + 1 if not finite and not self.scaler.is_enabled() else 0
             state.skipped_steps.append(state.step)
             record["skipped"] = "grad scaler: inf/NaN gradients" if scaler_skip else "non-finite gradients"
+        elif weights_broken:
+            state.bad_steps += 1
+            state.skipped_steps.append(state.step)
+            record["skipped"] = "non-finite weights after the update (undone)"
         else:
             state.bad_steps = 0
         if "skipped" not in record or self._rollback_point is None:
@@ -318,6 +347,7 @@ class TrainingLoop:
             raise TrainingStopped(f"{self.stop.signal_name or 'a signal on another rank'}: stopped before training "
                                   f"step {state.step + 1}; run the same command plus {again}",
                                   exit_code=self.stop.exit_code)
+        first_step = state.step + 1
         bar = tqdm(total=self.total, initial=state.step, desc="training", unit="step", dynamic_ncols=True,
                    disable=not self.dist.main)
         try:
@@ -347,6 +377,12 @@ class TrainingLoop:
                         f"Continue with the same command plus --resume", exit_code=self.stop.exit_code)
         finally:
             bar.close()
+        if state.step >= first_step and set(range(first_step, state.step + 1)) <= set(state.skipped_steps):
+            raise TrainingStopped(  # fewer bad steps than --max-bad-steps, but not one update was applied
+                f"none of the {state.step - first_step + 1} optimizer steps of this run could be applied (non-finite "
+                f"loss, gradients or weights: steps {state.skipped_steps[-5:]}); the adapter is not a result. Start "
+                f"again with a lower learning rate (the same command plus --overwrite --lr {self.cfg.lr / 4:g}) or "
+                "check the data", exit_code=1)
         return state
 
     # --- after non-finite steps ----------------------------------------------------------------------
@@ -362,10 +398,7 @@ class TrainingLoop:
         led to them), drop newer checkpoints, and checkpoint that state: a resume with a lower --lr
         redoes that update."""
         point = self._rollback_point
-        with torch.no_grad():
-            for p, saved in zip(self.params, point["params"], strict=True):
-                p.copy_(saved)
-        self.optimizer.load_state_dict(point["optimizer"])
+        self._restore_params(point)
         if self.scaler.is_enabled():
             self.scaler.load_state_dict(point["scaler"])
         set_rng_states(point["rng"])
@@ -374,6 +407,25 @@ class TrainingLoop:
         if self.dist.main:
             remove_checkpoints_after(self.output, self.state.step)
         return self.save()
+
+    def _restore_params(self, point: dict) -> None:
+        """The LoRA weights and optimizer state of a snapshot (`_snapshot`)."""
+        with torch.no_grad():
+            for p, saved in zip(self.params, point["params"], strict=True):
+                p.copy_(saved)
+        self.optimizer.load_state_dict(point["optimizer"])
+
+    def _weights_finite(self) -> bool:
+        """Collective: whether every rank's LoRA weights are all finite (one host sync)."""
+        flags = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+        return not any_rank(not bool(flags), self.dist, self.device)
+
+    def check_weights(self, what: str) -> None:
+        """Refuse to write `what` from non-finite weights (the per-step check makes this a last line)."""
+        if not self._weights_finite():
+            raise TrainingStopped(f"the LoRA weights are not finite at step {self.state.step}; {what} was not "
+                                  f"written. Start from the newest checkpoint with a lower learning rate: the "
+                                  f"same command plus --resume --lr {self.cfg.lr / 4:g}", exit_code=1)
 
     def _stop_requested(self) -> bool:
         """Collective: every rank stops if any was signalled."""
@@ -408,3 +460,24 @@ class TrainingLoop:
         if self.device.type == "cuda":
             post["mem"] = f"{record['peak_mem_mb'] / 1024:.1f}G"
         return post
+
+
+def _check_saved_values(loop: "TrainingLoop") -> None:
+    """What a restored state must hold for the loop to go on: counters that are counts, a data position inside
+    its epoch, AdamW moments shaped like their weights, evaluations with finite numbers. A checkpoint from
+    elsewhere could hold anything that decodes; a wrong value would fail steps later, or silently."""
+    for name, value in (("step", loop.state.step), ("tokens_seen", loop.state.tokens_seen),
+                        ("epoch", loop.stream.epoch), ("index", loop.stream.index)):
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**53:
+            raise ValueError(f"{name} is {shown(value)}, not a count")
+    if loop.stream.index > len(loop.stream.batches(loop.stream.epoch)):
+        raise ValueError(f"data position {loop.stream.index} is past its epoch's batches")
+    for param, entry in loop.optimizer.state.items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in entry and (not torch.is_tensor(entry[key]) or entry[key].shape != param.shape):
+                raise ValueError(f"the optimizer's {key} does not have its weight's shape {list(param.shape)}")
+    for name in ("eval_before", "eval_last"):
+        value = getattr(loop.state, name)
+        if value is not None and not (isinstance(value, dict) and all(
+                isinstance(value.get(k), (int, float)) and math.isfinite(value[k]) for k in ("loss", "ppl", "tokens"))):
+            raise ValueError(f"{name} is {shown(value)}")

@@ -2,21 +2,38 @@
 
 An append cut short (disk full, power loss) leaves a last line without its newline, or with bytes
 that do not parse. Readers drop that line, and a resume rewrites the file without it, so it never
-blocks a resume.
+blocks a resume. Every line is strict JSON: a number that is not finite is written as null.
 """
 
 import json
+import math
 from pathlib import Path
 
-from minilora.atomic import atomic_write_text
+from minilora.atomic import atomic_write_text, writing
 from minilora.errors import UserError
 
 METRICS_NAME = "metrics.jsonl"
 
 
+def finite_or_null(value):
+    """`value` with every non-finite float replaced by null: strict JSON has no NaN or Infinity (Python's
+    json would write bare `NaN`, which other readers reject), and a null says "no number" plainly."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
+def metric_line(record: dict) -> str:
+    return json.dumps(finite_or_null(record), allow_nan=False) + "\n"
+
+
 def append_metric(path: str | Path, record: dict) -> None:
-    line = json.dumps(record) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
+    line = metric_line(record)
+    with writing(path), open(path, "a", encoding="utf-8") as f:
         f.write(line)  # one write per line: a crash can only tear the last one
 
 
@@ -47,4 +64,4 @@ def truncate_metrics(path: str | Path, step: int) -> None:
     if not path.is_file():
         return
     kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    atomic_write_text(path, "".join(metric_line(r) for r in kept))
