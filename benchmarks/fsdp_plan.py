@@ -278,6 +278,8 @@ def plan(settings: Settings, acts: Activations | None = None) -> Plan:
         raise UserError(f"--recompute {settings.recompute}: the plan knows {', '.join(RECOMPUTE_MODES)}")
     if settings.gpus < 1 or settings.batch_size < 1 or settings.seq_len < 1 or settings.r < 1:
         raise UserError("--gpus, --batch-size, --seq-len and --r must be at least 1")
+    if not settings.gpu_gib > 0 or not 0 <= settings.dropout < 1:
+        raise UserError("--gpu-gb must be positive and --dropout in [0, 1)")
     inv = inventory(settings.config, settings)
     acts = acts or activations(settings)
     n, layers, tokens = settings.gpus, inv.layers, settings.tokens
