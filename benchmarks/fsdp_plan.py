@@ -31,7 +31,7 @@ layers of one model are alike, and a 70B skeleton of 80 layers takes ~15 s to bu
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -253,7 +253,6 @@ class Plan:
     inventory: Inventory
     gpu: dict[str, float] = field(default_factory=dict)
     host: dict[str, float] = field(default_factory=dict)
-    notes: dict[str, str] = field(default_factory=dict)
 
     @property
     def gpu_total(self) -> float:
@@ -307,15 +306,7 @@ def plan(settings: Settings, acts: Activations | None = None) -> Plan:
     out.gpu[f"loss (chunks of {CHUNK_ROWS} rows of logits)"] = loss_bytes(inv, tokens)
     out.gpu["allocator slack (10% of the above)"] = ALLOCATOR_SLACK * sum(out.gpu.values())
     out.gpu["CUDA context (assumed)"] = CUDA_CONTEXT_BYTES
-    out.notes = {
-        "CUDA context (assumed)": "outside torch.cuda's counters; nvidia-smi shows it",
-        "allocator slack (10% of the above)": "reserved vs allocated at the peak, Answer.AI's 7B runs",
-    }
     return out
-
-
-def with_gpus(settings: Settings, gpus: int) -> Settings:
-    return replace(settings, gpus=gpus)
 
 
 def table(p: Plan) -> str:
