@@ -63,7 +63,7 @@ def run_plan(args) -> None:
 
 def run_published(args) -> Path:
     from .fsdp_plan import describe, plan, table
-    from .fsdp_published import PUBLISHED, comparison_rows
+    from .fsdp_published import NOTES, PUBLISHED, comparison_rows
     from .harness import write_results
 
     base = _settings(args)
@@ -90,7 +90,7 @@ def run_published(args) -> Path:
     summary += [f"| {r['reference']} | {r['published_gib']} | {r['plan_gib']:.2f} | {r['ratio']:.2f} | "
                 f"{r['plan_with_reference_lines_gib']:.2f} | {r['adjusted_ratio']:.2f} |" for r in rows]
     markdown = ("# FSDP-QLoRA memory plan vs published Llama-2-70B figures (2 GPUs)\n\n" + "\n".join(summary)
-                + "\n\n" + "\n".join(sections))
+                + f"\n\n{NOTES}\n\n" + "\n".join(sections))
     path = write_results("fsdp-plan", {"config": str(args.config), "comparisons": rows}, markdown)
     print("\n".join(summary))
     print(f"wrote {path} (+ .md)")

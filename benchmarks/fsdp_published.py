@@ -65,6 +65,16 @@ PUBLISHED = (
               "not stated (GB read as GiB)", False, 8, LLAMA_ALL, context_counted=True),
 )
 
+# What the results file says under its table.
+NOTES = (
+    "Reference lines: what the published runs hold and minilora's plan does not. bitsandbytes' quant_state "
+    "(absmax, nested statistics) is a Python attribute that FSDP1 neither shards nor offloads; transformers' "
+    "loss makes all logits in fp32 (minilora's works in chunks of rows); Answer.AI's figure "
+    "(torch.cuda.max_memory_reserved) leaves out the CUDA context. Not modelled: PEFT's offloaded run "
+    "(its guide lists GPU memory saving with CPU offloading as untested; both PEFT runs were on cards larger "
+    "than 24 GB, where the caching allocator keeps what it freed), and how PEFT's LoRA layers differ from "
+    "minilora's in what the one recomputed layer keeps.")
+
 
 def reference_lines(ref: Published, p: Plan) -> dict[str, float]:
     """Bytes per GPU the reference holds beyond the plan (negative: less), each with its reason; the allocator
