@@ -242,26 +242,20 @@ class NF4Shard(torch.Tensor):
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         shard = args[0]
+        # What FSDP2 does to a padded shard: detach it (nn.Parameter, DTensor), keep a flat view, narrow
+        # it to the chunk's length (all chunks have the padded length here), copy a chunk into it.
         if func in (aten.detach.default, aten.alias.default):
             return shard._with(shard.shape, shard.inner())
-        if func is aten.view.default:  # FSDP keeps a flat view of its padded shard
-            return shard._with([shard.numel()] if list(args[1]) == [-1] else args[1], shard.inner())
-        if func is aten.slice.Tensor:  # FSDP narrows the padded shard to the chunk's length: the same here
-            dim, start, end = (list(args[1:]) + [0, 0, None])[:3]
-            end = shard.shape[dim] if end is None else min(end, shard.shape[dim])
-            if dim == 0 and start == 0 and end == shard.shape[0]:
+        if func is aten.view.default and list(args[1]) == [-1]:
+            return shard._with([shard.numel()], shard.inner())
+        if func is aten.slice.Tensor:
+            dim, start, end = (list(args[1:4]) + [0, None, None])[:3]
+            if dim == 0 and (start or 0) == 0 and (end is None or end >= shard.shape[0]):
                 return shard._with(shard.shape, shard.inner())
         if func is aten.copy_.default and isinstance(args[1], NF4Shard):
             for dst, src in zip(shard.inner(), args[1].inner(), strict=True):
                 dst.copy_(src)
             return shard
-        if func is aten.new_zeros.default:
-            return NF4Shard.zeros_like_shard(shard.nf4_layout, torch.Size(args[1]), shard.packed.device)
-        if func is aten._to_copy.default and set(kwargs) <= {"device", "non_blocking"}:
-            # .to(device): what FSDP's CPU offload does to a shard before its all-gather
-            return shard._with(shard.shape, [t.to(**kwargs) for t in shard.inner()])
-        if func is aten.is_pinned.default:
-            return all(t.is_pinned() for t in shard.inner())
         raise NotImplementedError(f"NF4Shard does not support {func}")
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from minilora.errors import UserError
 from minilora.fsdp_nf4 import NF4Layout, ShardableParams4bit, base_bytes, make_4bit_shardable
+from minilora.inject import count_parameters, lora_layers, set_kernel_mode
 from minilora.quant import load_base, quantize_linear
 
 # Sizes that do not divide into 2 x 256 blocks of 64: q/o_proj [192, 192] hold 576 blocks = 2.25 groups of
@@ -189,6 +190,7 @@ def _fsdp_rank(rank: int, world: int, port: int, folder: str) -> None:
                 assert shard.absmax.dtype == torch.uint8 and shard.absmax2.numel() == g
                 # whole groups: at most one group's worth more than an exact 1/world of the bytes
                 assert shard.packed.numel() - layout.n_bytes / world < 256 * 32
+        assert count_parameters(model) == count_parameters(reference)  # 4-bit weights at N*K, sharded or not
         counted = base_bytes(model)
         assert counted.whole == base_bytes(reference).whole
         # whole groups: the small layers cost this rank more than half (see CONFIG), the large ones half
@@ -263,5 +265,34 @@ def _fsdp_rank(rank: int, world: int, port: int, folder: str) -> None:
             torch.testing.assert_close(p.full_tensor(), ref_params[name], rtol=1e-5, atol=1e-4, msg=name)
             moved += not torch.equal(ref_params[name], initial[name])
         assert moved == len(initial)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fsdp_on_one_cuda_rank_feeds_the_gathered_weight_to_the_fused_kernels(tiny_llama_dir):
+    """On CUDA the LoRA layers run the fused Triton kernels over the weight FSDP gathers (its all-gather
+    buffers, on FSDP's streams): bf16 logits as the unsharded model's (the kernels' GPU-test tolerance)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        reference, model = (load_base(tiny_llama_dir, device="cuda", lora=LORA) for _ in range(2))
+        for m in (reference, model):
+            set_kernel_mode(m, "triton")
+        make_4bit_shardable(model)
+        mesh = init_device_mesh("cuda", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        ids = torch.randint(0, CONFIG["vocab_size"], (2, 16), device="cuda")
+        want = reference(input_ids=ids).logits.float()
+        for _ in range(2):  # the second forward reads the buffers refilled in place
+            got = model(input_ids=ids).logits.float()
+            assert (got - want).abs().max() <= 1e-2 * want.abs().max()
+        assert all(None not in layer._paths.values() for layer in lora_layers(model).values())
     finally:
         dist.destroy_process_group()
