@@ -25,10 +25,11 @@ and FSDP2 canonicalizes bf16 NaN bit patterns, corrupting about 0.1% of packed b
 (https://github.com/bitsandbytes-foundation/bitsandbytes/issues/1945).
 
 FSDP2 chunks a parameter along dim 0 of its logical shape, here the Params4bit's [(N*K+1)//2, 1], and
-needs even chunks for an extension (an uneven last chunk must all-gather inputs of the padded chunk's
-size); a shard reports that logical size while holding its groups. So the world size must divide the
-packed byte count (true for any power of two up to 32 when N*K % 64 == 0); otherwise fully_shard stops
-with a UserError naming the layer's shape.
+only does its own padding for plain tensors: an extension whose chunk is shorter than the first must
+all-gather inputs of the first chunk's size. So every shard reports the same logical size, the first
+chunk's [ceil(n_bytes / world), 1], whatever the world size; what it holds is its groups. (That size is
+FSDP's bookkeeping only: a shard supports no DTensor operation beyond what FSDP2 does to it, and any other
+raises rather than reading the groups as bytes of a [n_bytes, 1] tensor.)
 """
 
 import math
@@ -103,16 +104,8 @@ class NF4Layout:
         return self.n_bytes + absmax + (4 * self.n_groups if self.nested else 0) + self.table_bytes()
 
     def shard_size(self, n_shards: int) -> torch.Size:
-        """The logical size FSDP gives each of `n_shards` chunks of the Params4bit [n_bytes, 1]."""
-        if self.n_bytes % n_shards:
-            n, k = self.shape
-            raise UserError(f"FSDP over {n_shards} ranks: a {n}x{k} 4-bit weight packs into {self.n_bytes} bytes, "
-                            f"which {n_shards} does not divide; use a world size that does (a power of two up "
-                            "to 32 divides every layer whose size is a multiple of 64)")
-        return torch.Size([self.n_bytes // n_shards, 1])
-
-    def is_shard_size(self, size: torch.Size) -> bool:
-        return len(size) == 2 and size[1] == 1 and size[0] > 0 and self.n_bytes % size[0] == 0
+        """The logical size of each of `n_shards` shards: torch.chunk's first chunk of [n_bytes, 1]."""
+        return torch.Size([math.ceil(self.n_bytes / n_shards), 1])
 
     def quant_state(self, absmax: torch.Tensor, absmax2: torch.Tensor | None) -> QuantState:
         """A bitsandbytes QuantState over whole (gathered) statistics."""
@@ -146,10 +139,10 @@ class ShardableParams4bit(bnb.nn.Params4bit):
         return type(self).wrap(self)
 
     def shards(self, n_shards: int) -> list["NF4Shard"]:
-        """The weight cut into `n_shards` NF4Shards of equal group counts, the last zero-padded."""
+        """The weight cut into `n_shards` NF4Shards of equal group counts (the last ones zero-padded) and
+        equal logical sizes."""
         layout = NF4Layout.of(self)
-        size = layout.shard_size(n_shards)
-        g = layout.groups_per_shard(n_shards)
+        size, g = layout.shard_size(n_shards), layout.groups_per_shard(n_shards)
         qs = self.quant_state
         packed = _grouped(self.data.reshape(-1), n_shards * g, layout.group_bytes)  # (shards*g, group_bytes)
         absmax = _grouped(qs.absmax.reshape(-1), n_shards * g, layout.group_blocks)  # (shards*g, group_blocks)
@@ -169,9 +162,9 @@ class ShardableParams4bit(bnb.nn.Params4bit):
                 raise ValueError(f"a 4-bit weight is sharded along dim 0, not {dim}")
             return weight.shards(n_shards)
         if func is torch.Tensor.new_zeros and isinstance(args[0], cls):
-            layout, size = NF4Layout.of(args[0]), torch.Size(_size_arg(args, kwargs))
-            if layout.is_shard_size(size):
-                return NF4Shard.zeros_like_shard(layout, size, args[0].device)
+            size = torch.Size(_size_arg(args, kwargs))
+            if len(size) == 2 and size[1] == 1:
+                return NF4Shard.empty(NF4Layout.of(args[0]), size, args[0].device)
         # What FSDP does to the unsharded parameter (init_unsharded_param): as_strided to the logical
         # size, then nn.Parameter(), which detaches. Both keep the quant_state.
         if func is torch.Tensor.detach and isinstance(args[0], cls):
@@ -213,13 +206,11 @@ class NF4Shard(torch.Tensor):
         self.absmax2 = absmax2  # (g,) fp32, or None without double quantization
 
     @classmethod
-    def zeros_like_shard(cls, layout: NF4Layout, size: torch.Size, device: torch.device) -> "NF4Shard":
-        if not layout.is_shard_size(size):
-            raise ValueError(f"no shard of a {tuple(layout.shape)} 4-bit weight has size {tuple(size)}")
-        g = layout.groups_per_shard(layout.n_bytes // size[0])
-        return cls(layout, size, torch.zeros(g, layout.group_bytes, dtype=torch.uint8, device=device),
-                   torch.zeros(g, layout.group_blocks, dtype=layout.absmax_dtype, device=device),
-                   torch.zeros(g, dtype=torch.float32, device=device) if layout.nested else None)
+    def empty(cls, layout: NF4Layout, size: torch.Size, device: torch.device) -> "NF4Shard":
+        """A shard of no groups yet: what FSDP allocates (new_zeros) before copying its chunk into it."""
+        return cls(layout, size, torch.empty(0, layout.group_bytes, dtype=torch.uint8, device=device),
+                   torch.empty(0, layout.group_blocks, dtype=layout.absmax_dtype, device=device),
+                   torch.empty(0, dtype=torch.float32, device=device) if layout.nested else None)
 
     def inner(self) -> list[torch.Tensor]:
         return [self.packed, self.absmax] + ([self.absmax2] if self.absmax2 is not None else [])
@@ -243,7 +234,8 @@ class NF4Shard(torch.Tensor):
         kwargs = kwargs or {}
         shard = args[0]
         # What FSDP2 does to a padded shard: detach it (nn.Parameter, DTensor), keep a flat view, narrow
-        # it to the chunk's length (all chunks have the padded length here), copy a chunk into it.
+        # it to the chunk's length (all chunks have the first one's length here), copy its chunk into it.
+        # Views share the inner tensors, so a copy into one (growing an empty shard) fills them all.
         if func in (aten.detach.default, aten.alias.default):
             return shard._with(shard.shape, shard.inner())
         if func is aten.view.default and list(args[1]) == [-1]:
@@ -254,7 +246,7 @@ class NF4Shard(torch.Tensor):
                 return shard._with(shard.shape, shard.inner())
         if func is aten.copy_.default and isinstance(args[1], NF4Shard):
             for dst, src in zip(shard.inner(), args[1].inner(), strict=True):
-                dst.copy_(src)
+                dst.resize_(src.shape).copy_(src)
             return shard
         raise NotImplementedError(f"NF4Shard does not support {func}")
 
