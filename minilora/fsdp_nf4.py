@@ -107,6 +107,11 @@ class NF4Layout:
         """The logical size of each of `n_shards` shards: torch.chunk's first chunk of [n_bytes, 1]."""
         return torch.Size([math.ceil(self.n_bytes / n_shards), 1])
 
+    def is_shard_size(self, size: torch.Size) -> bool:
+        """Whether `size` is shard_size(n) for some number of shards n."""
+        return (len(size) == 2 and size[1] == 1 and 0 < size[0] <= self.n_bytes
+                and self.shard_size(math.ceil(self.n_bytes / size[0])) == size)
+
     def quant_state(self, absmax: torch.Tensor, absmax2: torch.Tensor | None) -> QuantState:
         """A bitsandbytes QuantState over whole (gathered) statistics."""
         state2 = None
@@ -162,9 +167,9 @@ class ShardableParams4bit(bnb.nn.Params4bit):
                 raise ValueError(f"a 4-bit weight is sharded along dim 0, not {dim}")
             return weight.shards(n_shards)
         if func is torch.Tensor.new_zeros and isinstance(args[0], cls):
-            size = torch.Size(_size_arg(args, kwargs))
-            if len(size) == 2 and size[1] == 1:
-                return NF4Shard.empty(NF4Layout.of(args[0]), size, args[0].device)
+            layout, size = NF4Layout.of(args[0]), torch.Size(_size_arg(args, kwargs))
+            if layout.is_shard_size(size):
+                return NF4Shard.empty(layout, size, args[0].device)
         # What FSDP does to the unsharded parameter (init_unsharded_param): as_strided to the logical
         # size, then nn.Parameter(), which detaches. Both keep the quant_state.
         if func is torch.Tensor.detach and isinstance(args[0], cls):
@@ -188,7 +193,7 @@ def _size_arg(args, kwargs) -> tuple[int, ...]:
 class NF4Shard(torch.Tensor):
     """One rank's groups of a 4-bit weight: what a DTensor of FSDP holds between forwards.
 
-    Its logical size is the chunk of the Params4bit [n_bytes, 1] that FSDP assigns it ([n_bytes/world, 1]);
+    Its logical size is the first chunk FSDP cuts from the Params4bit [n_bytes, 1], [ceil(n_bytes/world), 1];
     what it holds is `g` whole groups: packed [g, group_bytes] uint8, absmax [g, group_blocks] and, with
     double quantization, absmax2 [g] fp32. It supports only what FSDP2 does to a sharded parameter."""
 
@@ -223,8 +228,8 @@ class NF4Shard(torch.Tensor):
         return sum(t.numel() * t.element_size() for t in self.inner()) + self.nf4_layout.table_bytes()
 
     def __repr__(self) -> str:
-        n, k = self.nf4_layout.shape
         layout = self.nf4_layout
+        n, k = layout.shape
         return f"NF4Shard({n}x{k} {layout.quant_type}, {self.packed.shape[0]} of {layout.n_groups} groups)"
 
     __torch_function__ = torch._C._disabled_torch_function_impl
@@ -279,24 +284,23 @@ def _4bit_layers(model: nn.Module) -> list[bnb.nn.Linear4bit]:
 
 
 def make_4bit_shardable(model: nn.Module) -> int:
-    """Swap every bitsandbytes 4-bit weight of `model` for a ShardableParams4bit over the same tensors, in
-    place, so that `fully_shard` shards it (packed codes and statistics). Call it after the model is
-    loaded (and LoRA added) and before the first `fully_shard`. Without FSDP the model computes exactly
-    what it did. Returns how many weights it converted (already converted ones are left as they are)."""
+    """Swap every bitsandbytes 4-bit weight of `model` (a model or any submodule, e.g. one decoder layer)
+    for a ShardableParams4bit over the same tensors, in place, so that `fully_shard` shards it: packed
+    codes and statistics. Call it after the weights are quantized (and LoRA added), before `fully_shard`
+    is applied to a module holding them. Without FSDP the model computes exactly what it did. Returns how
+    many weights it converted (already converted ones are left as they are)."""
     from minilora.lora import LoRALinear
 
-    converted = 0
-    for layer in _4bit_layers(model):
-        weight = layer.weight
-        if isinstance(weight, ShardableParams4bit) or not isinstance(weight, bnb.nn.Params4bit):
-            continue
-        NF4Layout.of(weight)  # refuse what cannot be sharded before anything changes
-        layer.weight = ShardableParams4bit.wrap(weight)
-        converted += 1
+    layers = [m for m in _4bit_layers(model)
+              if isinstance(m.weight, bnb.nn.Params4bit) and not isinstance(m.weight, ShardableParams4bit)]
+    for layer in layers:
+        NF4Layout.of(layer.weight)  # refuse what cannot be sharded before anything changes
+    for layer in layers:
+        layer.weight = ShardableParams4bit.wrap(layer.weight)
     for module in model.modules():
         if isinstance(module, LoRALinear):
             module.forget_paths()  # a kept fused path holds the tensors of the weight it was decided on
-    return converted
+    return len(layers)
 
 
 @dataclass(frozen=True)

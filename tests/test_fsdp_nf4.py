@@ -72,6 +72,11 @@ def test_shards_hold_whole_groups_and_gather_to_the_same_bytes(n, k, world, doub
         assert shard.shape == (math.ceil(n * k / 2 / world), 1)  # the same on every rank
         assert shard.packed.shape == (g, layout.group_bytes) and shard.absmax.shape == (g, layout.group_blocks)
         assert (shard.absmax2 is not None) == double_quant
+    # FSDP's padding sequence (_init_sharded_param): new_zeros of the first chunk's size, narrow, copy in.
+    padded = weight.new_zeros(shards[0].shape)
+    padded.narrow(dim=0, start=0, length=shards[-1].shape[0]).copy_(shards[-1])
+    assert all(torch.equal(a, b) for a, b in zip(padded.inner(), shards[-1].inner(), strict=True))
+    assert type(weight.new_zeros((3, 5))) is torch.Tensor  # any other size: a plain tensor
     whole = gathered(shards)
     unsharded, inner = shards[0].fsdp_post_all_gather(whole, None, torch.uint8)
     assert isinstance(unsharded, bnb.nn.Params4bit) and unsharded.shape == original.shape
