@@ -267,8 +267,36 @@ def _fsdp_rank(rank: int, world: int, port: int, folder: str) -> None:
             torch.testing.assert_close(p.full_tensor(), ref_params[name], rtol=1e-5, atol=1e-4, msg=name)
             moved += not torch.equal(ref_params[name], initial[name])
         assert moved == len(initial)
+        if world == 2:
+            _dora_matches_one_process(folder, mesh)
     finally:
         dist.destroy_process_group()
+
+
+def _dora_matches_one_process(folder: str, mesh) -> None:
+    """DoRA's row norm dequantizes the base inside forward: it reads the gathered weight as any Params4bit."""
+    from torch.distributed.fsdp import fully_shard
+
+    dora = dict(LORA, use_dora=True, targets=["q_proj", "down_proj"])
+    reference, model = (load_base(folder, device="cpu", lora=dora) for _ in range(2))
+    torch.manual_seed(5)
+    for a, b in zip(_lora_named(reference).values(), _lora_named(model).values(), strict=True):
+        with torch.no_grad():
+            a.copy_(a + torch.randn_like(a) * 0.05)
+            b.copy_(a)
+    make_4bit_shardable(model)
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    ids = torch.randint(0, CONFIG["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(6))
+    got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert torch.equal(got, want)
+    got.square().mean().backward()
+    want.square().mean().backward()
+    ref_params = _lora_named(reference)
+    assert any("lora_magnitude_vector" in name for name in ref_params)
+    for name, p in _lora_named(model).items():
+        assert torch.equal(p.grad.full_tensor(), ref_params[name].grad), name
 
 
 @pytest.mark.gpu
