@@ -1,7 +1,9 @@
 """4-bit base weights sharded by FSDP2 (minilora/fsdp_nf4.py): bytes, statistics, outputs and training."""
 
+import gc
 import math
 import socket
+import weakref
 
 import bitsandbytes as bnb
 import pytest
@@ -174,10 +176,13 @@ def _fsdp_rank(rank: int, world: int, port: int, folder: str) -> None:
         layouts = {name: NF4Layout.of(m.weight) for name, m in reference.named_modules()
                    if isinstance(m, bnb.nn.Linear4bit)}
         make_4bit_shardable(model)
+        whole = weakref.ref(model.model.layers[0].mlp.gate_proj.base_layer.weight)
         mesh = init_device_mesh("cpu", (world,))
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+        gc.collect()
+        assert whole() is None  # the whole weight is gone once sharded, not only uncounted
 
         # (a) each rank holds ceil(groups / world) groups of every base weight: codes and statistics.
         for name, m in model.named_modules():
