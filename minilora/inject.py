@@ -161,7 +161,10 @@ def matched_target_names(model: nn.Module) -> list[str]:
 
 def _logical_numel(p: torch.Tensor) -> int:
     # A bnb Params4bit is stored packed two per byte as [(N*K+1)//2, 1]; count the N*K weights it holds.
+    # Sharded by FSDP it is a DTensor over an NF4Shard (minilora/fsdp_nf4.py), whose layout has that shape.
     state = getattr(p, "quant_state", None)
+    if state is None:
+        state = getattr(getattr(p, "_local_tensor", None), "nf4_layout", None)
     return int(state.shape.numel()) if state is not None else p.numel()
 
 
