@@ -60,7 +60,7 @@ def add_lora(
     """Replace each matching linear layer with a LoRALinear (a DoRALinear if `use_dora`) and freeze
     all other parameters.
 
-    `init`: "zeros" (A kaiming-uniform, B = 0), or "loftq", "pissa", "pissa:N", "olora"
+    `init`: "zeros" (A kaiming-uniform, B = 0), or "loftq", "loftq:N", "pissa", "pissa:N", "olora"
     (minilora/lora_init.py), computed from each target's full-precision weight: on a full-precision base
     here (pissa and olora subtract scale · B0 A0 from it, as PEFT does), on a 4-bit base only while it
     loads (`load_base(..., lora=dict(init=...))`, which passes its `quantizer`: the 4-bit layer each
