@@ -24,7 +24,7 @@ import torch
 from minilora.adapted_model import resolve_trained
 from minilora.errors import AdapterError, UserError
 from minilora.lora import dequantize_weight, lora_scale
-from minilora.lora_init import LOFTQ, ZEROS, changes_base, initial_factors, one_cpu_thread, subtract_update
+from minilora.lora_init import LOFTQ, ZEROS, changes_base, initial_factors, one_cpu_thread, parse_init, subtract_update
 from minilora.quant import Quantizer, load_base
 from minilora.run_record import read_run_record
 
@@ -93,7 +93,7 @@ def _module_errors(linear, m: dict, quantizer, init: dict | None) -> dict:
 
 def _init_error(linear, w32: torch.Tensor, deq: torch.Tensor, m: dict, quantizer, init: dict) -> float:
     """||W - W0||_F of the model the run started from (see the module docstring)."""
-    method = init["method"]
+    method, _ = parse_init(init["method"])  # "loftq:4" -> loftq
     if method == ZEROS:
         return _fro(w32 - deq)
     r = init["r"]
@@ -101,7 +101,11 @@ def _init_error(linear, w32: torch.Tensor, deq: torch.Tensor, m: dict, quantizer
     if method == LOFTQ:
         if quantizer is None:
             return _fro(w32 - deq)
-        a0, b0 = initial_factors(linear.weight.data, method, r, scale, deq)
+        # loftq's factors are not stored (its adapter is a plain LoRA): computed again, the same for `loftq`;
+        # `loftq:N` draws a new randomized test matrix, so its init_error is that of an equal draw, not the run's.
+        with torch.random.fork_rng(devices=[]):  # a fixed draw, and the caller's generator left as it was
+            torch.manual_seed(0)
+            a0, b0 = initial_factors(linear.weight.data, init["method"], r, scale, deq)
         return _fro(w32 - deq - scale * (b0 @ a0))
     if not changes_base(method) or m["A"].shape[0] != 2 * r:
         raise AdapterError(f"init {method!r} with rank {r}: the adapter (rank {m['A'].shape[0]}) is not its "

@@ -63,6 +63,19 @@ def test_loftq_init_error_is_the_eckart_young_bound(tiny_model_dir, tmp_path):
         assert 0 < row["init_cancelled"] < 1
 
 
+def test_randomized_loftq_reports_an_error_no_better_than_the_best_fit(tiny_model_dir, tmp_path):
+    """loftq:N's report recomputes a randomized fit: it leaves at least the Eckart-Young tail, and less than
+    the quantization error itself."""
+    path = tiny_model_dir("phi3")
+    adapter_with_run(path, tmp_path / "a", "loftq:2")
+    full = full_weights(path)
+    for row in inspect(tmp_path / "a", model=path)["modules"]:
+        w = full.get_submodule(row["name"]).weight.data
+        error = nf4_error(w)
+        tail = float(torch.linalg.svdvals(error)[4:].norm() / w.double().norm())
+        assert tail * (1 - 1e-6) <= row["init_error"] < row["quant_error"]
+
+
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 def test_residual_base_inits_report_their_training_models_error(tiny_model_dir, tmp_path, init):
     path = tiny_model_dir("phi3")
