@@ -32,6 +32,17 @@ def local_model_folder(name_or_path: str) -> Path | None:
         return None
 
 
+def model_file(name_or_path: str, filename: str) -> Path | None:
+    """One file of the model, for loading it: from its local folder, or for a hub id from the Hugging Face
+    cache, downloaded there first where it is missing (transformers' `cached_file`: the cache, offline mode
+    and token that from_pretrained uses, so both fill and read the same snapshot that local_model_folder
+    finds). None where the model has no such file."""
+    from transformers.utils import cached_file
+
+    found = cached_file(resolve_model_path(name_or_path), filename, _raise_exceptions_for_missing_entries=False)
+    return Path(found) if found else None
+
+
 def model_file_digests(name_or_path: str) -> dict[str, str] | None:
     """{relative path: sha256} of the model's files, or None where they are not on this machine yet."""
     folder = local_model_folder(name_or_path)

@@ -2,12 +2,13 @@
 
 NF4 with double quantization and a bf16 compute dtype is QLoRA's recipe (Dettmers et al. 2023);
 bitsandbytes and transformers default to fp4, no double quant and fp32 compute, so all three are
-set explicitly. The quantization is ours (quantize_linears): transformers loads the checkpoint, and
-bitsandbytes packs each linear layer's weight as it moves to the device. Norms, embeddings and
+set explicitly. The quantization is ours (quantize_linear): minilora/stream_load.py reads the checkpoint tensor
+by tensor, and bitsandbytes packs each linear layer's weight as it moves to the device. Norms, embeddings and
 lm_head stay in the compute dtype: unlike PEFT's `prepare_model_for_kbit_training` we do not upcast
 them to fp32, which costs memory and speed.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,33 +88,52 @@ def load_base(
     compute_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     lora: dict | None = None,
+    on_layer: Callable[[int, nn.Module], None] | None = None,
 ) -> torch.nn.Module:
     """A frozen causal LM whose linear layers (all but the output head) are bnb `Linear4bit` (or plain,
     with quant="none"). `name_or_path`: a hub id, a local folder, or `builtin:tiny-phi3`.
 
     `lora`: add_lora's keyword arguments (r, alpha, dropout, targets, use_rslora, use_dora, init): the
     LoRA layers go in while the base loads, each target's initialisation (minilora/lora_init.py) computed
-    from its full-precision weight right before that weight is quantized; returned with LoRA in place."""
+    from its full-precision weight right before that weight is quantized; returned with LoRA in place.
+    `on_layer(index, layer)`: called for each decoder layer as soon as it is loaded (minilora/stream_load.py).
+
+    The checkpoint is read tensor by tensor, each linear layer quantized before the next is read
+    (minilora/stream_load.py): the host never holds the model in full precision. Checkpoints that loader
+    does not read (`.bin` weights) are loaded whole by transformers, then quantized layer by layer."""
     if quant not in QUANT_TYPES:
         raise UserError(f"quant={quant!r}: expected one of {', '.join(QUANT_TYPES)}")
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = compute_dtype or default_compute_dtype(device)
     path = resolve_model_path(name_or_path)
+    quantizer = Quantizer(quant, double_quant, compute_dtype, device) if quant != "none" else None
+    from minilora.stream_load import load_streaming  # it imports this module
+
+    model = load_streaming(name_or_path, compute_dtype, device, quantizer, lora, on_layer)
+    if model is None:
+        model = load_whole(name_or_path, path, compute_dtype, device, quantizer, lora, on_layer)
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        model.config._name_or_path = name_or_path
+    model.config.use_cache = False  # training never decodes; the KV cache only costs memory
+    return model
+
+
+def load_whole(name_or_path: str, path: str, compute_dtype: torch.dtype, device: torch.device,
+               quantizer: "Quantizer | None", lora: dict | None,
+               on_layer: Callable[[int, nn.Module], None] | None) -> nn.Module:
+    """load_base for checkpoints the streaming loader does not read: transformers loads the whole model on
+    the host in the compute dtype, then each linear layer is quantized onto the device (only one
+    full-precision layer is ever on the device); `on_layer` is called for each decoder layer at the end."""
     try:
-        # Loaded on the CPU, then quantized layer by layer onto the device: the full-precision model
-        # never sits in GPU memory, and no device_map (Accelerate) is involved.
         model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype)
     except Exception as err:
         raise unloadable_model(name_or_path, err) from err
-    if name_or_path.startswith(BUILTIN_PREFIX):
-        model.config._name_or_path = name_or_path
-    quantizer = Quantizer(quant, double_quant, compute_dtype, device) if quant != "none" else None
     if lora is not None:
         from minilora.inject import add_lora
 
         add_lora(model, **lora, quantizer=quantizer)  # quantizes the targets' base layers
     if quantizer is not None:
-        quantize_linears(model, quant, double_quant, compute_dtype, device)
+        quantize_linears(model, quantizer.quant, quantizer.double_quant, compute_dtype, device)
         model.is_loaded_in_4bit = True  # how transformers marks 4-bit models; PEFT reads it too
     model.to(device)
     model.requires_grad_(False)
@@ -122,7 +142,11 @@ def load_base(
 
         for p in lora_parameters(model):
             p.requires_grad_(True)
-    model.config.use_cache = False  # training never decodes; the KV cache only costs memory
+    if on_layer is not None:
+        from minilora.training.recompute import decoder_layers
+
+        for index, layer in enumerate(decoder_layers(model)):
+            on_layer(index, layer)
     return model
 
 
