@@ -99,7 +99,6 @@ def test_streamed_base_equals_transformers_then_quantized(tmp_path, arch, tied, 
     assert_same_model(ours, reference(path, quant, lora))
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("arch,quant", [("phi3", "nf4"), ("gpt_neox", "none"), ("llama", "none")])
 def test_streamed_plain_base_equals_transformers(tmp_path, arch, quant):
     path = save(tmp_path / "m", TINY_CONFIGS[arch]())
@@ -156,6 +155,7 @@ def test_layers_load_one_after_another_whatever_the_file_order(tmp_path, monkeyp
     assert_same_model(ours, reference(str(tmp_path), "nf4", lora))
 
 
+@pytest.mark.slow
 def test_old_checkpoint_names_load_as_transformers_loads_them(tmp_path):
     """A GPT-NeoX checkpoint with the buffers older versions saved (attention masks, rotary inv_freq), and a
     Llama checkpoint saved from the base model (no `model.` prefix, no lm_head, tied embeddings)."""
