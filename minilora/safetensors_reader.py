@@ -85,7 +85,7 @@ class TensorReader:
         """The tensor, on the CPU, in its stored dtype and shape (a fresh allocation of exactly its size)."""
         handle = self._handles.get(stored.file)
         if handle is None:
-            handle = self._handles[stored.file] = open(stored.file, "rb", buffering=0)  # noqa: SIM115
+            handle = self._handles[stored.file] = open(stored.file, "rb", buffering=0)
         raw = torch.empty(stored.nbytes, dtype=torch.uint8)
         view = memoryview(raw.numpy())
         handle.seek(stored.offset)

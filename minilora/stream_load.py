@@ -12,7 +12,8 @@ from_pretrained does before minilora could quantize. The result is the one from_
 quantize_linears gives (tests/test_stream_load.py): the same modules, bytes, buffers and config. Like
 from_pretrained: each tensor is cast to its parameter's dtype, tied weights are tied when the checkpoint
 stores one of them (or both, equal), non-persistent buffers (rotary `inv_freq`) are computed by the model's
-own `_init_weights`, the generation config is read, the model is left in eval mode. Unlike it, no
+own `_init_weights`, the generation config is read, the model is left in eval mode (its LoRA layers, made
+after, in training mode, as add_lora made them). Unlike it, no
 `kernels` hub layers are swapped in: its default mapping has none for a model on the CPU, where
 from_pretrained built the model minilora then quantized.
 
@@ -59,10 +60,10 @@ def load_streaming(name_or_path: str, compute_dtype: torch.dtype, device: torch.
     """
     path = resolve_model_path(name_or_path)
     try:  # the model's files are input: each way they can be damaged raises its own exception type
+        model = skeleton(path, compute_dtype)  # first: a hub id's config is fetched before its weights
         files = safetensors_files(path)
         if files is None:
             return _not_streamed(path, "no model.safetensors or model.safetensors.index.json")
-        model = skeleton(path, compute_dtype)
         stored = read_headers(files)
         generation_config = _generation_config(model, path)
     except Exception as err:
@@ -215,9 +216,11 @@ class _Loader:
         for name in owners:
             self._load_module(name)
             index = self._layer_of(name)
-            if index is None:
+            if index is None:  # the embeddings, the final norm, the head
                 module = self.model.get_submodule(name)
-                _move(module, self.device, own_only=any(m is self.layers for m in module.modules()))
+                holds_layers = any(m is self.layers for m in module.modules())
+                _move(module, self.device, own_only=holds_layers)
+                _freeze_but_lora(module, own_only=holds_layers)
                 continue
             left[index] -= 1
             if left[index] == 0:
@@ -226,9 +229,11 @@ class _Loader:
                 _freeze_but_lora(layer)
                 if self.on_layer is not None:
                     self.on_layer(index, layer)
-        for module in self.model.modules():  # what has no tensor in the checkpoint (the rotary embedding's buffers)
-            _move(module, self.device, own_only=True)
-        _freeze_but_lora(self.model)
+        # What has no tensor in the checkpoint (the rotary embedding's buffers); the decoder layers are done
+        # and may have been sharded by on_layer: not touched again.
+        for name, module in self.model.named_modules():
+            if self._layer_of(name) is None and module is not self.layers:
+                _move(module, self.device, own_only=True)
 
     def _layer_of(self, name: str) -> int | None:
         prefix = self.layers_name + "."
@@ -275,9 +280,8 @@ class _Loader:
 
 
 def _move(module: nn.Module, device: torch.device, own_only: bool = False) -> None:
-    """Onto the device: the module (a decoder layer: at most one layer in full precision ever reaches it, with
-    quant="none"), or only its own tensors (a module holding modules not loaded yet). Parameters keep their
-    identity, so tied weights stay tied."""
+    """Onto the device: the whole module, or only its own tensors (a module holding modules not loaded yet).
+    Parameters keep their identity, so tied weights stay tied."""
     if not own_only:
         if any(t.device != device for t in [*module.parameters(), *module.buffers()]):
             module.to(device)
@@ -290,8 +294,14 @@ def _move(module: nn.Module, device: torch.device, own_only: bool = False) -> No
             p.data = p.data.to(device)
 
 
-def _freeze_but_lora(module: nn.Module) -> None:
-    """What add_lora and load_base did to the whole model: everything frozen, then the LoRA parameters thawed."""
+def _freeze_but_lora(module: nn.Module, own_only: bool = False) -> None:
+    """What add_lora and load_base did to the whole model: everything frozen, then the LoRA parameters thawed
+    (`own_only`: only the module's own parameters, for a module holding modules not loaded yet)."""
+    if own_only:
+        for p in module._parameters.values():
+            if p is not None:
+                p.requires_grad_(False)
+        return
     module.requires_grad_(False)
     for layer in lora_layers(module).values():
         for p in layer.adapter_params().values():
