@@ -4,6 +4,9 @@ statistics, LoRA factors, norms, embeddings, computed buffers), same config, sam
 checkpoint layer by layer whatever the order of the tensors in the files."""
 
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -198,3 +201,31 @@ def test_a_bin_checkpoint_is_loaded_whole_by_transformers(tmp_path):
         ours = streamed(path, "nf4", dict(r=4, alpha=8))
     with warnings.catch_warnings():
         assert_same_model(ours, reference(path, "nf4", dict(r=4, alpha=8)))
+
+
+HUB_LOAD = """
+import torch, minilora
+from minilora.model_files import local_model_folder
+torch.manual_seed(0)
+by_id = minilora.load_base("someorg/tiny-llama", compute_dtype=torch.float32, device="cpu")
+torch.manual_seed(0)
+by_folder = minilora.load_base(str(local_model_folder("someorg/tiny-llama")), compute_dtype=torch.float32, device="cpu")
+assert by_id.config._name_or_path == "someorg/tiny-llama"
+a, b = by_id.state_dict(), by_folder.state_dict()
+assert list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
+print("ok", type(by_id.model.layers[0].self_attn.q_proj).__name__)
+"""
+
+
+@pytest.mark.slow
+def test_a_hub_id_streams_from_the_hugging_face_cache(tmp_path):
+    """A hub id's files are found through transformers' cached_file (here offline, in a hand-made cache: the
+    layout huggingface_hub writes), the same snapshot the digests of model_files.py read."""
+    snapshot = tmp_path / "hub" / "models--someorg--tiny-llama" / "snapshots" / ("0" * 40)
+    save(snapshot, LlamaConfig(**SMALL, num_key_value_heads=2), "20KB")
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text(snapshot.name)
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", HUB_LOAD], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().endswith("ok Linear4bit")
