@@ -118,19 +118,20 @@ def test_streamed_lora_inits_equal_the_old_path(tiny_model_dir, init, quant):
     assert_same_model(ours, ref)  # A, B, initial_A/B (buffers), the packed residual base
 
 
-def _write_interleaved(folder, config) -> dict[str, torch.Tensor]:
-    """The model's tensors over two shards, layer 1 before layer 0 and the embedding last in each file."""
+def _write_interleaved(folder, config) -> None:
+    """The model's tensors over two shards: layer 1 and every norm (layer 0's too) in the first file the index
+    names, the rest in the second; so layer 0 is split over both files, and reading file by file would finish
+    layer 1 first."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=F32)
     config.save_pretrained(folder)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    first = {k: v for k, v in state.items() if ".layers.1." in k or "norm.weight" == k[-11:]}
+    first = {k: v for k, v in state.items() if ".layers.1." in k or k.endswith("norm.weight")}
     second = {k: v for k, v in state.items() if k not in first}
-    save_file(dict(reversed(list(first.items()))), folder / "b.safetensors", metadata={"format": "pt"})
-    save_file(dict(reversed(list(second.items()))), folder / "a.safetensors", metadata={"format": "pt"})
-    weight_map = {**dict.fromkeys(first, "b.safetensors"), **dict.fromkeys(second, "a.safetensors")}
+    save_file(first, folder / "a.safetensors", metadata={"format": "pt"})
+    save_file(second, folder / "b.safetensors", metadata={"format": "pt"})
+    weight_map = {**dict.fromkeys(first, "a.safetensors"), **dict.fromkeys(second, "b.safetensors")}
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return state
 
 
 def test_layers_load_one_after_another_whatever_the_file_order(tmp_path, monkeypatch):
