@@ -18,9 +18,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minilora.errors import UserError
+from minilora.model_files import BUILTIN_PREFIX, resolve_model_path, unloadable_model
 from minilora.recipe import QUANT_TYPES
-
-BUILTIN_PREFIX = "builtin:"
+from minilora.stream_load import load_streaming
 
 
 def default_device() -> torch.device:
@@ -32,15 +32,6 @@ def default_compute_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """`builtin:<name>` -> the folder of the built-in demo model; anything else unchanged."""
-    if name_or_path.startswith(BUILTIN_PREFIX):
-        from minilora.builtin import resolve_builtin
-
-        return str(resolve_builtin(name_or_path[len(BUILTIN_PREFIX):]))
-    return name_or_path
 
 
 def quantize_linear(linear: nn.Linear, quant: str, double_quant: bool, compute_dtype: torch.dtype,
@@ -107,8 +98,6 @@ def load_base(
     compute_dtype = compute_dtype or default_compute_dtype(device)
     path = resolve_model_path(name_or_path)
     quantizer = Quantizer(quant, double_quant, compute_dtype, device) if quant != "none" else None
-    from minilora.stream_load import load_streaming  # it imports this module
-
     model = load_streaming(name_or_path, compute_dtype, device, quantizer, lora, on_layer)
     if model is None:
         model = load_whole(name_or_path, path, compute_dtype, device, quantizer, lora, on_layer)
@@ -161,19 +150,6 @@ class Quantizer:
 
     def __call__(self, linear: nn.Linear, weight: torch.Tensor | None = None) -> bnb.nn.Linear4bit:
         return quantize_linear(linear, self.quant, self.double_quant, self.compute_dtype, self.device, weight)
-
-
-def unloadable_model(name_or_path: str, err: Exception, what: str = "cannot load it") -> Exception:
-    """What to raise when transformers cannot build or load a model: a model folder is input, and its
-    config or weights fail in many ways (truncated safetensors, `"hidden_size": "big"`, a pad id past the
-    vocabulary, heads that do not divide the width), each raising its own exception type. Out of memory
-    stays itself (its own exit code)."""
-    from minilora.cli_runner import is_out_of_memory
-
-    if is_out_of_memory(err) or isinstance(err, UserError):
-        return err
-    text = (str(err).strip().splitlines() or [""])[0][:200]
-    return UserError(f"base model {name_or_path}: {what} ({type(err).__name__}: {text})")
 
 
 def load_tokenizer(name_or_path: str):

@@ -37,8 +37,7 @@ from transformers.core_model_loading import WeightConverter, WeightRenaming, ren
 
 from minilora.errors import UserError
 from minilora.inject import LoRAPlan, lora_layers, plan_lora
-from minilora.model_files import model_file
-from minilora.quant import resolve_model_path, unloadable_model
+from minilora.model_files import model_file, resolve_model_path, unloadable_model
 from minilora.safetensors_reader import StoredTensor, TensorReader, read_headers
 from minilora.training.recompute import decoder_layers
 
