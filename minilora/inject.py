@@ -2,6 +2,7 @@
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -69,6 +70,56 @@ def add_lora(
 
     Returns the names of the replaced modules. Raises UserError when nothing matches.
     """
+    plan = plan_lora(model, r, alpha, dropout, targets, use_rslora, use_dora, init, initial, quantizer)
+    model.requires_grad_(False)
+    for name in plan.names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, plan.build(name, getattr(parent, child)))
+    return list(plan.names)
+
+
+@dataclass(frozen=True)
+class LoRAPlan:
+    """Which modules get LoRA and how each one's layer is built. Made by plan_lora, whose checks need only
+    module names and shapes (a skeleton on the meta device serves), and applied by add_lora to a loaded model
+    or by the streaming loader (minilora/stream_load.py) to each target as its weight is read."""
+
+    names: tuple[str, ...]  # module paths, in the model's module order
+    r: int
+    alpha: float
+    dropout: float
+    use_rslora: bool
+    use_dora: bool
+    init: str
+    initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None
+    quantizer: object  # minilora.quant.Quantizer, or None: the base stays as it is
+
+    def build(self, name: str, linear: nn.Linear) -> nn.Module:
+        """The LoRA layer for target `name` over `linear` (its full-precision weight in memory): its base the
+        quantizer's 4-bit layer (or `linear`), its factors from the init. Draws A from the global generator
+        (and pissa:N its test matrix), so the layers of a model are built in module order."""
+        layer_class = DoRALinear if self.use_dora else LoRALinear
+        method, _ = parse_init(self.init)
+        device = self.quantizer.device if self.quantizer is not None else linear.weight.device
+        with one_cpu_thread(device):  # each target's quantization and init, whatever the init
+            if method == ZEROS:
+                base = self.quantizer(linear) if self.quantizer is not None else linear
+                return layer_class(base, self.r, self.alpha, self.dropout, self.use_rslora)
+            given = None if self.initial is None else self.initial[name]
+            scale = lora_scale(self.alpha, self.r, self.use_rslora)
+            base, a0, b0 = _initialise(linear, self.init, method, self.r, scale, self.quantizer, given)
+            layer = layer_class(base, self.r, self.alpha, self.dropout, self.use_rslora)
+            layer.set_initial(a0, b0, subtracted=method in BASE_CHANGING)
+            return layer
+
+
+def plan_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.05,
+              targets: Sequence[str] | str | None = None, use_rslora: bool = False, use_dora: bool = False,
+              init: str = ZEROS, initial: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+              quantizer=None) -> LoRAPlan:
+    """add_lora's arguments checked against `model` (UserError naming the problem), before any weight is
+    touched: what matches, that it is linear, that the init can be computed at this rank on this base."""
     targets = list(DEFAULT_TARGETS) if targets is None else targets
     try:
         method, _ = parse_init(init)
@@ -88,26 +139,11 @@ def add_lora(
             f"linear layers it has: {', '.join(linear_layer_kinds(model)) or 'none'}"
         )
     _check_init(model, names, init, method, r, use_dora, quantizer)
-    model.requires_grad_(False)
-    layer_class = DoRALinear if use_dora else LoRALinear
-    device = quantizer.device if quantizer is not None else model.get_submodule(names[0]).weight.device
-    with one_cpu_thread(device):  # each target's quantization and init, whatever the init
-        for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            linear = getattr(parent, child)
-            if method == ZEROS:
-                base = quantizer(linear) if quantizer is not None else linear
-                setattr(parent, child, layer_class(base, r, alpha, dropout, use_rslora))
-                continue
-            given = None if initial is None else initial.get(name)
-            if initial is not None and given is None:
-                raise UserError(f"init={init!r}: no initial factors given for {name}")
-            base, a0, b0 = _initialise(linear, init, method, r, lora_scale(alpha, r, use_rslora), quantizer, given)
-            layer = layer_class(base, r, alpha, dropout, use_rslora)
-            layer.set_initial(a0, b0, subtracted=method in BASE_CHANGING)
-            setattr(parent, child, layer)
-    return names
+    if method != ZEROS and initial is not None:
+        missing = [n for n in names if n not in initial]
+        if missing:
+            raise UserError(f"init={init!r}: no initial factors given for {missing[0]}")
+    return LoRAPlan(tuple(names), r, alpha, dropout, use_rslora, use_dora, init, initial, quantizer)
 
 
 def _check_init(model: nn.Module, names: list[str], init: str, method: str, r: int, use_dora: bool,

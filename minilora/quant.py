@@ -2,12 +2,13 @@
 
 NF4 with double quantization and a bf16 compute dtype is QLoRA's recipe (Dettmers et al. 2023);
 bitsandbytes and transformers default to fp4, no double quant and fp32 compute, so all three are
-set explicitly. The quantization is ours (quantize_linears): transformers loads the checkpoint, and
-bitsandbytes packs each linear layer's weight as it moves to the device. Norms, embeddings and
+set explicitly. The quantization is ours (quantize_linear): minilora/stream_load.py reads the checkpoint tensor
+by tensor, and bitsandbytes packs each linear layer's weight as it moves to the device. Norms, embeddings and
 lm_head stay in the compute dtype: unlike PEFT's `prepare_model_for_kbit_training` we do not upcast
 them to fp32, which costs memory and speed.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,9 +18,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from minilora.errors import UserError
+from minilora.model_files import BUILTIN_PREFIX, resolve_model_path, unloadable_model
 from minilora.recipe import QUANT_TYPES
-
-BUILTIN_PREFIX = "builtin:"
+from minilora.stream_load import load_streaming
 
 
 def default_device() -> torch.device:
@@ -31,15 +32,6 @@ def default_compute_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """`builtin:<name>` -> the folder of the built-in demo model; anything else unchanged."""
-    if name_or_path.startswith(BUILTIN_PREFIX):
-        from minilora.builtin import resolve_builtin
-
-        return str(resolve_builtin(name_or_path[len(BUILTIN_PREFIX):]))
-    return name_or_path
 
 
 def quantize_linear(linear: nn.Linear, quant: str, double_quant: bool, compute_dtype: torch.dtype,
@@ -87,33 +79,50 @@ def load_base(
     compute_dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     lora: dict | None = None,
+    on_layer: Callable[[int, nn.Module], None] | None = None,
 ) -> torch.nn.Module:
     """A frozen causal LM whose linear layers (all but the output head) are bnb `Linear4bit` (or plain,
     with quant="none"). `name_or_path`: a hub id, a local folder, or `builtin:tiny-phi3`.
 
     `lora`: add_lora's keyword arguments (r, alpha, dropout, targets, use_rslora, use_dora, init): the
     LoRA layers go in while the base loads, each target's initialisation (minilora/lora_init.py) computed
-    from its full-precision weight right before that weight is quantized; returned with LoRA in place."""
+    from its full-precision weight right before that weight is quantized; returned with LoRA in place.
+    `on_layer(index, layer)`: called for each decoder layer as soon as it is loaded (minilora/stream_load.py).
+
+    The checkpoint is read tensor by tensor, each linear layer quantized before the next is read
+    (minilora/stream_load.py): the host never holds the model in full precision. Checkpoints that loader
+    does not read (`.bin` weights) are loaded whole by transformers, then quantized layer by layer."""
     if quant not in QUANT_TYPES:
         raise UserError(f"quant={quant!r}: expected one of {', '.join(QUANT_TYPES)}")
     device = torch.device(device) if device is not None else default_device()
     compute_dtype = compute_dtype or default_compute_dtype(device)
     path = resolve_model_path(name_or_path)
+    quantizer = Quantizer(quant, double_quant, compute_dtype, device) if quant != "none" else None
+    model = load_streaming(name_or_path, compute_dtype, device, quantizer, lora, on_layer)
+    if model is None:
+        model = load_whole(name_or_path, path, compute_dtype, device, quantizer, lora, on_layer)
+    if name_or_path.startswith(BUILTIN_PREFIX):
+        model.config._name_or_path = name_or_path
+    model.config.use_cache = False  # training never decodes; the KV cache only costs memory
+    return model
+
+
+def load_whole(name_or_path: str, path: str, compute_dtype: torch.dtype, device: torch.device,
+               quantizer: "Quantizer | None", lora: dict | None,
+               on_layer: Callable[[int, nn.Module], None] | None) -> nn.Module:
+    """load_base for checkpoints the streaming loader does not read: transformers loads the whole model on
+    the host in the compute dtype, then each linear layer is quantized onto the device (only one
+    full-precision layer is ever on the device); `on_layer` is called for each decoder layer at the end."""
     try:
-        # Loaded on the CPU, then quantized layer by layer onto the device: the full-precision model
-        # never sits in GPU memory, and no device_map (Accelerate) is involved.
         model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype)
     except Exception as err:
         raise unloadable_model(name_or_path, err) from err
-    if name_or_path.startswith(BUILTIN_PREFIX):
-        model.config._name_or_path = name_or_path
-    quantizer = Quantizer(quant, double_quant, compute_dtype, device) if quant != "none" else None
     if lora is not None:
         from minilora.inject import add_lora
 
         add_lora(model, **lora, quantizer=quantizer)  # quantizes the targets' base layers
     if quantizer is not None:
-        quantize_linears(model, quant, double_quant, compute_dtype, device)
+        quantize_linears(model, quantizer.quant, quantizer.double_quant, compute_dtype, device)
         model.is_loaded_in_4bit = True  # how transformers marks 4-bit models; PEFT reads it too
     model.to(device)
     model.requires_grad_(False)
@@ -122,7 +131,11 @@ def load_base(
 
         for p in lora_parameters(model):
             p.requires_grad_(True)
-    model.config.use_cache = False  # training never decodes; the KV cache only costs memory
+    if on_layer is not None:
+        from minilora.training.recompute import decoder_layers
+
+        for index, layer in enumerate(decoder_layers(model)):
+            on_layer(index, layer)
     return model
 
 
@@ -137,19 +150,6 @@ class Quantizer:
 
     def __call__(self, linear: nn.Linear, weight: torch.Tensor | None = None) -> bnb.nn.Linear4bit:
         return quantize_linear(linear, self.quant, self.double_quant, self.compute_dtype, self.device, weight)
-
-
-def unloadable_model(name_or_path: str, err: Exception, what: str = "cannot load it") -> Exception:
-    """What to raise when transformers cannot build or load a model: a model folder is input, and its
-    config or weights fail in many ways (truncated safetensors, `"hidden_size": "big"`, a pad id past the
-    vocabulary, heads that do not divide the width), each raising its own exception type. Out of memory
-    stays itself (its own exit code)."""
-    from minilora.cli_runner import is_out_of_memory
-
-    if is_out_of_memory(err) or isinstance(err, UserError):
-        return err
-    text = (str(err).strip().splitlines() or [""])[0][:200]
-    return UserError(f"base model {name_or_path}: {what} ({type(err).__name__}: {text})")
 
 
 def load_tokenizer(name_or_path: str):
