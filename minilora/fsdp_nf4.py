@@ -253,6 +253,19 @@ class NF4Shard(torch.Tensor):
             for dst, src in zip(shard.inner(), args[1].inner(), strict=True):
                 dst.resize_(src.shape).copy_(src)
             return shard
+        # What CPUOffloadPolicy does (_fsdp_param.py): keep the shard on the host (.cpu(), pinned) and move it
+        # to the device before each all-gather (.to(device, non_blocking=True)). Bytes move as bytes; the
+        # small tables stay in the layout, on the device the weight was quantized on.
+        if func is aten._to_copy.default:
+            if kwargs.get("dtype", torch.uint8) != torch.uint8:
+                raise NotImplementedError(f"a 4-bit shard is bytes; it cannot become {kwargs['dtype']}")
+            moved = [t.to(device=kwargs.get("device", t.device), non_blocking=kwargs.get("non_blocking", False))
+                     for t in shard.inner()]
+            return shard._with(shard.shape, moved)
+        if func is aten._pin_memory.default:
+            return shard._with(shard.shape, [t.pin_memory() for t in shard.inner()])
+        if func is aten.is_pinned.default:
+            return all(t.is_pinned() for t in shard.inner())
         raise NotImplementedError(f"NF4Shard does not support {func}")
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):

@@ -304,14 +304,29 @@ def _dora_matches_one_process(folder: str, mesh) -> None:
         assert torch.equal(p.grad.full_tensor(), ref_params[name].grad), name
 
 
+def test_a_shard_moves_between_devices_as_bytes():
+    """What CPU offload asks of a shard (.cpu()/.to(device, non_blocking) before each all-gather): every part
+    moves, the groups and size stay; a float dtype is refused (the bytes would be reinterpreted)."""
+    weight = ShardableParams4bit.wrap(quantized(448, 192, True).weight)
+    shard = weight.shards(2)[1]
+    moved = shard.to("meta", non_blocking=True)
+    assert type(moved).__name__ == "NF4Shard" and moved.shape == shard.shape
+    assert all(t.is_meta for t in moved.inner())
+    assert [t.shape for t in moved.inner()] == [t.shape for t in shard.inner()]
+    with pytest.raises(NotImplementedError, match="bytes"):
+        shard.to(torch.bfloat16)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_fsdp_on_one_cuda_rank_feeds_the_gathered_weight_to_the_fused_kernels(tiny_llama_dir):
+@pytest.mark.parametrize("offload", [False, True])
+def test_fsdp_on_one_cuda_rank_feeds_the_gathered_weight_to_the_fused_kernels(tiny_llama_dir, offload):
     """On CUDA the LoRA layers run the fused Triton kernels over the weight FSDP gathers (its all-gather
-    buffers, on FSDP's streams): bf16 logits as the unsharded model's (the kernels' GPU-test tolerance)."""
+    buffers, on FSDP's streams): bf16 logits as the unsharded model's (the kernels' GPU-test tolerance).
+    With CPU offload the shards live in pinned host memory and move to the GPU for each all-gather."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     try:
@@ -320,14 +335,21 @@ def test_fsdp_on_one_cuda_rank_feeds_the_gathered_weight_to_the_fused_kernels(ti
             set_kernel_mode(m, "triton")
         make_4bit_shardable(model)
         mesh = init_device_mesh("cuda", (1,))
+        policy = CPUOffloadPolicy() if offload else OffloadPolicy()
         for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+            fully_shard(layer, mesh=mesh, offload_policy=policy)
+        fully_shard(model, mesh=mesh, offload_policy=policy)
+        shard = model.model.layers[0].mlp.down_proj.base_layer.weight._local_tensor
+        assert all(t.device.type == ("cpu" if offload else "cuda") for t in shard.inner())
+        assert not offload or shard.is_pinned()
         ids = torch.randint(0, CONFIG["vocab_size"], (2, 16), device="cuda")
         want = reference(input_ids=ids).logits.float()
         for _ in range(2):  # the second forward reads the buffers refilled in place
             got = model(input_ids=ids).logits.float()
             assert (got - want).abs().max() <= 1e-2 * want.abs().max()
         assert all(None not in layer._paths.values() for layer in lora_layers(model).values())
+        got.square().mean().backward()  # LoRA gradients come back (to the host with offload)
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        assert grads and all(g is not None and torch.isfinite(g.full_tensor()).all() for g in grads)
     finally:
         dist.destroy_process_group()
