@@ -41,7 +41,7 @@ from minilora.run_record import RUN_FILE, read_run_record, write_run_record
 from minilora.training.card import render_card
 from minilora.training.checkpoint import FULL_FORMAT, checkpoint_format, newest_intact_checkpoint, read_manifest
 from minilora.training.config import FREE, STEER, TrainConfig, resume_fields
-from minilora.training.distributed import DistInfo, barrier, init_distributed, main_first, shutdown
+from minilora.training.distributed import DistInfo, barrier, host_first, init_distributed, shutdown
 from minilora.training.fsdp import ensure_process_group
 from minilora.training.loop import StopRequest, TrainingLoop, TrainingStopped, epoch_batches, max_micro_batch_tokens
 from minilora.training.metrics import METRICS_NAME, read_metrics
@@ -99,13 +99,19 @@ class RunData:
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, dist: DistInfo | None = None) -> RunData:
-    """Rank 0 prepares (or finds) each file's token store in the data cache; the other ranks then map
-    the same files, so the token ids exist once in memory however many ranks run."""
-    dist, root = dist or DistInfo(), cfg.data_cache or default_root()
+    """Each host's local rank 0 prepares (or finds) each file's token store in the data cache; the host's
+    other ranks then map the same files, so the token ids exist once in each host's memory. Preparations
+    into one cache folder take turns (a lock in it), so a cache on a file system that several hosts share
+    is prepared once, by the first host, and found ready by the others."""
+    dist, root = dist or DistInfo(), Path(cfg.data_cache or default_root())
+
+    def prepare_or_find(path: str) -> Dataset:
+        root.mkdir(parents=True, exist_ok=True)
+        with FolderLock(root / LOCK_NAME, f"data cache {root}", wait=True):
+            return load_dataset(path, tokenizer, cfg.seq_len, cfg.skip_bad_lines, cache_dir=root, progress=dist.main)
 
     def load(path: str) -> Dataset:
-        return main_first(lambda: load_dataset(path, tokenizer, cfg.seq_len, cfg.skip_bad_lines, cache_dir=root,
-                                               progress=dist.main), dist)
+        return host_first(lambda: prepare_or_find(path), dist)
 
     dataset = load(cfg.data)
     cap = cfg.eval_max_examples
@@ -355,6 +361,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
     say = print if dist.main else (lambda *a, **k: None)
     precision = resolve_precision(cfg.precision, device)
     check_kernel_mode(cfg.kernels, device)
+    if cfg.fsdp_offload and device.type != "cuda":
+        raise UserError("--fsdp-offload moves sharded GPU state to CPU memory; this run is on the CPU, where it all "
+                        "is already: leave --fsdp-offload out")
     check_output(cfg)
     vocab_size = check_targets(cfg)  # the model's config and the targets, before the data is read
     tokenizer = load_tokenizer(cfg.model)
