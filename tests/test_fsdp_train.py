@@ -1,6 +1,7 @@
 """--fsdp (FSDP2): 2 gloo ranks on the CPU against one process over the same global batches, sharded
 checkpoints (resume after kill -9, resume on fewer ranks), and what is sharded."""
 
+import itertools
 import json
 import os
 import shutil
@@ -146,6 +147,28 @@ def test_fsdp_shards_lora_and_a_full_precision_base_and_keeps_4bit_weights_whole
     finally:
         if own:
             dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_non_finite_steps_roll_back_to_a_sharded_checkpoint_that_resumes(tmp_path, monkeypatch):
+    """One rank under --fsdp: NaN losses at steps 3-5 stop the run with the (sharded) state of step 1, the
+    snapshot and rollback going through the sharded weights and AdamW state; a resume runs to the end."""
+    forward, calls = LossModule.forward, itertools.count()
+
+    def faulty(self, batch):  # the training forwards of steps 3-5 (evaluation runs through it too under --fsdp)
+        if not torch.is_grad_enabled():
+            return forward(self, batch)
+        return forward(self, batch) * (float("nan") if next(calls) // QUICK["grad_accum"] + 1 in (3, 4, 5) else 1.0)
+
+    monkeypatch.setattr(LossModule, "forward", faulty)
+    out = tmp_path / "out"
+    run = dict(fsdp=True, max_bad_steps=3, max_steps=6, eval_every=0)
+    assert run_quick(out, **run) == 1
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-1"]
+    assert all(torch.isfinite(t).all() for t in adapter(out / "checkpoints" / "step-1").values())
+    monkeypatch.setattr(LossModule, "forward", forward)
+    assert run_quick(out, resume=True, **{**run, "lr": QUICK["lr"] / 4}) == 0
+    assert [m["step"] for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
 def test_fsdp_flags_that_cannot_work_are_refused_in_one_line(tmp_path):

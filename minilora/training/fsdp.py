@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from minilora.inject import lora_layers
@@ -55,9 +55,7 @@ def shard_for_training(root: nn.Module, model: nn.Module, device: torch.device, 
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     # fp32 gradient reduction: averaging bf16 gradients over ranks would round each partial sum.
     mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
-    options = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if offload else None)
-    if options["offload_policy"] is None:
-        del options["offload_policy"]
+    options = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
     ignored = unshardable_params(model)
     for layer in decoder_layers(model):
         fully_shard(layer, ignored_params={p for p in layer.parameters() if p in ignored}, **options)
