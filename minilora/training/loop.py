@@ -252,7 +252,10 @@ class TrainingLoop:
         for group in self.optimizer.param_groups:  # the saved groups carry the old value; it may be steered
             group["weight_decay"] = self.cfg.weight_decay
         self.scaler.load_state_dict(saved["scaler"])
-        set_rng_states(saved["rng_per_rank"][self.dist.rank])  # an IndexError on more ranks than saved
+        per_rank = saved["rng_per_rank"]
+        # --fsdp resumed on more ranks than saved: the new ranks keep the seeding job.py gave them.
+        if not self.sharded or self.dist.rank < len(per_rank):
+            set_rng_states(per_rank[self.dist.rank])
         self.stream.epoch, self.stream.index = saved["data_position"]["epoch"], saved["data_position"]["index"]
         if self.sharded:  # a position counts global micro-batches of `world` rank rows: convert to this world
             rows = self.stream.index * saved["world"]
