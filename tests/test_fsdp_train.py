@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -20,6 +21,7 @@ from train_utils import QUICK, ROOT, quick_config, run_quick
 
 from minilora.errors import UserError
 from minilora.inject import lora_layers
+from minilora.lock import LOCK_NAME, FolderLock
 from minilora.training.fsdp import ensure_process_group, gathered_adapter, shard_for_training
 from minilora.training.job import build_model
 from minilora.training.loss import LossModule
@@ -176,3 +178,24 @@ def test_fsdp_flags_that_cannot_work_are_refused_in_one_line(tmp_path):
         quick_config(tmp_path, fsdp_offload=True)
     with pytest.raises(UserError, match="--optim adamw8bit with --fsdp"):
         quick_config(tmp_path, fsdp=True, optim="adamw8bit")
+
+
+def test_a_waiting_folder_lock_takes_turns_instead_of_refusing(tmp_path):
+    """Data preparations into one cache folder (a shared file system across hosts) take turns."""
+    path = tmp_path / LOCK_NAME
+    entered, leave = threading.Event(), threading.Event()
+
+    def second():
+        with FolderLock(path, "data cache", wait=True):
+            entered.set()
+            leave.wait(60)
+
+    with FolderLock(path, "data cache"):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        assert not entered.wait(0.3)  # held: the second one waits
+        with pytest.raises(UserError, match="in use by another run"):  # a non-waiting lock still refuses
+            FolderLock(path, "data cache").__enter__()
+    assert entered.wait(60)  # released: the second one goes on
+    leave.set()
+    waiter.join()
