@@ -43,7 +43,7 @@ def unshardable_params(model: nn.Module) -> set[nn.Parameter]:
     quant_state (absmax, code, shape) is a Python attribute that a DTensor shard would not carry, so each
     rank keeps its whole 4-bit base. A shardable NF4 tensor type, converted in place before
     `fully_shard`, replaces this function (it then returns an empty set)."""
-    return {layer.base_layer.weight for layer in lora_layers(model).values() if is_4bit(layer.base_layer)}
+    return {module.weight for module in model.modules() if is_4bit(module)}  # LoRA targets or not
 
 
 def shard_for_training(root: nn.Module, model: nn.Module, device: torch.device, precision: str,
