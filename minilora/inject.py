@@ -60,7 +60,7 @@ def add_lora(
     """Replace each matching linear layer with a LoRALinear (a DoRALinear if `use_dora`) and freeze
     all other parameters.
 
-    `init`: "zeros" (A kaiming-uniform, B = 0), or "loftq", "pissa", "pissa:N", "olora"
+    `init`: "zeros" (A kaiming-uniform, B = 0), or "loftq", "loftq:N", "pissa", "pissa:N", "olora"
     (minilora/lora_init.py), computed from each target's full-precision weight: on a full-precision base
     here (pissa and olora subtract scale · B0 A0 from it, as PEFT does), on a 4-bit base only while it
     loads (`load_base(..., lora=dict(init=...))`, which passes its `quantizer`: the 4-bit layer each
@@ -161,7 +161,10 @@ def matched_target_names(model: nn.Module) -> list[str]:
 
 def _logical_numel(p: torch.Tensor) -> int:
     # A bnb Params4bit is stored packed two per byte as [(N*K+1)//2, 1]; count the N*K weights it holds.
+    # Sharded by FSDP it is a DTensor over an NF4Shard (minilora/fsdp_nf4.py), whose layout has that shape.
     state = getattr(p, "quant_state", None)
+    if state is None:
+        state = getattr(getattr(p, "_local_tensor", None), "nf4_layout", None)
     return int(state.shape.numel()) if state is not None else p.numel()
 
 

@@ -22,20 +22,22 @@ KERNEL_MODES = ("auto", "triton", "torch")
 RECOMPUTE_MODES = ("auto", "selective", "full", "none")
 
 # How LoRA starts (minilora/lora_init.py): zeros is QLoRA's and PEFT's default (A random, B = 0); the others
-# are computed from each full-precision weight while the base loads; pissa:N uses a randomized SVD.
+# are computed from each full-precision weight while the base loads; pissa:N and loftq:N use a randomized SVD.
 INITS = ("zeros", "loftq", "pissa", "olora")
 BASE_CHANGING_INITS = ("pissa", "olora")  # they quantize W - scale · B0 A0, so their adapters are converted
+RANDOMIZED_INITS = ("pissa", "loftq")  # their SVD can come from torch.svd_lowrank: `pissa:N`, `loftq:N`
 
 
 def parse_init(init: str) -> tuple[str, int | None]:
-    """("pissa", None), ("pissa", 4) for "pissa:4", ("loftq", None), ...; ValueError for anything else."""
+    """("pissa", None), ("pissa", 4) for "pissa:4", ("loftq", 2) for "loftq:2", ...; ValueError for anything else."""
     method, colon, niter = init.partition(":")
     if method not in INITS:
-        raise ValueError(f"init {init!r}: expected one of {', '.join(INITS)} (or pissa:N)")
+        raise ValueError(f"init {init!r}: expected one of {', '.join(INITS)} (or pissa:N, loftq:N)")
     if not colon:
         return method, None
-    if method != "pissa" or not niter.isdigit():
-        raise ValueError(f"init {init!r}: only pissa takes a count of randomized-SVD iterations (pissa:N, N >= 0)")
+    if method not in RANDOMIZED_INITS or not niter.isdigit():
+        raise ValueError(f"init {init!r}: only pissa and loftq take a count of randomized-SVD iterations "
+                         "(pissa:N, loftq:N, N >= 0)")
     return method, int(niter)
 
 

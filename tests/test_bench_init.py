@@ -29,10 +29,17 @@ def test_report_and_goals_read_the_results():
                           "init_cancelled": cut, "trained_cancelled": -1.0}
     run = lambda cut, load: {"modules": {"a.0.qkv_proj": module(cut), "a.1.qkv_proj": module(cut + 0.1)},
                              "eval_before": 5.0, "eval_after": 4.0, "train_s": 1.0, "load_s": load}
-    models = {name: {"about": name, "inits": {i: run(0.4 if i == "loftq" else 0.0, 1.1 if i == "pissa" else 1.0)
-                                              for i in INITS}} for name in ("demo", "lowrank", "outliers")}
+    cuts = {"loftq": 0.4, "loftq:4": 0.1}
+    loads = {"pissa": 1.1, "olora": 1.3}
+    models = {name: {"about": name, "inits": {i: run(cuts.get(i, 0.0), loads.get(i, 1.0)) for i in INITS}}
+              for name in ("demo", "lowrank", "outliers")}
     checked = goals(models)
-    assert [g["pass"] for g in checked] == [True, True, True] and checked[0]["value"] == "40.0%"
+    assert [(g["what"].split(":")[0], g["value"], g["pass"]) for g in checked] == [
+        ("outliers model", "40.0%", True),  # loftq
+        ("outliers model", "10.0%", False),  # loftq:4
+        ("lowrank model (no outliers)", "40.0%", True),  # for contrast only
+        ("demo model", "+0.0%", True), ("demo model", "+0.0%", True), ("demo model", "+10.0%", True),
+        ("demo model", "+0.0%", True), ("demo model", "+30.0%", False)]  # loftq, loftq:4, pissa, pissa:4, olora
     env = {"device_name": "cpu", "date": "d", "commit": "c", "torch_threads": 2, "cpu_count": 2,
            "load_avg": [1.0, 1.0, 1.0]}
     text = markdown({"environment": env, "run": {}, "steps": 3, "repeats": 5, "models": models, "goals": checked,

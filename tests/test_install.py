@@ -18,7 +18,7 @@ KERNELS = ROOT / "kernels" / "minilora.kernels"
 # benchmarks and tests run from the root.
 OURS = {"minilora", "train", "benchmarks", "tests", "__main__"}
 ENTRY_POINTS = [("path", "train.py"), *(("module", f"minilora.{m}") for m in ("generate", "merge", "inspect", "env")),
-                *(("module", f"benchmarks.{m}") for m in ("data", "epoch", "inspector", "kernels", "levers",
+                *(("module", f"benchmarks.{m}") for m in ("data", "epoch", "fsdp", "inspector", "kernels", "levers",
                                                           "lora_stats_cost", "plot_throughput", "throughput"))]
 
 # Runs every entry point's --help from the checkout's root, then what a training run imports

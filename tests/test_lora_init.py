@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 import minilora
 from minilora.errors import UserError
-from minilora.lora_init import pissa_factors
+from minilora.lora_init import loftq_factors, olora_factors, pissa_factors, top_singular
 
 TARGETS = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
 TOL = 1e-5
@@ -68,17 +68,83 @@ def test_factors_and_residual_base_equal_peft(tiny_model_dir, init):
         assert layer.base_changed and torch.equal(layer.initial_A, layer.lora_A)
 
 
+def decaying(rows, cols, seed=0):
+    """A (rows, cols) matrix with singular values 0.5^i: sigma_9 / sigma_8 = 0.5, a well-defined top-8 subspace."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(rows, cols)
+    u, _ = torch.linalg.qr(torch.randn(rows, k, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(cols, k, generator=g))
+    return u @ torch.diag(0.5 ** torch.arange(float(k))) @ v.T
+
+
 def test_randomized_pissa_finds_the_top_singular_part():
     """pissa:N's scale · B A is the best rank-r approximation of W once the subspace iterations converge
     (a spectrum that decays, as trained weights' do; a flat random one leaves the top-r subspace ill-defined)."""
-    g = torch.Generator().manual_seed(0)
-    u, _ = torch.linalg.qr(torch.randn(96, 48, generator=g))
-    v, _ = torch.linalg.qr(torch.randn(80, 48, generator=g))
-    w = u @ torch.diag(0.5 ** torch.arange(48.0)) @ v.T  # (96, 80): sigma_9 / sigma_8 = 0.5
+    w = decaying(96, 80)
     exact = pissa_factors(w, 8, 2.0)
     torch.manual_seed(1)
     randomized = pissa_factors(w, 8, 2.0, niter=12)  # error ~ 0.5 ** (2 * 12 + 1)
     torch.testing.assert_close(randomized[1] @ randomized[0], exact[1] @ exact[0], atol=TOL, rtol=0)
+
+
+def test_randomized_loftq_keeps_the_ordinary_base(tiny_model_dir):
+    path = tiny_model_dir("phi3")
+    lora = dict(r=8, alpha=16, dropout=0.0, targets=TARGETS)
+    plain = minilora.load_base(path, compute_dtype=torch.float32, device="cpu", lora=dict(lora, init="zeros"))
+    torch.manual_seed(0)
+    fitted = minilora.load_base(path, compute_dtype=torch.float32, device="cpu", lora=dict(lora, init="loftq:2"))
+    layers, plain_layers = minilora.lora_layers(fitted), minilora.lora_layers(plain)
+    for name, layer in layers.items():
+        assert torch.equal(layer.base_layer.weight, plain_layers[name].base_layer.weight), name
+        assert not layer.base_changed and layer.lora_B.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("shape", [(96, 80), (80, 96), (200, 64), (64, 64)])
+def test_top_singular_equals_the_float64_svd(shape):
+    """The Gram-matrix route gives an SVD's top-r triplets: values to fp32 precision, vectors up to sign."""
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(*shape, generator=g) * torch.linspace(0.2, 3.0, shape[1])  # unequal columns: distinct values
+    u, s, vh = top_singular(w, 8)
+    ref_u, ref_s, ref_vh = torch.linalg.svd(w.double(), full_matrices=False)
+    assert u.shape == (shape[0], 8) and s.shape == (8,) and vh.shape == (8, shape[1])
+    torch.testing.assert_close(s.double(), ref_s[:8], atol=0, rtol=1e-6)
+    signs = torch.sign((vh.double() * ref_vh[:8]).sum(dim=1))
+    torch.testing.assert_close(vh.double() * signs[:, None], ref_vh[:8], atol=1e-5, rtol=0)
+    torch.testing.assert_close(u.double() * signs[None, :], ref_u[:, :8], atol=1e-5, rtol=0)
+
+
+def test_top_singular_of_a_rank_deficient_matrix_keeps_its_zero_part_zero():
+    w = torch.zeros(64, 48)
+    w[:, :3] = torch.randn(64, 3, generator=torch.Generator().manual_seed(2))  # rank 3 < r = 8
+    u, s, vh = top_singular(w, 8)
+    assert torch.isfinite(u).all() and torch.isfinite(vh).all()
+    torch.testing.assert_close((u * s) @ vh, w, atol=1e-5, rtol=0)
+    a, b = pissa_factors(w, 8, 2.0)
+    torch.testing.assert_close(2.0 * b @ a, w, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(96, 80), (80, 96)])
+def test_olora_from_the_first_r_columns_equals_the_whole_qr(shape):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3))
+    q, rr = torch.linalg.qr(w)
+    a, b = olora_factors(w, 8, 2.0)
+    torch.testing.assert_close(a, rr[:8], atol=1e-5, rtol=0)
+    torch.testing.assert_close(b, q[:, :8], atol=1e-5, rtol=0)
+    assert torch.equal(torch.tril(a[:, :8], diagonal=-1), torch.zeros(8, 8))  # R's zeros stay exact zeros
+
+
+def test_randomized_loftq_finds_the_best_rank_r_fit_when_the_error_spectrum_decays():
+    """loftq:N = loftq once the subspace iterations converge; `dequantized` stands for deq(Q), so that
+    E = W - deq(Q) is a matrix with a known, decaying spectrum."""
+    error = decaying(96, 80)
+    w = torch.randn(96, 80, generator=torch.Generator().manual_seed(4))
+    exact = loftq_factors(w, w - error, 8, 2.0)
+    torch.manual_seed(1)
+    randomized = loftq_factors(w, w - error, 8, 2.0, niter=12)  # error ~ 0.5 ** (2 * 12 + 1)
+    torch.testing.assert_close(randomized[1] @ randomized[0], exact[1] @ exact[0], atol=TOL, rtol=0)
+    u, s, vh = torch.linalg.svd(error.double())
+    best = (u[:, :8] * s[:8]) @ vh[:8]
+    torch.testing.assert_close(2.0 * (exact[1] @ exact[0]).double(), best, atol=TOL, rtol=0)
 
 
 def perturb(pairs, seed=3):
@@ -175,7 +241,7 @@ def test_an_init_on_an_already_4bit_base_is_refused(tiny_model_dir):
         minilora.add_lora(model, init="olora")
 
 
-@pytest.mark.parametrize("init", ["svd", "pissa:x", "loftq:2", "pissa:"])
+@pytest.mark.parametrize("init", ["svd", "pissa:x", "olora:2", "loftq:", "zeros:1"])
 def test_unknown_init_is_one_line(tiny_model_dir, init):
     model = minilora.load_base(tiny_model_dir("phi3"), quant="none", device="cpu")
     with pytest.raises(UserError, match="init"):

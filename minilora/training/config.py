@@ -41,7 +41,8 @@ class TrainConfig:
     rslora: bool = _f(False, "rank-stabilised scale alpha / sqrt(r)")
     init: str = _f("zeros", "LoRA initialisation, computed from the full-precision weights as the base loads: "
                             "zeros (QLoRA: B = 0), loftq (B A fits the 4-bit quantization error), pissa (the "
-                            "top-r singular part of W; pissa:N: randomized SVD, N iterations), olora (QR); "
+                            "top-r singular part of W), olora (QR); pissa:N, loftq:N: randomized SVD, N "
+                            "iterations, for large layers; "
                             "pissa and olora quantize W - scale * B A and save the adapter converted to a "
                             "rank-2r LoRA of the ordinary base")
     # research variants and statistics (Studying LoRA in the README)

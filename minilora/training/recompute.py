@@ -29,6 +29,7 @@ import contextlib
 
 import torch
 from torch import nn
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from minilora.training.memory import available_memory
@@ -118,15 +119,21 @@ def enable_recompute(model: nn.Module, every: int = 1, offload: OffloadSaved | N
     return wrapped
 
 
-def _saved_bytes(model: nn.Module, device: torch.device, tokens: int, params: set[int]) -> int:
+def _storage_key(t: torch.Tensor) -> StorageWeakRef:
+    """Identifies a tensor's storage by the storage itself, not its address: tensors without data (a model
+    built under FakeTensorMode from a config alone, as benchmarks/fsdp_plan.py does) all have address 0."""
+    return StorageWeakRef(t.untyped_storage())
+
+
+def _saved_bytes(model: nn.Module, device: torch.device, tokens: int, params: set[StorageWeakRef]) -> int:
     """Bytes autograd keeps in one training forward of the backbone on a row of `tokens` tokens (tensors
     that share storage count once; storages in `params`, the weights and buffers, are not counted)."""
-    kept: dict[int, int] = {}
+    kept: dict[StorageWeakRef, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            kept[storage.data_ptr()] = storage.nbytes()
+        key = _storage_key(t)
+        if key not in params:
+            kept[key] = t.untyped_storage().nbytes()
         return t
 
     ids = torch.zeros((1, tokens), dtype=torch.long, device=device)
@@ -141,8 +148,10 @@ def activation_bytes(model: nn.Module, device: torch.device, tokens: tuple[int, 
                      ) -> tuple[float, float]:
     """(fixed bytes, bytes per token) that autograd keeps in a training forward of `model`'s backbone
     without recompute, from two probe forwards of `tokens` lengths. The RNG state and the model's
-    train/eval mode are restored afterwards: the probe changes no dropout mask of the run."""
-    params = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    train/eval mode are restored afterwards: the probe changes no dropout mask of the run. `model` may be
+    a live model or one built under FakeTensorMode (shapes only: a plan from a config, no memory used);
+    what an enclosing autocast or recompute wrapper changes, the probe sees."""
+    params = {_storage_key(t) for t in (*model.parameters(), *model.buffers())}
     was_training = model.training
     model.train()
     devices = [device] if device.type == "cuda" else []
