@@ -103,6 +103,14 @@ class NF4Layout:
         absmax = self.n_blocks * torch.empty((), dtype=self.absmax_dtype).element_size()
         return self.n_bytes + absmax + (4 * self.n_groups if self.nested else 0) + self.table_bytes()
 
+    def group_parts(self) -> list[tuple[int, torch.dtype]]:
+        """(entries per group, dtype) of each part of a shard: packed codes, absmax, nested absmax."""
+        parts = [(self.group_bytes, torch.uint8), (self.group_blocks, self.absmax_dtype)]
+        return parts + ([(1, torch.float32)] if self.nested else [])
+
+    def one_buffer_bytes_per_group(self) -> int:
+        return sum(n * torch.empty((), dtype=dtype).element_size() for n, dtype in self.group_parts())
+
     def shard_size(self, n_shards: int) -> torch.Size:
         """The logical size of each of `n_shards` shards: torch.chunk's first chunk of [n_bytes, 1]."""
         return torch.Size([math.ceil(self.n_bytes / n_shards), 1])
@@ -245,6 +253,8 @@ class NF4Shard(torch.Tensor):
             return shard._with(shard.shape, shard.inner())
         if func is aten.view.default and list(args[1]) == [-1]:
             return shard._with([shard.numel()], shard.inner())
+        if func is aten.view.default and list(args[1]) == list(shard.shape):  # DTensor.to_local()
+            return shard._with(shard.shape, shard.inner())
         if func is aten.slice.Tensor:
             dim, start, end = (list(args[1:4]) + [0, None, None])[:3]
             if dim == 0 and (start or 0) == 0 and (end is None or end >= shard.shape[0]):
@@ -269,16 +279,36 @@ class NF4Shard(torch.Tensor):
         raise NotImplementedError(f"NF4Shard does not support {func}")
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
-        """All-gather inputs: this rank's groups, each part in its own dtype (FSDP gathers them as bytes)."""
+        """All-gather inputs: this rank's groups, each part in its own dtype (FSDP gathers them as bytes).
+
+        On a mesh of one rank FSDP2 gathers nothing: it copies a parameter's first all-gather input only
+        (torch 2.13, _fsdp_param_group.py `wait_for_unshard`), so there every part goes into one byte buffer:
+        the packed codes first (the unsharded weight's data must start the buffer: FSDP as_strided's it at
+        offset 0), then absmax and the nested absmax, each at a multiple of 4 bytes (a group's packed codes
+        are 32 or 8,192 bytes) so that they view back as fp32 in fsdp_post_all_gather."""
+        if mesh is not None and mesh.size() == 1:
+            return (torch.cat([t.reshape(-1).view(torch.uint8) for t in self.inner()]),), None
         return tuple(self.inner()), None
+
+    def _split_one_buffer(self, buffer: torch.Tensor) -> list[torch.Tensor]:
+        """The parts (packed, absmax, absmax2) viewed out of one rank's byte buffer (fsdp_pre_all_gather)."""
+        layout = self.nf4_layout
+        rows = buffer.numel() // layout.one_buffer_bytes_per_group()  # groups in the buffer
+        parts, start = [], 0
+        for width, dtype in layout.group_parts():  # packed, absmax, absmax2: the buffer's order
+            size = rows * width * torch.empty((), dtype=dtype).element_size()
+            parts.append(buffer[start:start + size].view(dtype).view(rows, width))
+            start += size
+        return [parts[0], parts[1]] + ([parts[2].view(-1)] if layout.nested else [])
 
     def fsdp_post_all_gather(self, all_gather_outputs, metadata, param_dtype, *, out=None):
         """The unsharded weight: a ShardableParams4bit whose data and quant_state view the gathered
         buffers, trimmed to the layer's size. FSDP frees and refills those buffers in place (storage
         resize), so the weight built on the first all-gather stays valid for every later one."""
         layout = self.nf4_layout
-        packed, absmax = all_gather_outputs[0], all_gather_outputs[1]  # (world*g, group_bytes), (world*g, blocks)
-        absmax2 = all_gather_outputs[2] if layout.nested else None  # (world*g,)
+        parts = self._split_one_buffer(all_gather_outputs[0]) if len(all_gather_outputs) == 1 else all_gather_outputs
+        packed, absmax = parts[0], parts[1]  # (world*g, group_bytes), (world*g, blocks)
+        absmax2 = parts[2] if layout.nested else None  # (world*g,)
         if out is not None:
             if out.untyped_storage().data_ptr() != packed.untyped_storage().data_ptr():
                 raise AssertionError("the unsharded 4-bit weight must view FSDP's all-gather output")

@@ -304,6 +304,38 @@ def _dora_matches_one_process(folder: str, mesh) -> None:
         assert torch.equal(p.grad.full_tensor(), ref_params[name].grad), name
 
 
+def test_fsdp_on_one_rank_computes_what_the_unsharded_model_computes(tiny_llama_dir):
+    """A mesh of one rank (FSDP2 copies a parameter's single all-gather input there, so the shard's parts
+    travel as one byte buffer): logits and LoRA gradients bit-equal to the unsharded model, over two steps
+    (the second reads the buffers FSDP refilled in place)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        torch.manual_seed(1)
+        reference = load_base(tiny_llama_dir, device="cpu", compute_dtype=torch.float32, lora=LORA)
+        torch.manual_seed(1)
+        model = load_base(tiny_llama_dir, device="cpu", compute_dtype=torch.float32, lora=LORA)
+        make_4bit_shardable(model)
+        mesh = init_device_mesh("cpu", (1,))
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        ids = torch.randint(0, CONFIG["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(2))
+        for _ in range(2):
+            got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits
+            assert torch.equal(got, want)
+            got.square().mean().backward()
+            want.square().mean().backward()
+        ref_params = _lora_named(reference)
+        for name, p in _lora_named(model).items():
+            assert torch.equal(p.grad.full_tensor(), ref_params[name].grad), name
+    finally:
+        dist.destroy_process_group()
+
+
 def test_a_shard_moves_between_devices_as_bytes():
     """What CPU offload asks of a shard (.cpu()/.to(device, non_blocking) before each all-gather): every part
     moves, the groups and size stay; a float dtype is refused (the bytes would be reinterpreted)."""

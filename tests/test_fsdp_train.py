@@ -130,7 +130,7 @@ def test_fsdp_resume_after_kill_9_is_identical_to_the_uninterrupted_run(tmp_path
 
 
 @pytest.mark.parametrize("quant", ["nf4", "none"])
-def test_fsdp_shards_lora_and_a_full_precision_base_on_one_rank(tmp_path, quant):
+def test_fsdp_shards_lora_and_the_base_on_one_rank(tmp_path, quant):
     """One rank (a group of one): which parameters FSDP manages, and the gathered adapter."""
     cfg = quick_config(tmp_path, quant=quant, recompute="none", fsdp=True)
     own = ensure_process_group()
@@ -140,8 +140,9 @@ def test_fsdp_shards_lora_and_a_full_precision_base_on_one_rank(tmp_path, quant)
         shard_for_training(LossModule(model, [], sharded=True), model, torch.device("cpu"), "fp32", offload=False)
         layer = next(iter(lora_layers(model).values()))
         assert isinstance(layer.lora_A, DTensor) and isinstance(layer.lora_B, DTensor)
-        # One rank: a full-precision base is sharded (over one), 4-bit weights stay whole (fsdp.whole_4bit_weights).
-        assert isinstance(layer.base_layer.weight, DTensor) == (quant == "none")
+        # One rank: the base is sharded (over one) too, a 4-bit weight as fsdp_nf4's shard of codes + statistics.
+        assert isinstance(layer.base_layer.weight, DTensor)
+        assert (type(layer.base_layer.weight.to_local()).__name__ == "NF4Shard") == (quant == "nf4")
         with gathered_adapter(model):
             assert not isinstance(layer.lora_A, DTensor)
             gathered = {k: v for k, v in model.state_dict().items() if "lora_" in k}

@@ -24,9 +24,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from minilora.fsdp_nf4 import ShardableParams4bit, make_4bit_shardable
+from minilora.fsdp_nf4 import make_4bit_shardable
 from minilora.inject import lora_layers
-from minilora.lora import is_4bit
 from minilora.training.recompute import decoder_layers
 
 
@@ -50,21 +49,11 @@ def shard_for_training(root: nn.Module, model: nn.Module, device: torch.device, 
     # fp32 gradient reduction: averaging bf16 gradients over ranks would round each partial sum.
     mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
     options = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
-    if mesh.size() > 1:
-        make_4bit_shardable(model)  # 4-bit weights FSDP shards as packed codes + statistics (fsdp_nf4.py)
-    ignored = whole_4bit_weights(model)
+    make_4bit_shardable(model)  # 4-bit weights FSDP shards as packed codes + statistics (fsdp_nf4.py)
     for layer in decoder_layers(model):
-        fully_shard(layer, ignored_params={p for p in layer.parameters() if p in ignored}, **options)
-    fully_shard(root, ignored_params={p for p in root.parameters() if p in ignored} or None, **options)
+        fully_shard(layer, **options)
+    fully_shard(root, **options)
     return root
-
-
-def whole_4bit_weights(model: nn.Module) -> set[nn.Parameter]:
-    """The 4-bit weights FSDP must leave alone: those not converted to fsdp_nf4's shardable type, whose
-    quant_state a plain DTensor shard would not carry. On one rank there is nothing to shard, and the
-    shardable type's all-gather extension fails there (IndexError in fsdp_post_all_gather, torch 2.13),
-    so a one-rank --fsdp run (a 2-rank checkpoint resumed on 1) keeps its 4-bit weights whole."""
-    return {m.weight for m in model.modules() if is_4bit(m) and not isinstance(m.weight, ShardableParams4bit)}
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
