@@ -40,8 +40,10 @@ class FolderLock:
     guarded folder in messages. A folder created only to hold the lock is removed again if the run
     left nothing else in it."""
 
-    def __init__(self, lock_file: str | os.PathLike, label: str):
-        self.path, self.label = Path(lock_file), label
+    def __init__(self, lock_file: str | os.PathLike, label: str, wait: bool = False):
+        """`wait`: block until the holder releases the lock (for turns at a shared resource) instead of
+        refusing at once (for a folder that one run owns)."""
+        self.path, self.label, self.wait = Path(lock_file), label, wait
         self._fd: int | None = None
         self._created_folder = False
 
@@ -65,7 +67,7 @@ class FolderLock:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = _holder_line(fd)
                 os.close(fd)

@@ -5,7 +5,8 @@
         training_state.json, training_state.safetensors
                              optimizer, grad scaler, RNG states per rank (Python, NumPy, torch, CUDA), step,
                              data position, the held-out loss before training (state_io.py: no pickles)
-        manifest.json        the run's fingerprint, a sha256 of each file above, and one of itself
+        manifest.json        the run's fingerprint, a sha256 of each file above, one of itself, and the
+                             format ("full"; an --fsdp run writes "fsdp-sharded", sharded_checkpoint.py)
 
 A checkpoint is built in a temporary folder and renamed into place (minilora.atomic), so after a
 `kill -9` every `step-N` folder is complete; the manifest also catches a folder damaged later.
@@ -32,6 +33,8 @@ PICKLED_STATE_NAME = "training_state.pt"  # older minilora; never loaded
 MANIFEST_NAME = "manifest.json"
 _STEP_DIR = re.compile(r"step-(\d+)")
 SELF_KEY = "manifest_sha256"  # the manifest's checksum of its own other keys
+FORMAT_KEY = "format"
+FULL_FORMAT = "full"  # rank 0 holds and writes everything; manifests without a format are this one
 
 
 def _manifest_digest(body: dict) -> str:
@@ -74,14 +77,23 @@ def save_checkpoint(output: str | Path, step: int, model, optimizer, scaler, ext
     def build(folder: Path) -> None:
         save_adapter(model, folder, fingerprint.get("model"))
         save_state(state, folder)
-        files = {p.name: _sha256(p) for p in sorted(folder.iterdir())}
-        body = {"step": step, "fingerprint": fingerprint, "sha256": files}
-        (folder / MANIFEST_NAME).write_text(json.dumps({**body, SELF_KEY: _manifest_digest(body)}, indent=2))
+        write_manifest(folder, step, fingerprint, FULL_FORMAT)
 
     atomic_replace_dir(build, target)
     for old in list_checkpoints(output)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+def write_manifest(folder: Path, step: int, fingerprint: dict, kind: str) -> None:
+    """manifest.json over every file below `folder` (written last: its presence marks a complete folder)."""
+    files = {p.relative_to(folder).as_posix(): _sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+    body = {"step": step, FORMAT_KEY: kind, "fingerprint": fingerprint, "sha256": files}
+    (folder / MANIFEST_NAME).write_text(json.dumps({**body, SELF_KEY: _manifest_digest(body)}, indent=2))
+
+
+def checkpoint_format(manifest: dict) -> str:
+    return manifest.get(FORMAT_KEY, FULL_FORMAT)
 
 
 def list_checkpoints(output: str | Path) -> list[Path]:

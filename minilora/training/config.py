@@ -97,6 +97,11 @@ class TrainConfig:
                     choices=recipe.OPTIMIZERS)
     kernels: str = _f("auto", "LoRA layer path: auto (Triton on CUDA where supported), triton, torch",
                       choices=recipe.KERNEL_MODES, resume=FREE)
+    # several GPUs (torchrun): DDP unless --fsdp; a resume keeps the checkpoint's kind
+    fsdp: bool = _f(False, "with torchrun: shard the LoRA weights, their AdamW state and a full-precision base over "
+                           "the ranks (FSDP2) instead of replicating them (DDP); checkpoints are sharded")
+    fsdp_offload: bool = _f(False, "with --fsdp: keep the sharded parameters, gradients and optimizer state in CPU "
+                                   "memory (FSDP2's CPUOffloadPolicy; slower, less GPU memory)", resume=FREE)
     skip_bad_lines: bool = _f(False, "skip (and report) malformed data lines instead of stopping", resume=FREE)
     max_bad_steps: int = _f(5, "stop after this many consecutive non-finite steps", resume=FREE)
 
@@ -189,6 +194,14 @@ def validate(cfg: TrainConfig, explicit: set[str] = frozenset()) -> None:
     if cfg.offload_activations and cfg.recompute != "full":
         raise UserError("--offload-activations moves the layer inputs that --recompute full keeps; "
                         "add --recompute full")
+    if cfg.fsdp_offload and not cfg.fsdp:
+        raise UserError("--fsdp-offload moves what --fsdp shards to CPU memory; add --fsdp")
+    if cfg.fsdp and cfg.optim != "adamw":
+        raise UserError(f"--optim {cfg.optim} with --fsdp: bitsandbytes' 8-bit optimizers cannot update sharded "
+                        "(DTensor) weights; use --optim adamw (its state is sharded with the weights)")
+    if cfg.fsdp and cfg.log_lora_stats:
+        raise UserError("--log-lora-stats with --fsdp is not supported (per-module norms of sharded weights); "
+                        "leave it out or train without --fsdp")
     if cfg.resume and cfg.overwrite:
         raise UserError("--resume continues the run in --output and --overwrite replaces it; give one of them")
     for name in ("data", "eval_file"):

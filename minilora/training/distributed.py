@@ -4,7 +4,8 @@ Every rank holds the whole (4-bit) base and the same initial LoRA weights. Each 
 of `batch_size * world` rows is built identically on every rank and split by rows, so rank r trains
 on its shard; LoRA gradients are averaged by DistributedDataParallel once per optimizer step (its
 `no_sync` skips the all-reduce on accumulation micro-steps). Rank 0 alone writes files and shows
-the progress bar. NCCL on GPUs, gloo on CPUs.
+the progress bar; each host's local rank 0 prepares the data (host_first). NCCL on GPUs, gloo on CPUs.
+With --fsdp the same loop runs over FSDP2 groups instead of DDP (fsdp.py).
 """
 
 import os
@@ -67,26 +68,24 @@ def shard(batch: Batch, info: DistInfo) -> Batch:
                    lines=tuple(batch.lines[i] for i in rows.tolist()))
 
 
-def main_first(compute, info: DistInfo):
-    """`compute()` on rank 0, then on the others, which find rank 0's work ready (in the data cache).
+def host_first(compute, info: DistInfo):
+    """`compute()` on each host's local rank 0, then on that host's other ranks, which find its work ready
+    (in the data cache) and map the same files: one preparation per host, whatever the ranks per host.
 
-    A UserError on rank 0 (bad data) is raised on every rank with the same message, so all exit cleanly.
+    A UserError on any host (bad data) is raised on every rank with the same message, so all exit cleanly.
     """
     if not info.enabled:
         return compute()
     result, error = None, None
-    if info.main:
+    if info.local_rank == 0:
         try:
             result = compute()
         except UserError as err:
-            error = err
-    box = [None if error is None else str(error)]
-    dist.broadcast_object_list(box, src=0)
-    if error is not None:
-        raise error
-    if box[0] is not None:
-        raise UserError(box[0])
-    return result if info.main else compute()
+            error = str(err)
+    errors = [e for e in gather_objects(error, info) if e is not None]  # also waits for every host
+    if errors:
+        raise UserError(errors[0])
+    return result if info.local_rank == 0 else compute()
 
 
 def wrap(module: nn.Module, info: DistInfo) -> nn.Module:

@@ -13,10 +13,12 @@ from minilora.training.loss import loss_sum
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[Batch], autocast=contextlib.nullcontext,
-             dist: DistInfo | None = None) -> dict:
+             dist: DistInfo | None = None, sharded: nn.Module | None = None) -> dict:
     """{'loss', 'ppl', 'tokens'} over `batches` (eval mode: no dropout; training mode restored).
 
-    With several ranks each evaluates its rows of every batch and the sums are reduced."""
+    With several ranks each evaluates its rows of every batch and the sums are reduced. `sharded`: the
+    FSDP root (training.fsdp) the loss runs through; every rank then runs every batch, even one without
+    targets, since each layer's forward gathers its shards from all ranks."""
     dist = dist or DistInfo()
     was_training = model.training
     model.eval()
@@ -25,10 +27,10 @@ def evaluate(model: nn.Module, batches: list[Batch], autocast=contextlib.nullcon
     try:
         for batch in batches:
             part = shard(batch, dist)
-            if part.n_target_tokens == 0:
+            if part.n_target_tokens == 0 and sharded is None:
                 continue
             with autocast():
-                sums[0] += loss_sum(model, part).double()
+                sums[0] += (sharded(part) if sharded is not None else loss_sum(model, part)).double()
             sums[1] += part.n_target_tokens
     finally:
         model.train(was_training)

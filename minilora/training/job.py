@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import transformers
 
-from minilora.adapter import CONFIG_NAME, WEIGHTS_NAME, read_initial_factors, save_adapter
+from minilora.adapter import CONFIG_NAME, WEIGHTS_NAME, read_initial_factors
 from minilora.atomic import atomic_write_json, atomic_write_text
 from minilora.attention import use_varlen_attention
 from minilora.data.cache import default_root
@@ -39,14 +39,16 @@ from minilora.model_files import describe_changes, model_file_digests
 from minilora.quant import load_base, load_tokenizer, resolve_model_path, unloadable_model
 from minilora.run_record import RUN_FILE, read_run_record, write_run_record
 from minilora.training.card import render_card
-from minilora.training.checkpoint import newest_intact_checkpoint, read_manifest
+from minilora.training.checkpoint import FULL_FORMAT, checkpoint_format, newest_intact_checkpoint, read_manifest
 from minilora.training.config import FREE, STEER, TrainConfig, resume_fields
-from minilora.training.distributed import DistInfo, barrier, init_distributed, main_first, shutdown
+from minilora.training.distributed import DistInfo, barrier, host_first, init_distributed, shutdown
+from minilora.training.fsdp import ensure_process_group
 from minilora.training.loop import StopRequest, TrainingLoop, TrainingStopped, epoch_batches, max_micro_batch_tokens
 from minilora.training.metrics import METRICS_NAME, read_metrics
 from minilora.training.offload import OffloadSaved
 from minilora.training.recompute import choose_mode, enable_recompute
 from minilora.training.run_plots import plot_run
+from minilora.training.sharded_checkpoint import SHARDED_FORMAT
 
 RUN_FILES = (RUN_FILE, METRICS_NAME, "eval.json", "loss.png", "lora_stats.png", "README.md", CONFIG_NAME, WEIGHTS_NAME)
 
@@ -97,13 +99,19 @@ class RunData:
 
 
 def prepare_data(cfg: TrainConfig, tokenizer, dist: DistInfo | None = None) -> RunData:
-    """Rank 0 prepares (or finds) each file's token store in the data cache; the other ranks then map
-    the same files, so the token ids exist once in memory however many ranks run."""
-    dist, root = dist or DistInfo(), cfg.data_cache or default_root()
+    """Each host's local rank 0 prepares (or finds) each file's token store in the data cache; the host's
+    other ranks then map the same files, so the token ids exist once in each host's memory. Preparations
+    into one cache folder take turns (a lock in it), so a cache on a file system that several hosts share
+    is prepared once, by the first host, and found ready by the others."""
+    dist, root = dist or DistInfo(), Path(cfg.data_cache or default_root())
+
+    def prepare_or_find(path: str) -> Dataset:
+        root.mkdir(parents=True, exist_ok=True)
+        with FolderLock(root / LOCK_NAME, f"data cache {root}", wait=True):
+            return load_dataset(path, tokenizer, cfg.seq_len, cfg.skip_bad_lines, cache_dir=root, progress=dist.main)
 
     def load(path: str) -> Dataset:
-        return main_first(lambda: load_dataset(path, tokenizer, cfg.seq_len, cfg.skip_bad_lines, cache_dir=root,
-                                               progress=dist.main), dist)
+        return host_first(lambda: prepare_or_find(path), dist)
 
     dataset = load(cfg.data)
     cap = cfg.eval_max_examples
@@ -147,6 +155,9 @@ def fingerprint(cfg: TrainConfig, data: RunData, precision: str, world: int) -> 
     values = {k: v for k, v in cfg.to_dict().items() if k not in free}
     values.update(data_sha256=data.train.sha256, eval_sha256=data.eval_sha256, precision=precision,
                   world_size=world, base_files=model_file_digests(cfg.model))
+    if cfg.fsdp:  # sharded checkpoints load on any number of ranks: what must stay is the global batch
+        del values["world_size"], values["grad_accum"]
+        values["rank_micro_batches_per_step"] = world * cfg.grad_accum
     return values
 
 
@@ -172,12 +183,34 @@ def resume_point(cfg: TrainConfig, fp: dict) -> tuple[Path, dict]:
         print(f"resume: {note}")
     if folder is None:
         raise UserError(f"--resume: no complete checkpoint in {Path(cfg.output) / 'checkpoints'} to resume from")
-    saved, steer = read_manifest(folder)["fingerprint"], resume_fields(STEER)
+    manifest, steer = read_manifest(folder), resume_fields(STEER)
+    check_checkpoint_kind(cfg, folder, checkpoint_format(manifest))
+    saved = manifest["fingerprint"]
+    check_global_batch(cfg, fp, saved)
     check_same_run(cfg, fp, saved, skip=steer | ({"base_files"} if fp.get("base_files") is None else set()))
     changed = {k: [saved[k], fp[k]] for k in sorted(steer) if k in saved and saved[k] != fp[k]}
     for k, (old, new) in changed.items():
         print(f"resume: --{k.replace('_', '-')} {old!r} -> {new!r} for the rest of the run")
     return folder, changed
+
+
+def check_checkpoint_kind(cfg: TrainConfig, folder: Path, kind: str) -> None:
+    """A sharded checkpoint resumes only under --fsdp, a full one only without."""
+    if kind != (SHARDED_FORMAT if cfg.fsdp else FULL_FORMAT):
+        how = "with" if kind == SHARDED_FORMAT else "without"
+        raise UserError(f"--resume: {folder} is a {kind} checkpoint, written {how} --fsdp; resume it {how} --fsdp")
+
+
+def check_global_batch(cfg: TrainConfig, fp: dict, saved: dict) -> None:
+    """Under --fsdp the ranks may change on a resume, the global batch (ranks x --grad-accum rank
+    micro-batches per step) may not: name the --grad-accum that keeps it."""
+    key = "rank_micro_batches_per_step"
+    if key not in saved or saved[key] == fp.get(key):
+        return
+    world = fp[key] // cfg.grad_accum
+    fits = f"give --grad-accum {saved[key] // world}" if saved[key] % world == 0 else "use a world size dividing it"
+    raise UserError(f"--resume: the run's global batch is {saved[key]} rank micro-batches per step (ranks x "
+                    f"--grad-accum); this command has {fp[key]} ({world} ranks x {cfg.grad_accum}): {fits}")
 
 
 def check_same_run(cfg: TrainConfig, fp: dict, saved: dict, skip: set[str] = frozenset()) -> None:
@@ -298,6 +331,7 @@ def hardware(device: torch.device) -> str:
 
 def train_from_config(cfg: TrainConfig) -> int:
     dist = init_distributed()
+    own_group = cfg.fsdp and ensure_process_group()  # --fsdp on one rank: a group of one
     # Rank 0 holds --output for the whole run (the other ranks write nothing there).
     lock = FolderLock(Path(cfg.output) / LOCK_NAME, f"--output {cfg.output}") if dist.main else nullcontext()
     try:
@@ -305,6 +339,8 @@ def train_from_config(cfg: TrainConfig) -> int:
             return _train(cfg, dist, stop)
     finally:
         shutdown(dist)
+        if own_group:
+            torch.distributed.destroy_process_group()
 
 
 def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
@@ -325,6 +361,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
     say = print if dist.main else (lambda *a, **k: None)
     precision = resolve_precision(cfg.precision, device)
     check_kernel_mode(cfg.kernels, device)
+    if cfg.fsdp_offload and device.type != "cuda":
+        raise UserError("--fsdp-offload moves sharded GPU state to CPU memory; this run is on the CPU, where it all "
+                        "is already: leave --fsdp-offload out")
     check_output(cfg)
     vocab_size = check_targets(cfg)  # the model's config and the targets, before the data is read
     tokenizer = load_tokenizer(cfg.model)
@@ -366,7 +405,7 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
            "double_quant": True, "device": str(device), "hardware": hardware(device), "versions": versions(),
            "architecture": type(model).__name__, "recompute": recompute, "init": init_record(cfg),
            "command": " ".join(sys.argv),
-           "world_size": dist.world,
+           "world_size": dist.world, "fsdp": cfg.fsdp,
            "data": {"format": data.train.fmt, "n_lines": data.train.n_lines, "sha256": data.train.sha256,
                     "n_train": len(data.train_examples), "n_eval": len(data.eval_examples),
                     "n_train_tokens": data.train_examples.n_tokens,
@@ -391,9 +430,9 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
             print(f"stopped: {stop}", file=sys.stderr)
         return stop.exit_code
 
+    trainer.save_adapter(out)  # collective under --fsdp
     if not dist.main:
         return 0
-    save_adapter(model, out, cfg.model)
     trainable, total = count_parameters(model)
     times, tokens = trainer.state.step_times[1:] or trainer.state.step_times, trainer.state.step_tokens
     tokens_per_s = sum(tokens[-len(times):]) / max(sum(times), 1e-9) if times else 0.0

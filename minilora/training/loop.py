@@ -35,11 +35,13 @@ from minilora.training.checkpoint import (
 from minilora.training.config import TrainConfig
 from minilora.training.distributed import DistInfo, all_reduce_sum, any_rank, gather_objects, shard, wrap
 from minilora.training.evaluate import evaluate
+from minilora.training.fsdp import full, gathered_adapter, local, shard_for_training
 from minilora.training.lora_stats import LoRAStats
 from minilora.training.loss import LossModule
 from minilora.training.metrics import METRICS_NAME, append_metric, truncate_metrics
 from minilora.training.optim import lora_plus_groups, make_optimizer
 from minilora.training.schedule import lr_at
+from minilora.training.sharded_checkpoint import load_sharded_tensors, save_sharded_checkpoint
 
 
 class TrainingStopped(Exception):
@@ -181,8 +183,13 @@ class TrainingLoop:
         self.model, self.cfg, self.device, self.precision, self.dist = model, cfg, device, precision, dist
         self.eval_batches, self.fingerprint = eval_batches, fingerprint
         self.output = Path(cfg.output)
+        self.sharded = cfg.fsdp
+        if self.sharded:  # FSDP2 replaces the parameters with sharded ones: the optimizer is built over those
+            self.loss_module = shard_for_training(LossModule(model, [], sharded=True), model, device, precision,
+                                                  cfg.fsdp_offload)
+        else:
+            self.loss_module = wrap(LossModule(model, lora_parameters(model)), dist)  # DDP over LoRA, world > 1
         self.params = lora_parameters(model)
-        self.loss_module = wrap(LossModule(model, self.params), dist)  # DDP over the LoRA parameters, world > 1
         groups = (lora_plus_groups(lora_layers(model).values(), cfg.lr, cfg.lora_plus_ratio)
                   if cfg.lora_plus_ratio != 1 else self.params)
         self.optimizer = make_optimizer(cfg.optim, groups, cfg.lr, cfg.weight_decay, device)
@@ -208,13 +215,26 @@ class TrainingLoop:
                  "rng_per_rank": gather_objects(rng_states(), self.dist)}
         path = self.output / "checkpoints" / f"step-{self.state.step}"
         self.check_weights(f"checkpoint {path}")
-        if self.dist.main:
+        if self.sharded:  # every rank writes its shards
+            save_sharded_checkpoint(self.output, self.state.step, self.model, self.optimizer,
+                                    {"scaler": self.scaler.state_dict(), **extra}, self.fingerprint,
+                                    self.cfg.keep_checkpoints)
+        elif self.dist.main:
             save_checkpoint(self.output, self.state.step, self.model, self.optimizer, self.scaler, extra,
                             self.fingerprint, self.cfg.keep_checkpoints)
         return path
 
+    def save_adapter(self, folder: Path) -> None:
+        """Collective under --fsdp (the sharded LoRA weights are gathered); rank 0 writes the adapter files."""
+        with gathered_adapter(self.model) if self.sharded else contextlib.nullcontext():
+            if self.dist.main:
+                save_adapter(self.model, folder, self.cfg.model)
+
     def restore(self, folder: Path) -> None:
-        load_adapter(self.model, folder)
+        if self.sharded:
+            load_sharded_tensors(folder, self.model, self.optimizer)
+        else:
+            load_adapter(self.model, folder)
         saved = load_training_state(folder)
         try:
             self._apply_saved(saved)
@@ -227,12 +247,22 @@ class TrainingLoop:
             truncate_metrics(self.output / METRICS_NAME, self.state.step)
 
     def _apply_saved(self, saved: dict) -> None:
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if not self.sharded:  # a sharded checkpoint's AdamW state is in its shards (restore loaded it)
+            self.optimizer.load_state_dict(saved["optimizer"])
         for group in self.optimizer.param_groups:  # the saved groups carry the old value; it may be steered
             group["weight_decay"] = self.cfg.weight_decay
         self.scaler.load_state_dict(saved["scaler"])
-        set_rng_states(saved["rng_per_rank"][self.dist.rank])
+        per_rank = saved["rng_per_rank"]
+        # --fsdp resumed on more ranks than saved: the new ranks keep the seeding job.py gave them.
+        if not self.sharded or self.dist.rank < len(per_rank):
+            set_rng_states(per_rank[self.dist.rank])
         self.stream.epoch, self.stream.index = saved["data_position"]["epoch"], saved["data_position"]["index"]
+        if self.sharded:  # a position counts global micro-batches of `world` rank rows: convert to this world
+            rows = self.stream.index * saved["world"]
+            if rows % self.dist.world:
+                raise ValueError(f"the data position ({rows} rank micro-batches into the epoch) does not divide "
+                                 f"among {self.dist.world} ranks")
+            self.stream.index = rows // self.dist.world
         self.state.step, self.state.tokens_seen = saved["step"], saved["tokens_seen"]
         self.state.eval_before, self.state.eval_last = saved["eval_before"], saved["eval_last"]
         _check_saved_values(self)
@@ -246,7 +276,8 @@ class TrainingLoop:
     def run_eval(self, label: str) -> dict | None:
         if not self.eval_batches:
             return None
-        result = evaluate(self.model, self.eval_batches, self.autocast, self.dist)
+        result = evaluate(self.model, self.eval_batches, self.autocast, self.dist,
+                          self.loss_module if self.sharded else None)
         if not math.isfinite(result["loss"]):
             if label == "before":  # no update yet: the base model itself computes NaN or inf
                 raise UserError(f"--model {self.cfg.model}: the held-out loss of the base model before training is "
@@ -275,9 +306,8 @@ class TrainingLoop:
         loss_total = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro):
             last_micro = i == len(micro) - 1
-            # DDP averages gradients over ranks; scaling by world turns that average into the sum.
-            sync = contextlib.nullcontext() if last_micro or not self.dist.enabled else self.loss_module.no_sync()
-            with sync:
+            # DDP and FSDP average gradients over ranks; scaling by world turns that average into the sum.
+            with self._gradient_sync(last_micro):
                 with self.autocast():
                     micro_loss = self.loss_module(shard(batch, self.dist))
                 self.scaler.scale(micro_loss * (self.dist.world / n_targets)).backward()
@@ -287,7 +317,7 @@ class TrainingLoop:
         stats_due = self.lora_stats is not None and self.lora_stats.due(state.step + 1)
         lora_grads = self.lora_stats.grad_norms() if stats_due else None  # unscaled, before clipping
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(self.params, max_norm))  # sharded: over all ranks
         # One host sync per step: the loss and norm decide whether the step may be applied.
         loss, norm = (loss_total / n_targets).item(), grad_norm.item()
         finite = math.isfinite(loss) and math.isfinite(norm)
@@ -336,6 +366,13 @@ class TrainingLoop:
             self.log(self.lora_stats.record(state.step, lora_grads))
         return record
 
+    def _gradient_sync(self, last_micro: bool):
+        """Reduce gradients over ranks on the last micro-batch of a step only (accumulate locally before)."""
+        if self.sharded:
+            self.loss_module.set_requires_gradient_sync(last_micro)
+            return contextlib.nullcontext()
+        return contextlib.nullcontext() if last_micro or not self.dist.enabled else self.loss_module.no_sync()
+
     # --- the loop ---------------------------------------------------------------------------------
     def run(self) -> LoopState:
         cfg, state = self.cfg, self.state
@@ -369,8 +406,7 @@ class TrainingLoop:
                     self.save()
                 if not last and self._stop_requested():
                     path = self.save()
-                    if self.dist.main:
-                        save_adapter(self.model, self.output, self.cfg.model)
+                    self.save_adapter(self.output)
                     name = self.stop.signal_name or "a signal on another rank"
                     raise TrainingStopped(
                         f"{name}: stopped at step {state.step}/{self.total}; checkpoint {path}. "
@@ -417,7 +453,7 @@ class TrainingLoop:
 
     def _weights_finite(self) -> bool:
         """Collective: whether every rank's LoRA weights are all finite (one host sync)."""
-        flags = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+        flags = torch.stack([torch.isfinite(local(p)).all() for p in self.params]).all()  # this rank's shards
         return not any_rank(not bool(flags), self.dist, self.device)
 
     def check_weights(self, what: str) -> None:

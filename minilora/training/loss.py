@@ -43,15 +43,30 @@ def loss_sum(model: nn.Module, batch: Batch, chunk_rows: int = CHUNK_ROWS) -> to
 
 class LossModule(nn.Module):
     """`forward(batch)` = summed loss over the batch's target tokens: the unit a training step calls
-    (and DDP wraps with several ranks, distributed.wrap)."""
+    (and DDP wraps with several ranks, distributed.wrap; FSDP shards as its root group, fsdp.py).
 
-    def __init__(self, model: nn.Module, params: list[nn.Parameter]):
+    `sharded`: the model's layers are FSDP groups, which every rank must run, forward and backward, in
+    every step and evaluation, or the ranks' all-gathers and reduce-scatters no longer pair up."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], sharded: bool = False):
         super().__init__()
         self.model = model
         self._params = params
+        self.sharded = sharded
 
     def forward(self, batch: Batch) -> torch.Tensor:
         if batch.input_ids.shape[0] == 0:
+            if self.sharded:
+                return self._empty_shard_loss(batch)
             # An empty shard (a short last batch) still joins the gradient all-reduce, with zeros.
             return sum(p.sum() for p in self._params) * 0.0
         return loss_sum(self.model, batch)
+
+    def _empty_shard_loss(self, batch: Batch) -> torch.Tensor:
+        """0, through every layer: one pad token in, so each FSDP group gathers and, in backward,
+        reduce-scatters (zero) gradients for all its LoRA weights, as on the ranks with rows."""
+        one = torch.zeros((1, 1), dtype=batch.input_ids.dtype)  # (1, 1)
+        device = self.model.get_input_embeddings().weight.device
+        hidden = self.model.base_model(input_ids=one.to(device), position_ids=one.to(device),
+                                       use_cache=False).last_hidden_state  # (1, 1, H)
+        return self.model.get_output_embeddings()(hidden).float().sum() * 0.0

@@ -1,0 +1,92 @@
+"""Fully sharded data parallel training (`--fsdp`) with PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`).
+
+Each decoder layer is one FSDP group, and the loss module (embedding, final norm, head) is the root
+group: a rank keeps 1/world of every sharded parameter (the LoRA weights, the full-precision frozen base
+with --quant none) and of the AdamW state, which the optimizer builds over the sharded (DTensor)
+parameters. Before a layer runs, its group is all-gathered; after its backward, its LoRA gradients are
+reduce-scattered (averaged over ranks, as DDP does, so the loop's loss scaling is the same).
+
+Only the LoRA weights train, so every group's trainable parameters are fp32 and FSDP2's
+"uniform dtype" requirement holds in each group (it applies to trainable parameters). On GPUs the
+all-gather runs in bf16 and gradients reduce in fp32 (MixedPrecisionPolicy); on CPUs (gloo) everything
+stays fp32, so a CPU run equals a one-process run up to summation order.
+
+FSDP2 reference: https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_shard.html
+"""
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from minilora.inject import lora_layers
+from minilora.lora import is_4bit
+from minilora.training.recompute import decoder_layers
+
+
+def ensure_process_group() -> bool:
+    """A one-process group when torchrun started none (--fsdp on one rank: the same sharded code path, so a
+    2-rank checkpoint resumes on 1 rank). Returns whether it was created here."""
+    if dist.is_initialized():
+        return False
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo", store=dist.HashStore(),
+                            rank=0, world_size=1)
+    return True
+
+
+def unshardable_params(model: nn.Module) -> set[nn.Parameter]:
+    """The base weights FSDP2 must leave alone: bitsandbytes' 4-bit weights are uint8 tensors whose
+    quant_state (absmax, code, shape) is a Python attribute that a DTensor shard would not carry, so each
+    rank keeps its whole 4-bit base. A shardable NF4 tensor type, converted in place before
+    `fully_shard`, replaces this function (it then returns an empty set)."""
+    return {module.weight for module in model.modules() if is_4bit(module)}  # LoRA targets or not
+
+
+def shard_for_training(root: nn.Module, model: nn.Module, device: torch.device, precision: str,
+                       offload: bool) -> nn.Module:
+    """fully_shard each decoder layer of `model`, then `root` (the module whose forward the loop calls: the
+    loss module holding `model`), over all ranks. `precision` is the run's ("fp32", "bf16", "fp16");
+    `offload`: sharded parameters, gradients and optimizer state live in CPU memory (CPUOffloadPolicy)."""
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    # fp32 gradient reduction: averaging bf16 gradients over ranks would round each partial sum.
+    mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
+    options = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+    ignored = unshardable_params(model)
+    for layer in decoder_layers(model):
+        fully_shard(layer, ignored_params={p for p in layer.parameters() if p in ignored}, **options)
+    fully_shard(root, ignored_params={p for p in root.parameters() if p in ignored} or None, **options)
+    return root
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (the tensor itself if it is not sharded)."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    """The whole value of a sharded tensor (collective: every rank must call it), else the tensor."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@contextlib.contextmanager
+def gathered_adapter(model: nn.Module):
+    """Inside: each LoRA layer's adapter parameters are whole tensors on every rank (one all-gather per
+    LoRA tensor; the base is never gathered), so adapter.save_adapter and the checks read them as in a
+    one-process run. Collective. Afterwards the sharded parameters are back in place, unchanged."""
+    swapped = []
+    try:
+        for layer in lora_layers(model).values():
+            for name, param in layer.adapter_params().items():
+                if isinstance(param, DTensor):
+                    whole = nn.Parameter(param.detach().full_tensor(), requires_grad=False)
+                    swapped.append((layer, name, param))
+                    layer._parameters[name] = whole  # what FSDP2 itself does to swap in unsharded parameters
+        yield model
+    finally:
+        for layer, name, param in swapped:
+            layer._parameters[name] = param
