@@ -113,11 +113,15 @@ def same_losses(losses: list, reference: list, rel: float = LOSS_REL) -> bool:
                for a, b in zip(losses, reference, strict=True))
 
 
+def largest_base(run: dict) -> int | None:
+    """The largest rank's bytes of the 4-bit base (run.json's base_bytes; None where the run did not record them)."""
+    return max(run["base_bytes"]["ranks"]) if run.get("base_bytes") else None
+
+
 def base_share(run: dict, reference: dict) -> float | None:
-    """The largest rank's 4-bit base bytes over one process's (None where the run did not record them)."""
-    if not run.get("base_bytes") or not reference.get("base_bytes"):
-        return None
-    return run["base_bytes"]["local_max"] / reference["base_bytes"]["local_max"]
+    """The largest rank's 4-bit base bytes over one process's."""
+    largest, whole = largest_base(run), largest_base(reference)
+    return None if largest is None or not whole else largest / whole
 
 
 def goals(runs: list[dict]) -> list[dict]:
@@ -146,12 +150,12 @@ def table(runs: list[dict]) -> str:
     """Markdown: one row per configuration with its ratios against the 1-process run (runs[0]), then the goals."""
     reference = runs[0]
     ref_peak = max(reference["peak_rss_mib"])
-    ref_base = (reference.get("base_bytes") or {}).get("local_max")
+    ref_base = largest_base(reference)
     lines = ["| configuration | losses per step | = 1 process (rel 1e-5) | peak RSS per rank MiB | max / 1 process "
              "| 4-bit base per rank MiB | / 1 process | tokens/s | / 1 process |",
              "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for run in runs:
-        base = (run.get("base_bytes") or {}).get("local_max")
+        base = largest_base(run)
         lines.append(
             f"| {run['name']} | {', '.join('n/a' if x is None else f'{x:.6f}' for x in run['losses'])} | "
             f"{'yes' if same_losses(run['losses'], reference['losses']) else 'no'} | "
