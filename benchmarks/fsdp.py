@@ -10,7 +10,7 @@ are read. `--published` plans the settings of Answer.AI's fsdp_qlora and PEFT's 
 (benchmarks/fsdp_published.py), prints each published figure beside the plan with the ratio, and writes
 <date>-<device>-fsdp-plan.json and .md under benchmarks/results/.
 
-    python -m benchmarks.fsdp --run --layers 8 --ranks 2 4    # train.py: 1 process vs DDP vs FSDP, on the CPU
+    python -m benchmarks.fsdp --run --ranks 2 4              # train.py: 1 process vs DDP vs FSDP, on the CPU
 
 `--run` trains a random Llama for a few steps with train.py under torchrun (benchmarks/fsdp_run.py) and writes
 <date>-cpu-fsdp-run.json and .md: losses against one process, each rank's peak memory and 4-bit base bytes,
@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="plan the published Llama-2-70B cases, compare, and write results")
     run = parser.add_argument_group("--run")
     run.add_argument("--model-dir", help="where the random model is written (or found); default: a temporary folder")
-    run.add_argument("--layers", type=int, default=4, help="decoder layers of the random Llama")
+    run.add_argument("--layers", type=int, default=6,
+                     help="decoder layers of the random Llama (6: 0.25 B weights; 20: load_memory's 0.6 B)")
     run.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
     run.add_argument("--accum", type=int, default=4,
                      help="global micro-batches per step (each configuration's ranks x --grad-accum)")
