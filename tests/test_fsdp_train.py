@@ -110,7 +110,7 @@ def test_two_fsdp_ranks_match_one_process_and_resume_on_one_rank(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp_resume_after_kill_9_is_identical_to_the_uninterrupted_run(tmp_path):
-    """4-bit base (kept whole on each rank), dropout on (each rank's RNG state saved and restored)."""
+    """4-bit base (sharded as packed codes + statistics), dropout on (each rank's RNG state saved and restored)."""
     run = dict(batch_size=2, grad_accum=2, max_steps=4, save_every=2, eval_every=0)
     torchrun(tmp_path / "a", **run)
     out = tmp_path / "b"
@@ -130,7 +130,7 @@ def test_fsdp_resume_after_kill_9_is_identical_to_the_uninterrupted_run(tmp_path
 
 
 @pytest.mark.parametrize("quant", ["nf4", "none"])
-def test_fsdp_shards_lora_and_a_full_precision_base_and_keeps_4bit_weights_whole(tmp_path, quant):
+def test_fsdp_shards_lora_and_a_full_precision_base_on_one_rank(tmp_path, quant):
     """One rank (a group of one): which parameters FSDP manages, and the gathered adapter."""
     cfg = quick_config(tmp_path, quant=quant, recompute="none", fsdp=True)
     own = ensure_process_group()
@@ -140,6 +140,7 @@ def test_fsdp_shards_lora_and_a_full_precision_base_and_keeps_4bit_weights_whole
         shard_for_training(LossModule(model, [], sharded=True), model, torch.device("cpu"), "fp32", offload=False)
         layer = next(iter(lora_layers(model).values()))
         assert isinstance(layer.lora_A, DTensor) and isinstance(layer.lora_B, DTensor)
+        # One rank: a full-precision base is sharded (over one), 4-bit weights stay whole (fsdp.whole_4bit_weights).
         assert isinstance(layer.base_layer.weight, DTensor) == (quant == "none")
         with gathered_adapter(model):
             assert not isinstance(layer.lora_A, DTensor)

@@ -1,10 +1,11 @@
 """Fully sharded data parallel training (`--fsdp`) with PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`).
 
 Each decoder layer is one FSDP group, and the loss module (embedding, final norm, head) is the root
-group: a rank keeps 1/world of every sharded parameter (the LoRA weights, the full-precision frozen base
-with --quant none) and of the AdamW state, which the optimizer builds over the sharded (DTensor)
-parameters. Before a layer runs, its group is all-gathered; after its backward, its LoRA gradients are
-reduce-scattered (averaged over ranks, as DDP does, so the loop's loss scaling is the same).
+group: a rank keeps 1/world of every parameter (the LoRA weights; the frozen base, 4-bit as packed codes
+and statistics through minilora/fsdp_nf4.py, or full precision with --quant none) and of the AdamW
+state, which the optimizer builds over the sharded (DTensor) parameters. Before a layer runs, its group is
+all-gathered; after its backward, its LoRA gradients are reduce-scattered (averaged over ranks, as DDP
+does, so the loop's loss scaling is the same).
 
 Only the LoRA weights train, so every group's trainable parameters are fp32 and FSDP2's
 "uniform dtype" requirement holds in each group (it applies to trainable parameters). On GPUs the
@@ -23,6 +24,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from minilora.fsdp_nf4 import ShardableParams4bit, make_4bit_shardable
 from minilora.inject import lora_layers
 from minilora.lora import is_4bit
 from minilora.training.recompute import decoder_layers
@@ -38,14 +40,6 @@ def ensure_process_group() -> bool:
     return True
 
 
-def unshardable_params(model: nn.Module) -> set[nn.Parameter]:
-    """The base weights FSDP2 must leave alone: bitsandbytes' 4-bit weights are uint8 tensors whose
-    quant_state (absmax, code, shape) is a Python attribute that a DTensor shard would not carry, so each
-    rank keeps its whole 4-bit base. A shardable NF4 tensor type, converted in place before
-    `fully_shard`, replaces this function (it then returns an empty set)."""
-    return {module.weight for module in model.modules() if is_4bit(module)}  # LoRA targets or not
-
-
 def shard_for_training(root: nn.Module, model: nn.Module, device: torch.device, precision: str,
                        offload: bool) -> nn.Module:
     """fully_shard each decoder layer of `model`, then `root` (the module whose forward the loop calls: the
@@ -56,11 +50,21 @@ def shard_for_training(root: nn.Module, model: nn.Module, device: torch.device, 
     # fp32 gradient reduction: averaging bf16 gradients over ranks would round each partial sum.
     mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
     options = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
-    ignored = unshardable_params(model)
+    if mesh.size() > 1:
+        make_4bit_shardable(model)  # 4-bit weights FSDP shards as packed codes + statistics (fsdp_nf4.py)
+    ignored = whole_4bit_weights(model)
     for layer in decoder_layers(model):
         fully_shard(layer, ignored_params={p for p in layer.parameters() if p in ignored}, **options)
     fully_shard(root, ignored_params={p for p in root.parameters() if p in ignored} or None, **options)
     return root
+
+
+def whole_4bit_weights(model: nn.Module) -> set[nn.Parameter]:
+    """The 4-bit weights FSDP must leave alone: those not converted to fsdp_nf4's shardable type, whose
+    quant_state a plain DTensor shard would not carry. On one rank there is nothing to shard, and the
+    shardable type's all-gather extension fails there (IndexError in fsdp_post_all_gather, torch 2.13),
+    so a one-rank --fsdp run (a 2-rank checkpoint resumed on 1) keeps its 4-bit weights whole."""
+    return {m.weight for m in model.modules() if is_4bit(m) and not isinstance(m.weight, ShardableParams4bit)}
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
