@@ -9,6 +9,12 @@ fits, and with `--offload` the host memory. `--config` takes a model folder or i
 are read. `--published` plans the settings of Answer.AI's fsdp_qlora and PEFT's FSDP+QLoRA guide
 (benchmarks/fsdp_published.py), prints each published figure beside the plan with the ratio, and writes
 <date>-<device>-fsdp-plan.json and .md under benchmarks/results/.
+
+    python -m benchmarks.fsdp --run --ranks 2 4              # train.py: 1 process vs DDP vs FSDP, on the CPU
+
+`--run` trains a random Llama for a few steps with train.py under torchrun (benchmarks/fsdp_run.py) and writes
+<date>-cpu-fsdp-run.json and .md: losses against one process, each rank's peak memory and 4-bit base bytes,
+tokens/s, and the goals.
 """
 
 import argparse
@@ -16,6 +22,8 @@ import sys
 from pathlib import Path
 
 from minilora.recipe import DEFAULT_R, DEFAULT_TARGETS
+
+from .harness import RESULTS_DIR
 
 LLAMA_2_70B = Path(__file__).resolve().parent / "configs" / "llama-2-70b.json"
 
@@ -25,14 +33,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--plan", action="store_true", help="compute the memory plan from the config (no GPU)")
+    mode.add_argument("--run", action="store_true",
+                      help="train on the CPU: 1 process vs DDP 2 ranks vs FSDP --ranks, and write the results")
     parser.add_argument("--config", default=str(LLAMA_2_70B),
                         help="model folder or config.json (default: Llama-2-70B's, shipped in benchmarks/configs)")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs FSDP shards over")
     parser.add_argument("--gpu-gb", type=float, default=80.0, help="memory of one GPU, GiB (a 24 GB card: 24)")
     parser.add_argument("--offload", action="store_true",
                         help="FSDP2 CPUOffloadPolicy: sharded parameters, gradients, optimizer state on the host")
-    parser.add_argument("--batch-size", type=int, default=4, help="examples per micro-batch")
-    parser.add_argument("--seq-len", type=int, default=2048, help="tokens per example")
+    parser.add_argument("--batch-size", type=int, help="examples per micro-batch (and rank with --run); default: 4 "
+                        "with --plan, 2 with --run")
+    parser.add_argument("--seq-len", type=int, help="tokens per example; default: 2048 with --plan, 64 with --run")
     parser.add_argument("--recompute", default="full", choices=("full", "none"),
                         help="full: each decoder layer keeps only its input; none: everything kept")
     parser.add_argument("--r", type=int, default=DEFAULT_R, help="LoRA rank")
@@ -41,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (what it keeps counts)")
     parser.add_argument("--published", action="store_true",
                         help="plan the published Llama-2-70B cases, compare, and write results")
+    run = parser.add_argument_group("--run")
+    run.add_argument("--model-dir", help="where the random model is written (or found); default: a temporary folder")
+    run.add_argument("--layers", type=int, default=12,
+                     help="decoder layers of the random Llama (12: 0.40 B weights, ~6 min on 2 cores; 20: 0.6 B)")
+    run.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
+    run.add_argument("--accum", type=int, default=4,
+                     help="global micro-batches per step (each configuration's ranks x --grad-accum)")
+    run.add_argument("--ranks", type=int, nargs="+", default=[2], help="FSDP rank counts (each divides --accum)")
+    run.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
     return parser
 
 
@@ -99,6 +119,13 @@ def run_published(args) -> Path:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if args.run:
+        from .fsdp_run import run_benchmark
+
+        args.batch_size, args.seq_len = args.batch_size or 2, args.seq_len or 64
+        run_benchmark(args)
+        return 0
+    args.batch_size, args.seq_len = args.batch_size or 4, args.seq_len or 2048
     if args.published:
         run_published(args)
     else:

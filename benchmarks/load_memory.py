@@ -81,7 +81,7 @@ def write_model(folder: Path, config: dict = CONFIG, shards: int = 2, seed: int 
     return folder
 
 
-def _status(field: str) -> int:
+def proc_status(field: str) -> int:
     """A /proc/self/status memory field in bytes."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -121,14 +121,14 @@ def child(path: str, folder: str) -> dict:
     from minilora.quant import quantize_linears
 
     cpu, dtype = torch.device("cpu"), torch.float32
-    baseline = _status("VmRSS")
+    baseline = proc_status("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
-    peak_anon, done = _status("RssAnon"), threading.Event()
+    peak_anon, done = proc_status("RssAnon"), threading.Event()
 
     def sample():
         nonlocal peak_anon
         while not done.wait(0.005):
-            peak_anon = max(peak_anon, _status("RssAnon"))
+            peak_anon = max(peak_anon, proc_status("RssAnon"))
 
     sampler = threading.Thread(target=sample, daemon=True)
     anon_baseline = peak_anon
@@ -145,9 +145,9 @@ def child(path: str, folder: str) -> dict:
     done.set()
     sampler.join()
     return {"path": path, "seconds": round(seconds, 2), "baseline_mib": round(baseline / MIB, 1),
-            "peak_mib": round((_status("VmHWM") - baseline) / MIB, 1),
-            "anon_peak_mib": round((max(peak_anon, _status("RssAnon")) - anon_baseline) / MIB, 1),
-            "after_mib": round((_status("VmRSS") - baseline) / MIB, 1),
+            "peak_mib": round((proc_status("VmHWM") - baseline) / MIB, 1),
+            "anon_peak_mib": round((max(peak_anon, proc_status("RssAnon")) - anon_baseline) / MIB, 1),
+            "after_mib": round((proc_status("VmRSS") - baseline) / MIB, 1),
             "model_mib": round(model_bytes(model) / MIB, 1)}
 
 

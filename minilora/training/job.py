@@ -24,6 +24,7 @@ from minilora.data.cache import default_root
 from minilora.data.dataset import Dataset, load_dataset, sample_eval, split_eval
 from minilora.dispatch import check_kernel_mode
 from minilora.errors import UserError
+from minilora.fsdp_nf4 import base_bytes
 from minilora.inject import (
     add_lora,
     count_parameters,
@@ -41,7 +42,7 @@ from minilora.run_record import RUN_FILE, read_run_record, write_run_record
 from minilora.training.card import render_card
 from minilora.training.checkpoint import FULL_FORMAT, checkpoint_format, newest_intact_checkpoint, read_manifest
 from minilora.training.config import FREE, STEER, TrainConfig, resume_fields
-from minilora.training.distributed import DistInfo, barrier, host_first, init_distributed, shutdown
+from minilora.training.distributed import DistInfo, barrier, gather_objects, host_first, init_distributed, shutdown
 from minilora.training.fsdp import ensure_process_group
 from minilora.training.loop import StopRequest, TrainingLoop, TrainingStopped, epoch_batches, max_micro_batch_tokens
 from minilora.training.metrics import METRICS_NAME, read_metrics
@@ -412,6 +413,10 @@ def _train(cfg: TrainConfig, dist: DistInfo, stop: StopRequest) -> int:
                     "n_train_target_tokens": data.train_examples.n_targets, "store": data.train.store,
                     "n_truncated": data.train.n_truncated, "n_skipped": len(data.train.skipped),
                     "skipped_lines": [line for line, _ in data.train.skipped], "eval_source": data.eval_source}}
+    # Each rank's bytes of the 4-bit base (packed codes + statistics), sharded under --fsdp, and the unsharded
+    # total: what benchmarks/fsdp_run.py compares across configurations. Collective.
+    held = base_bytes(model)
+    run["base_bytes"] = {"ranks": gather_objects(held.local, dist), "whole": held.whole}
     if resume_from is not None:
         trainer.restore(resume_from)
         say(f"resume: continuing from {resume_from} (step {trainer.state.step}/{trainer.total})")

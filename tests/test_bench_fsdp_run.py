@@ -1,0 +1,51 @@
+"""benchmarks/fsdp_run.py (`python -m benchmarks.fsdp --run`): its comparison and goals on made-up results, and its
+command line. The multi-process training it launches is tested in tests/test_fsdp_train.py and test_distributed.py."""
+
+import pytest
+
+from benchmarks import fsdp
+from benchmarks.fsdp_run import MIB, goals, same_losses, table
+
+LOSSES = [10.0, 9.5, 9.0]
+
+
+def fake_run(name, ranks, fsdp_on, losses, peak, base_mib, tokens_per_s):
+    shares = [int(base_mib * MIB)] + [int((base_mib - 1) * MIB)] * (ranks - 1)  # the table shows the largest
+    return {"name": name, "ranks": ranks, "fsdp": fsdp_on, "losses": losses, "peak_rss_mib": peak,
+            "base_bytes": {"ranks": shares, "whole": 100 * MIB}, "tokens_per_s": tokens_per_s}
+
+
+RUNS = [fake_run("1 process", 1, False, LOSSES, [1000.0], 100, 400.0),
+        fake_run("DDP 2 ranks", 2, False, [10.0, 9.5, 9.01], [900.0, 950.0], 100, 500.0),  # 1e-3 off
+        fake_run("FSDP 2 ranks", 2, True, [x * (1 + 5e-6) for x in LOSSES], [700.0, 800.0], 52, 300.0),
+        fake_run("FSDP 4 ranks", 4, True, LOSSES, [500.0] * 4, 31, 200.0)]  # 0.31x > 0.3x
+
+
+def test_goals_compare_each_fsdp_run_with_one_process():
+    checks = {g["goal"]: (g["value"], g["met"]) for g in goals(RUNS)}
+    assert checks == {
+        "FSDP 2 ranks: losses equal 1 process (rel 1e-05, every step)": ("equal", True),
+        "FSDP 2 ranks: each rank's 4-bit base <= 0.55x 1 process": ("0.520x", True),
+        "FSDP 4 ranks: each rank's 4-bit base <= 0.30x 1 process": ("0.310x", False),
+    }
+    assert not same_losses([10.0, 9.5 * (1 + 2e-5), 9.0], LOSSES)
+    assert not same_losses(LOSSES[:2], LOSSES) and not same_losses([None, 9.5, 9.0], LOSSES)
+
+
+def test_table_rows_carry_the_ratios_against_one_process():
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ") for line in table(RUNS).splitlines()}
+    assert rows["DDP 2 ranks"][2] == "no" and rows["FSDP 2 ranks"][2] == "yes"
+    assert rows["FSDP 2 ranks"][3:7] == ["700, 800", "0.80x", "52.0", "0.52x"]
+    assert rows["FSDP 4 ranks"][-2:] == ["200", "0.50x |"]
+    assert rows["FSDP 4 ranks: each rank's 4-bit base <= 0.30x 1 process"][-1] == "NO |"
+    unrecorded = [{**run, "base_bytes": None} for run in RUNS]
+    assert {g["value"] for g in goals(unrecorded) if "base" in g["goal"]} == {"not recorded"}
+
+
+def test_run_help_and_an_uneven_split(run_command, capsys, tmp_path):
+    with pytest.raises(SystemExit) as done:
+        fsdp.main(["--run", "--help"])
+    assert done.value.code == 0 and "--ranks" in capsys.readouterr().out
+    code, _, err = run_command(fsdp.main, ["--run", "--ranks", "3", "--model-dir", str(tmp_path / "model")])
+    assert code == 2 and err.count("\n") == 1 and "FSDP 3 ranks" in err
+    assert not (tmp_path / "model").exists()  # refused before the model is written
