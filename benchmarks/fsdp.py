@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--accum", type=int, default=4,
                      help="global micro-batches per step (each configuration's ranks x --grad-accum)")
     run.add_argument("--ranks", type=int, nargs="+", default=[2], help="FSDP rank counts (each divides --accum)")
+    run.add_argument("--ddp-ranks", type=int, nargs="*", default=[2],
+                     help="DDP rank counts (none: --ddp-ranks with no value, e.g. on one GPU)")
     run.add_argument("--out", default=str(RESULTS_DIR), help="results folder")
     return parser
 

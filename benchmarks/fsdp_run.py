@@ -1,5 +1,7 @@
 """`python -m benchmarks.fsdp --run`: train.py on one process, DDP and FSDP ranks over the same global batches, on
 the CPU (gloo, fp32), with a random Llama model; losses, memory per rank, 4-bit base bytes per rank, tokens/s.
+On a GPU machine train.py takes the GPU (NCCL, bf16): benchmarks/gpu_suite.sh runs one process beside FSDP at
+world size 1 (`--ranks 1 --ddp-ranks`), where bf16 rounding leaves the losses close, not equal.
 
 Each configuration is train.py itself under torchrun (benchmarks/fsdp_rank.py adds only the peak-memory read):
 
@@ -44,9 +46,9 @@ class Setup:
     fsdp: bool
 
 
-def setups(fsdp_ranks: list[int]) -> list[Setup]:
-    """The reference (1 process) first, then DDP on 2 ranks, then FSDP on each of `fsdp_ranks`."""
-    return [Setup("1 process", 1, False), Setup("DDP 2 ranks", 2, False),
+def setups(fsdp_ranks: list[int], ddp_ranks: list[int] = (2,)) -> list[Setup]:
+    """The reference (1 process) first, then DDP on each of `ddp_ranks`, then FSDP on each of `fsdp_ranks`."""
+    return [Setup("1 process", 1, False), *(Setup(f"DDP {n} ranks", n, False) for n in ddp_ranks),
             *(Setup(f"FSDP {n} ranks", n, True) for n in fsdp_ranks)]
 
 
@@ -66,7 +68,7 @@ def prepare_model(folder: Path, layers: int) -> Path:
 
 def check_settings(args) -> None:
     """Every configuration splits the global micro-batches evenly over its ranks (checked before the model is made)."""
-    for setup in setups(args.ranks):
+    for setup in setups(args.ranks, args.ddp_ranks):
         if setup.ranks < 1 or args.accum % setup.ranks:
             raise UserError(f"--accum {args.accum}: {setup.name} cannot split it evenly (give rank counts that "
                             "divide --accum)")
@@ -189,16 +191,18 @@ def run_benchmark(args) -> Path:
     from minilora.safetensors_reader import read_headers
 
     check_settings(args)
-    env = environment("cpu")
+    import torch
+
+    env = environment("cuda" if torch.cuda.is_available() else "cpu")  # train.py takes the GPU where there is one
     with tempfile.TemporaryDirectory() as tmp:
         model = prepare_model(Path(args.model_dir) if args.model_dir else Path(tmp) / "model", args.layers)
-        import torch
 
         weights = sum(torch.Size(s.shape).numel() for s in read_headers(sorted(model.glob("*.safetensors"))).values())
-        settings = {k: getattr(args, k) for k in ("layers", "steps", "accum", "batch_size", "seq_len", "ranks")}
+        settings = {k: getattr(args, k) for k in ("layers", "steps", "accum", "batch_size", "seq_len", "ranks",
+                                                "ddp_ranks")}
         payload = {"environment": env, "settings": settings, "config": model_config(args.layers),
                    "weights": weights, "runs": []}
-        for setup in setups(args.ranks):
+        for setup in setups(args.ranks, args.ddp_ranks):
             payload["runs"].append(measure(setup, model, Path(tmp) / "runs", args))
             print(json.dumps(payload["runs"][-1]))
         payload["goals"] = goals(payload["runs"])

@@ -56,9 +56,9 @@ step() {
 }
 
 # Time plan (8 minutes = 480 s; planned, not yet timed on a GPU), in order of what the run must not
-# miss: the GPU tests (up to 210 s), the kernel benchmark (up to 80 s), the training benchmark (what is
-# left up to 430 s; it skips a system that would not finish), then, only with time to spare, the CPU
-# kernel suite on CUDA tensors and the memory levers.
+# miss: the GPU tests (up to 210 s), the kernel benchmark (up to 80 s), FSDP at world size 1 (up to 90 s),
+# the training benchmark (what is left up to 430 s; it skips a system that would not finish), then, only
+# with time to spare, the CPU kernel suite on CUDA tensors and the memory levers.
 
 # 1. The device and the software stack (written first: the rest is read against it). A missing
 #    package shows here, not as a collection error that would hide every test of a step.
@@ -82,6 +82,12 @@ step "pytest gpu tests (-m gpu)" 210 "$OUT/pytest_gpu.txt" \
 step "kernel benchmark" 80 "$OUT/benchmark_kernels.txt" \
     python3 -m benchmarks.kernels --out "$OUT/kernels" --budget-s 50 --quick \
     --shapes qkv_proj o_proj gate_up_proj down_proj --ms 1 16 64 256 1024 4096
+
+# 3b. FSDP2 at world size 1 on the GPU (NCCL, bf16 all-gathers, the 4-bit base as fsdp_nf4's shards): train.py
+#     on a random 2-layer Llama, one process beside `--fsdp` under torchrun, 3 steps over the same batches; the
+#     losses side by side, peak memory, base bytes ($OUT/fsdp/*-fsdp-run.{json,md}).
+step "fsdp world size 1 (NCCL)" 90 "$OUT/benchmark_fsdp.txt" \
+    python3 -m benchmarks.fsdp --run --ranks 1 --ddp-ranks --layers 2 --steps 3 --seq-len 256 --out "$OUT/fsdp"
 
 # 4. Training benchmark: Phi-3-mini (random weights, built from its config) at sequence 2048, minilora's own
 #    training loop vs transformers + PEFT in a hand-written reference loop vs transformers.Trainer: tokens/s,
@@ -149,6 +155,7 @@ fi
     done
     echo
     sed -n '/^GOALS:/,$p' "$OUT/benchmark_kernels.txt" 2>/dev/null
+    grep -h -E '^\| (1 process|FSDP)' "$OUT/fsdp/"*-fsdp-run.md 2>/dev/null
     grep -h -E '^- (PASS|FAIL)' "$OUT/train/"*-train.md "$OUT/epoch/"*-epoch.md 2>/dev/null
     grep -h '^goals:' "$OUT/benchmark_train.txt" 2>/dev/null
     sed -n '/^| goal | met |/,$p' "$OUT/data/"*-data-quick.md 2>/dev/null
