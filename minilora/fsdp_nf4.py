@@ -100,7 +100,7 @@ class NF4Layout:
 
     def whole_bytes(self) -> int:
         """Bytes of the unsharded weight: packed codes, absmax, nested absmax and tables."""
-        absmax = self.n_blocks * torch.empty((), dtype=self.absmax_dtype).element_size()
+        absmax = self.n_blocks * self.absmax_dtype.itemsize
         return self.n_bytes + absmax + (4 * self.n_groups if self.nested else 0) + self.table_bytes()
 
     def group_parts(self) -> list[tuple[int, torch.dtype]]:
@@ -109,7 +109,7 @@ class NF4Layout:
         return parts + ([(1, torch.float32)] if self.nested else [])
 
     def one_buffer_bytes_per_group(self) -> int:
-        return sum(n * torch.empty((), dtype=dtype).element_size() for n, dtype in self.group_parts())
+        return sum(n * dtype.itemsize for n, dtype in self.group_parts())
 
     def shard_size(self, n_shards: int) -> torch.Size:
         """The logical size of each of `n_shards` shards: torch.chunk's first chunk of [n_bytes, 1]."""
@@ -296,7 +296,7 @@ class NF4Shard(torch.Tensor):
         rows = buffer.numel() // layout.one_buffer_bytes_per_group()  # groups in the buffer
         parts, start = [], 0
         for width, dtype in layout.group_parts():  # packed, absmax, absmax2: the buffer's order
-            size = rows * width * torch.empty((), dtype=dtype).element_size()
+            size = rows * width * dtype.itemsize
             parts.append(buffer[start:start + size].view(dtype).view(rows, width))
             start += size
         return [parts[0], parts[1]] + ([parts[2].view(-1)] if layout.nested else [])

@@ -69,15 +69,20 @@ def top_singular(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, t
     return u.to(torch.float32), s.to(torch.float32), v.T.to(torch.float32).contiguous()
 
 
+def top_r(w: torch.Tensor, r: int, niter: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(u [out, r], s [r], vh [r, in]) of fp32 `w`: exact (top_singular), or from torch.svd_lowrank with `niter`
+    subspace iterations (`pissa:N`, `loftq:N`)."""
+    if niter is None:
+        return top_singular(w, r)
+    u, s, v = torch.svd_lowrank(w, r, niter=niter)
+    return u, s, v.T
+
+
 def pissa_factors(weight: torch.Tensor, r: int, scale: float, niter: int | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-r singular triplets of W (fp32): exact (top_singular), or torch.svd_lowrank with `niter` iterations.
     The randomized SVD draws its test matrix from torch's global generator (seeded by the run)."""
-    w = weight.to(torch.float32)  # (out, in)
-    if niter is None:
-        return split_spectrum(*top_singular(w, r), scale)
-    u, s, v = torch.svd_lowrank(w, r, niter=niter)
-    return split_spectrum(u, s, v.T, scale)
+    return split_spectrum(*top_r(weight.to(torch.float32), r, niter), scale)  # W: (out, in)
 
 
 def olora_factors(weight: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,10 +105,7 @@ def loftq_factors(weight: torch.Tensor, dequantized: torch.Tensor, r: int, scale
     (top_singular), or with `niter` a randomized SVD's (`loftq:N`, for large layers; close to the best only
     where E's spectrum decays past r, e.g. the error of outlier-dominated blocks)."""
     error = weight.to(torch.float32) - dequantized.to(torch.float32)  # (out, in)
-    if niter is None:
-        return split_spectrum(*top_singular(error, r), scale)
-    u, s, v = torch.svd_lowrank(error, r, niter=niter)
-    return split_spectrum(u, s, v.T, scale)
+    return split_spectrum(*top_r(error, r, niter), scale)
 
 
 def subtract_update(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:

@@ -36,7 +36,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
 from minilora.errors import UserError
-from minilora.inject import LoRAPlan, lora_layers, plan_lora
+from minilora.inject import LoRAPlan, lora_parameters, plan_lora
 from minilora.model_files import model_file, resolve_model_path, unloadable_model
 from minilora.safetensors_reader import StoredTensor, TensorReader, read_headers
 from minilora.training.recompute import decoder_layers
@@ -302,9 +302,8 @@ def _freeze_but_lora(module: nn.Module, own_only: bool = False) -> None:
                 p.requires_grad_(False)
         return
     module.requires_grad_(False)
-    for layer in lora_layers(module).values():
-        for p in layer.adapter_params().values():
-            p.requires_grad_(True)
+    for p in lora_parameters(module):
+        p.requires_grad_(True)
 
 
 def _state_names(module: nn.Module):

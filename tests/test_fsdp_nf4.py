@@ -154,6 +154,19 @@ def _lora_named(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
+def assert_same_logits_and_lora_grads(model: nn.Module, reference: nn.Module, ids: torch.Tensor,
+                                      rtol: float = 0.0) -> None:
+    """One forward and backward of both (loss: mean squared logit): bit-equal logits, and the sharded model's
+    LoRA gradients (gathered) equal the reference's within `rtol` (0: bit for bit)."""
+    got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert torch.equal(got, want)
+    got.square().mean().backward()
+    want.square().mean().backward()
+    ref_params = _lora_named(reference)
+    for name, p in _lora_named(model).items():
+        torch.testing.assert_close(p.grad.full_tensor(), ref_params[name].grad, rtol=rtol, atol=0.0, msg=name)
+
+
 def _loss_sum(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed next-token cross-entropy over the target tokens (labels != -100), as training.loss does."""
     logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V)
@@ -216,16 +229,9 @@ def _fsdp_rank(rank: int, world: int, port: int, folder: str) -> None:
 
         # (b) logits and LoRA gradients equal the unsharded model's, bit for bit (same input on every rank).
         ids = torch.randint(0, CONFIG["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(2))
-        got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits
-        assert torch.equal(got, want)
-        got.square().mean().backward()
-        want.square().mean().backward()
-        ref_params = _lora_named(reference)
         # FSDP averages the ranks' (here equal) gradients: exact over 2 ranks; over 3, (x + x + x) / 3
         # rounds twice, within 4 ulps.
-        rtol = 0.0 if world & (world - 1) == 0 else 5e-7
-        for name, p in _lora_named(model).items():
-            torch.testing.assert_close(p.grad.full_tensor(), ref_params[name].grad, rtol=rtol, atol=0.0, msg=name)
+        assert_same_logits_and_lora_grads(model, reference, ids, rtol=0.0 if world & (world - 1) == 0 else 5e-7)
         for m in model.modules():
             if isinstance(m, bnb.nn.Linear4bit):
                 assert m.weight.grad is None  # frozen: never reduce-scattered
@@ -250,6 +256,7 @@ def _fsdp_rank(rank: int, world: int, port: int, folder: str) -> None:
         # (training/loop.py: x world, since FSDP averages gradients over ranks) == one process.
         model.zero_grad(set_to_none=True)
         reference.zero_grad(set_to_none=True)
+        ref_params = _lora_named(reference)
         initial = {name: p.detach().clone() for name, p in ref_params.items()}
         opt = torch.optim.AdamW(list(_lora_named(model).values()), lr=1e-2)
         ref_opt = torch.optim.AdamW(list(ref_params.values()), lr=1e-2)
@@ -293,15 +300,9 @@ def _dora_matches_one_process(folder: str, mesh) -> None:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    assert any("lora_magnitude_vector" in name for name in _lora_named(reference))
     ids = torch.randint(0, CONFIG["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(6))
-    got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits
-    assert torch.equal(got, want)
-    got.square().mean().backward()
-    want.square().mean().backward()
-    ref_params = _lora_named(reference)
-    assert any("lora_magnitude_vector" in name for name in ref_params)
-    for name, p in _lora_named(model).items():
-        assert torch.equal(p.grad.full_tensor(), ref_params[name].grad), name
+    assert_same_logits_and_lora_grads(model, reference, ids)
 
 
 def test_fsdp_on_one_rank_computes_what_the_unsharded_model_computes(tiny_llama_dir):
@@ -325,13 +326,7 @@ def test_fsdp_on_one_rank_computes_what_the_unsharded_model_computes(tiny_llama_
         fully_shard(model, mesh=mesh)
         ids = torch.randint(0, CONFIG["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(2))
         for _ in range(2):
-            got, want = model(input_ids=ids).logits, reference(input_ids=ids).logits
-            assert torch.equal(got, want)
-            got.square().mean().backward()
-            want.square().mean().backward()
-        ref_params = _lora_named(reference)
-        for name, p in _lora_named(model).items():
-            assert torch.equal(p.grad.full_tensor(), ref_params[name].grad), name
+            assert_same_logits_and_lora_grads(model, reference, ids)
     finally:
         dist.destroy_process_group()
 
