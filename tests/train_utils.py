@@ -4,9 +4,10 @@ loss + backward (the oracle the recompute, offload and chunked-loss tests compar
 from pathlib import Path
 
 import torch
+from transformers import Phi3Config, Phi3ForCausalLM
 
 import minilora
-from minilora.builtin import build_tokenizer
+from minilora.builtin import build_config, build_tokenizer
 from minilora.data.batching import make_batches
 from minilora.data.dataset import load_dataset
 from minilora.training.config import TrainConfig, validate
@@ -20,6 +21,19 @@ DEMO = ROOT / "examples" / "demo.jsonl"
 # Small and quick: ~0.1-0.3 s per optimizer step on 2 CPU cores.
 QUICK = dict(data=str(DEMO), model="builtin:tiny-phi3", batch_size=4, grad_accum=2, seq_len=128, max_steps=6,
              eval_every=3, save_every=3, lr=1e-3, warmup_steps=2)
+
+
+def save_small_chat_model(folder) -> str:
+    """builtin:tiny-phi3's tokenizer and chat format on a smaller Phi-3 (hidden 64, MLP 128, 2 layers): for
+    runs whose cost grows with the model, such as the kernels in Triton's interpreter. Every projection's
+    input size is a multiple of 64, so each one takes the fused kernels. Returns the folder."""
+    tokenizer = build_tokenizer()
+    config = Phi3Config(**{**build_config(tokenizer).to_dict(), "hidden_size": 64, "intermediate_size": 128,
+                           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 4})
+    torch.manual_seed(0)
+    Phi3ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 def quick_config(output, **overrides) -> TrainConfig:
