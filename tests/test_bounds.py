@@ -68,6 +68,7 @@ CONFIGS = {
     "4000-digit r (yaml)": ("run.yaml", "r: " + "9" * 4000 + "\n", "--r <an integer of about 4,000 digits>: must be"),
     "huge float": ("run.yaml", "lr: 1.0e+308\n", "--lr 1e+308: must be at most 1"),
     "long targets": ("run.yaml", "targets: [" + ", ".join(["5"] * 20_000) + "]\n", "'targets' must be a list of"),
+    "1 MiB of nesting": ("run.yaml", "r: " + "[" * ((1 << 20) - 16) + "\n", "cannot parse (nested more than 32"),
 }
 
 

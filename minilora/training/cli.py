@@ -19,6 +19,10 @@ from minilora.errors import UserError, shown
 from minilora.training.config import TrainConfig, validate
 
 MAX_CONFIG_BYTES = 1 << 20  # a config file is a few dozen keys; more is a mistake (or hostile)
+# A config is a mapping of scalars and one list. PyYAML's pure-Python scanner spends time quadratic in the
+# depth of `[`/`{` nesting (it rechecks every open level's possible key per token): 5,000 levels took
+# 12 s, a 1 MiB file of them would take days. The event pass stops at this depth instead.
+MAX_CONFIG_DEPTH = 32
 # Keys that other trainers' configs use (transformers' `gradient_checkpointing`), with minilora's names for
 # them: the error points there instead of only saying "unknown".
 OTHER_NAMES = {"gradient_checkpointing": "recompute (none: no recompute) and recompute_every",
@@ -103,10 +107,18 @@ def read_config_file(path: str) -> dict:
 
 def _load_yaml(path: str, text: str):
     """The YAML document, refusing aliases (`*name`) before anything is built: flags need none, and a few
-    hundred bytes of nested aliases expand to gigabytes wherever the value is walked or printed."""
+    hundred bytes of nested aliases expand to gigabytes wherever the value is walked or printed; and
+    refusing nesting past MAX_CONFIG_DEPTH as soon as the parser reaches it."""
+    depth = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
         if isinstance(event, yaml.AliasEvent):
             raise UserError(f"{path}: uses a YAML alias (*{event.anchor[:40]}); write each value out")
+        if isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                raise UserError(f"{path}: cannot parse (nested more than {MAX_CONFIG_DEPTH} deep)")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
     return yaml.safe_load(text)
 
 
