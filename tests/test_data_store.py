@@ -112,6 +112,7 @@ def test_chunks_close_at_their_line_or_byte_bound_and_keep_every_line(tmp_path):
     assert [len(chunk) for chunk in chunks] == [2, 4, 4, 2, 1]  # (a line is its text + 12 bytes of JSON)
 
 
+@pytest.mark.slow
 def test_long_documents_are_prepared_in_bounded_memory_with_the_same_store(tmp_path, tok, monkeypatch):
     # 128 documents of 128 KB (16 MB): in one chunk their encodings took 1,282 MB; bounded by bytes, 156 MB.
     data = tmp_path / "books.jsonl"

@@ -182,6 +182,7 @@ def test_a_checkpoint_write_past_the_limit_is_one_line_exit_1_and_earlier_ones_s
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.slow
 def test_a_data_cache_write_past_the_limit_names_the_file(tmp_path):
     code = ("import sys; from pathlib import Path; from minilora.builtin import build_tokenizer; "
             "from minilora.data.dataset import load_dataset; from minilora.cli_runner import run_cli; "

@@ -121,6 +121,7 @@ def test_lowest_versions_are_the_lower_bounds_of_the_ranges():
     assert pins["torch"] == "2.13" and pins["transformers"] == "5.17" and pins["peft"] == "0.18"
 
 
+@pytest.mark.slow
 def test_env_reports_the_installed_versions_and_why_the_kernels_do_not_run_on_a_cpu():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "MINILORA_KERNELS")}
     done = subprocess.run([sys.executable, "-m", "minilora.env"], cwd=ROOT, capture_output=True, text=True,

@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 from test_batching import PAD, X, _per_example_logits, make_examples
-from train_utils import DEMO, quick_config
+from train_utils import DEMO, quick_config, save_small_chat_model
 
 import minilora
 from minilora.attention import use_varlen_attention, varlen_available
@@ -120,19 +120,25 @@ def test_varlen_attention_logits_equal_unpacked():
     assert_rows_match(model, batches, examples, reference, atol=3e-2, rtol=3e-2)
 
 
-def lora_model(dropout=0.0):
+def lora_model(dropout=0.0, base="builtin:tiny-phi3"):
     torch.manual_seed(0)
-    model = minilora.load_base("builtin:tiny-phi3")
+    model = minilora.load_base(base)
     minilora.add_lora(model, dropout=dropout)
     for p in minilora.lora_parameters(model):  # B = 0 at init: move it so the adapter matters
         torch.nn.init.normal_(p, std=0.05)
     return model
 
 
-def test_eval_loss_does_not_depend_on_the_layout(tmp_path):
+@pytest.fixture(scope="module")
+def small_base(tmp_path_factory):
+    """The demo's tokenizer on a hidden-64, 2-layer Phi-3: what these tests compare does not need more."""
+    return save_small_chat_model(tmp_path_factory.mktemp("small-phi3"))
+
+
+def test_eval_loss_does_not_depend_on_the_layout(tmp_path, small_base):
     tokenizer = build_tokenizer()
     examples = load_dataset(DEMO, tokenizer, 128).examples[:24]
-    model = lora_model()
+    model = lora_model(base=small_base)
     results = {}
     for layout in ("padding", "padding_free", "packing"):
         cfg = quick_config(tmp_path, batch_size=4, padding=layout == "padding", packing=layout == "packing")
@@ -142,7 +148,7 @@ def test_eval_loss_does_not_depend_on_the_layout(tmp_path):
         assert results[layout]["loss"] == pytest.approx(results["padding"]["loss"], rel=1e-5)
 
 
-def test_accumulated_gradients_do_not_depend_on_rows_per_micro_batch(tmp_path):
+def test_accumulated_gradients_do_not_depend_on_rows_per_micro_batch(tmp_path, small_base):
     """One step of 1 x 8 examples == 2 x 4 == 4 x 2 (padding-free rows of different lengths):
     each micro-batch's loss sum is divided by the step's target-token count."""
     tokenizer = build_tokenizer()
@@ -150,8 +156,9 @@ def test_accumulated_gradients_do_not_depend_on_rows_per_micro_batch(tmp_path):
     grads = []
     for batch_size, accum in ((8, 1), (4, 2), (2, 4)):
         cfg = quick_config(tmp_path / f"o{batch_size}", batch_size=batch_size, grad_accum=accum, dropout=0.0)
-        loop = TrainingLoop(lora_model(), cfg, train_examples=examples, eval_batches=[], pad_id=tokenizer.pad_token_id,
-                            device=torch.device("cpu"), precision="fp32", fingerprint={})
+        loop = TrainingLoop(lora_model(base=small_base), cfg, train_examples=examples, eval_batches=[],
+                            pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), precision="fp32",
+                            fingerprint={})
         micro = [loop.stream.next() for _ in range(accum)]
         assert all(b.input_ids.shape[0] == 1 and len(b.lines[0]) == batch_size for b in micro)
         n_targets = sum(b.n_target_tokens for b in micro)
