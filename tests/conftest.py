@@ -67,3 +67,12 @@ def tiny_model_dir(tmp_path_factory):
         return made[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def small_chat_model(tmp_path_factory) -> str:
+    """Folder of builtin:tiny-phi3's tokenizer on a hidden-64, 2-layer Phi-3 (train_utils.save_small_chat_model),
+    saved once per session: for whole training runs whose cost grows with the model."""
+    from train_utils import save_small_chat_model
+
+    return save_small_chat_model(tmp_path_factory.mktemp("small-chat-phi3"))

@@ -22,7 +22,7 @@ from minilora.training.metrics import read_metrics, truncate_metrics
 # --- interruptions (real subprocesses) -------------------------------------------------------------
 
 def start(output, *extra, env=None):
-    cmd = [sys.executable, str(ROOT / "train.py"), *argv_for(output, DEMO, *extra)]
+    cmd = [sys.executable, str(ROOT / "train.py"), *argv_for(output, DEMO, *extra)]  # a later flag wins
     return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
 
@@ -49,18 +49,28 @@ def same_adapter(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+# 24 steps with a checkpoint every 3, on the small model (a step costs a fifth of builtin:tiny-phi3's).
+RUN = dict(max_steps=24, save_every=3, eval_every=0)
+
+
+def run_flags(model):
+    return [f"--model={model}", *(f"--{k.replace('_', '-')}={v}" for k, v in RUN.items())]
+
+
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
+def uninterrupted(tmp_path_factory, small_chat_model):
+    """The output folder of the uninterrupted run, which each test's resumed run must reproduce."""
     out = tmp_path_factory.mktemp("ref") / "out"
-    assert run_quick(out, max_steps=24, save_every=3, eval_every=0) == 0
-    return adapter_tensors(out)
+    assert run_quick(out, model=small_chat_model, **RUN) == 0
+    return out
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_stops_cleanly_with_checkpoint_and_resume_finishes_identically(sig, code, tmp_path, uninterrupted):
+def test_signal_stops_cleanly_with_checkpoint_and_resume_finishes_identically(sig, code, tmp_path, uninterrupted,
+                                                                              small_chat_model):
     out = tmp_path / "out"
-    proc = start(out, "--max-steps=24", "--save-every=3", "--eval-every=0")
+    proc = start(out, *run_flags(small_chat_model))
     wait_for(lambda: train_steps_logged(out) >= 2, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -69,48 +79,48 @@ def test_signal_stops_cleanly_with_checkpoint_and_resume_finishes_identically(si
     stopped_at = train_steps_logged(out)
     assert stopped_at < 24 and (out / "checkpoints" / f"step-{stopped_at}").is_dir()
     assert (out / "adapter_model.safetensors").is_file()
-    assert run_quick(out, max_steps=24, save_every=3, eval_every=0, resume=True) == 0
-    assert same_adapter(adapter_tensors(out), uninterrupted)
+    assert run_quick(out, model=small_chat_model, resume=True, **RUN) == 0
+    assert same_adapter(adapter_tensors(out), adapter_tensors(uninterrupted))
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tmp_path, uninterrupted, capsys):
+def test_kill_9_then_resume_gives_the_uninterrupted_adapter(tmp_path, uninterrupted, small_chat_model, capsys):
     out = tmp_path / "out"
-    proc = start(out, "--max-steps=24", "--save-every=3", "--eval-every=0")
+    proc = start(out, *run_flags(small_chat_model))
     wait_for(lambda: (out / "checkpoints" / "step-3").is_dir(), proc)
     proc.kill()
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
-    assert run_quick(out, max_steps=24, save_every=3, eval_every=0, resume=True) == 0
+    assert run_quick(out, model=small_chat_model, resume=True, **RUN) == 0
     assert "resume: continuing from" in capsys.readouterr().out
-    assert same_adapter(adapter_tensors(out), uninterrupted)
+    assert same_adapter(adapter_tensors(out), adapter_tensors(uninterrupted))
 
 
 @pytest.mark.slow
-def test_a_damaged_checkpoint_is_skipped_and_reported(tmp_path, uninterrupted, capsys):
+def test_a_damaged_checkpoint_is_skipped_and_reported(tmp_path, uninterrupted, small_chat_model, capsys):
     out = tmp_path / "out"
-    assert run_quick(out, max_steps=24, save_every=3, eval_every=0) == 0
+    shutil.copytree(uninterrupted, out)  # a finished run's folder, as this run would write it
     state = out / "checkpoints" / "step-24" / "training_state.safetensors"
     state.write_bytes(state.read_bytes()[:100])  # truncated mid-write
     (out / "checkpoints" / ".step-27.abc.tmp").mkdir()  # an unfinished checkpoint folder
-    assert run_quick(out, max_steps=24, save_every=3, eval_every=0, resume=True) == 0
+    assert run_quick(out, model=small_chat_model, resume=True, **RUN) == 0
     printed = capsys.readouterr().out
     assert "step-24: skipped, training_state.safetensors does not match its checksum" in printed
     assert "continuing from" in printed and "step-21" in printed
-    assert same_adapter(adapter_tensors(out), uninterrupted)
+    assert same_adapter(adapter_tensors(out), adapter_tensors(uninterrupted))
 
 
 @pytest.mark.slow
-def test_a_torn_last_metrics_line_is_dropped_and_the_resume_matches(tmp_path, uninterrupted):
+def test_a_torn_last_metrics_line_is_dropped_and_the_resume_matches(tmp_path, uninterrupted, small_chat_model):
     """A crash during an append leaves half a line; the resume neither chokes on it nor keeps it."""
     out = tmp_path / "out"
-    assert run_quick(out, max_steps=24, save_every=3, eval_every=0) == 0
+    shutil.copytree(uninterrupted, out)  # a finished run's folder, as this run would write it
     shutil.rmtree(out / "checkpoints" / "step-24")  # the crash came before checkpoint 24 ...
     (out / "adapter_model.safetensors").unlink()
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 24, "lo')  # ... in the middle of an append
-    assert run_quick(out, max_steps=24, save_every=3, eval_every=0, resume=True) == 0
-    assert same_adapter(adapter_tensors(out), uninterrupted)
+    assert run_quick(out, model=small_chat_model, resume=True, **RUN) == 0
+    assert same_adapter(adapter_tensors(out), adapter_tensors(uninterrupted))
     steps = [m["step"] for m in read_metrics(out / "metrics.jsonl") if m["kind"] == "train"]
     assert steps == list(range(1, 25))
     assert (out / "metrics.jsonl").read_text().endswith("}\n")

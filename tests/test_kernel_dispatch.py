@@ -9,7 +9,7 @@ import sys
 import bitsandbytes as bnb
 import pytest
 import torch
-from train_utils import run_quick, save_small_chat_model
+from train_utils import run_quick
 
 import minilora
 import minilora.dispatch
@@ -101,9 +101,9 @@ def test_environment_variable_chooses_the_mode(monkeypatch):
 
 
 @pytest.mark.slow
-def test_triton_training_run_tracks_the_torch_run(tmp_path):
+def test_triton_training_run_tracks_the_torch_run(tmp_path, small_chat_model):
     # 71-96 rows per step (the tiled branch); the small model keeps the interpreter's work to seconds.
-    quick = dict(model=save_small_chat_model(tmp_path / "base"), max_steps=3, batch_size=2, grad_accum=1,
+    quick = dict(model=small_chat_model, max_steps=3, batch_size=2, grad_accum=1,
                  seq_len=48, eval_every=0, save_every=0, eval_fraction=0.0, recompute="none")
     assert run_quick(tmp_path / "torch", kernels="torch", **quick) == 0
     assert run_quick(tmp_path / "triton", kernels="triton", **quick) == 0

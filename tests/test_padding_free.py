@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 from test_batching import PAD, X, _per_example_logits, make_examples
-from train_utils import DEMO, quick_config, save_small_chat_model
+from train_utils import DEMO, quick_config
 
 import minilora
 from minilora.attention import use_varlen_attention, varlen_available
@@ -129,16 +129,10 @@ def lora_model(dropout=0.0, base="builtin:tiny-phi3"):
     return model
 
 
-@pytest.fixture(scope="module")
-def small_base(tmp_path_factory):
-    """The demo's tokenizer on a hidden-64, 2-layer Phi-3: what these tests compare does not need more."""
-    return save_small_chat_model(tmp_path_factory.mktemp("small-phi3"))
-
-
-def test_eval_loss_does_not_depend_on_the_layout(tmp_path, small_base):
+def test_eval_loss_does_not_depend_on_the_layout(tmp_path, small_chat_model):
     tokenizer = build_tokenizer()
     examples = load_dataset(DEMO, tokenizer, 128).examples[:24]
-    model = lora_model(base=small_base)
+    model = lora_model(base=small_chat_model)
     results = {}
     for layout in ("padding", "padding_free", "packing"):
         cfg = quick_config(tmp_path, batch_size=4, padding=layout == "padding", packing=layout == "packing")
@@ -148,7 +142,7 @@ def test_eval_loss_does_not_depend_on_the_layout(tmp_path, small_base):
         assert results[layout]["loss"] == pytest.approx(results["padding"]["loss"], rel=1e-5)
 
 
-def test_accumulated_gradients_do_not_depend_on_rows_per_micro_batch(tmp_path, small_base):
+def test_accumulated_gradients_do_not_depend_on_rows_per_micro_batch(tmp_path, small_chat_model):
     """One step of 1 x 8 examples == 2 x 4 == 4 x 2 (padding-free rows of different lengths):
     each micro-batch's loss sum is divided by the step's target-token count."""
     tokenizer = build_tokenizer()
@@ -156,7 +150,7 @@ def test_accumulated_gradients_do_not_depend_on_rows_per_micro_batch(tmp_path, s
     grads = []
     for batch_size, accum in ((8, 1), (4, 2), (2, 4)):
         cfg = quick_config(tmp_path / f"o{batch_size}", batch_size=batch_size, grad_accum=accum, dropout=0.0)
-        loop = TrainingLoop(lora_model(base=small_base), cfg, train_examples=examples, eval_batches=[],
+        loop = TrainingLoop(lora_model(base=small_chat_model), cfg, train_examples=examples, eval_batches=[],
                             pad_id=tokenizer.pad_token_id, device=torch.device("cpu"), precision="fp32",
                             fingerprint={})
         micro = [loop.stream.next() for _ in range(accum)]
