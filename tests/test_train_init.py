@@ -18,7 +18,7 @@ from minilora.training.metrics import read_metrics
 @pytest.mark.slow
 def test_pissa_resume_rebuilds_the_base_from_the_checkpoint_and_is_bit_identical(tmp_path, monkeypatch):
     assert run_quick(tmp_path / "a", init="pissa") == 0
-    assert run_quick(tmp_path / "b", init="pissa") == 0
+    shutil.copytree(tmp_path / "a", tmp_path / "b")  # run b: a rolled back to its step-3 checkpoint
     shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-6")
     (tmp_path / "b" / "adapter_model.safetensors").unlink()
 
