@@ -7,7 +7,8 @@
         a decoder layer complete ─► moved to the device, frozen but LoRA ─► on_layer(index, layer)
 
 The host holds the model loaded so far (4-bit linears; embeddings, norms and the output head in the compute
-dtype) and one linear layer in full precision, not the whole model in the compute dtype as transformers'
+dtype) and one linear layer in full precision (the memory freed is handed back to the OS after each decoder
+layer, minilora/heap.py), not the whole model in the compute dtype as transformers'
 from_pretrained does before minilora could quantize. The result is the one from_pretrained + add_lora +
 quantize_linears gives (tests/test_stream_load.py): the same modules, bytes, buffers and config. Like
 from_pretrained: each tensor is cast to its parameter's dtype, tied weights are tied when the checkpoint
@@ -36,6 +37,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
 from minilora.errors import UserError
+from minilora.heap import return_freed_memory
 from minilora.inject import LoRAPlan, lora_parameters, plan_lora
 from minilora.model_files import model_file, resolve_model_path, unloadable_model
 from minilora.safetensors_reader import StoredTensor, TensorReader, read_headers
@@ -228,6 +230,7 @@ class _Loader:
                 _freeze_but_lora(layer)
                 if self.on_layer is not None:
                     self.on_layer(index, layer)
+                return_freed_memory()  # the layer's full-precision tensors (and, sharded, its whole tensors)
         # What has no tensor in the checkpoint (the rotary embedding's buffers); the decoder layers are done
         # and may have been sharded by on_layer: not touched again.
         for name, module in self.model.named_modules():
