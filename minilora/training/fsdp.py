@@ -16,7 +16,6 @@ FSDP2 reference: https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_sha
 """
 
 import contextlib
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -61,15 +60,20 @@ def shard_layer(layer: nn.Module, options: dict) -> None:
     fully_shard(layer, **options)
 
 
-def layer_sharder(device: torch.device, precision: str, offload: bool) -> Callable[[int, nn.Module], None]:
-    """load_base's `on_layer` for --fsdp: each decoder layer sharded as soon as it is loaded, before the next
-    is read, so a rank holds its shard of the layers loaded so far and one whole layer, never the whole base."""
-    options = fsdp_options(device, precision, offload)
+class LoadSharder:
+    """load_base's callbacks for --fsdp: each decoder layer (`on_layer`) and, where they are not tied, the input
+    embeddings and the output head (`on_embeddings`) become FSDP groups as soon as they are loaded, before the
+    next tensor is read. A rank then holds its shards of what is loaded so far and one layer in full
+    precision, never the whole model; the root group (shard_for_training) takes what is left (final norm)."""
 
-    def on_layer(index: int, layer: nn.Module) -> None:
-        shard_layer(layer, options)
+    def __init__(self, device: torch.device, precision: str, offload: bool):
+        self.options = fsdp_options(device, precision, offload)
 
-    return on_layer
+    def on_layer(self, index: int, layer: nn.Module) -> None:
+        shard_layer(layer, self.options)
+
+    def on_embeddings(self, module: nn.Module) -> None:
+        fully_shard(module, **self.options)
 
 
 def shard_for_training(root: nn.Module, model: nn.Module, device: torch.device, precision: str,
