@@ -1,7 +1,9 @@
 """Fully sharded data parallel training (`--fsdp`) with PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`).
 
-Each decoder layer is one FSDP group, and the loss module (embedding, final norm, head) is the root
-group: a rank keeps 1/world of every parameter (the LoRA weights; the frozen base, 4-bit as packed codes
+Each decoder layer is one FSDP group, so are the input embeddings and the output head (each alone,
+unless tied), and the loss module is the root group (the final norm, or whatever else no group holds).
+Layers, embeddings and head are sharded while they load (LoadSharder), each before the next tensor is
+read. A rank keeps 1/world of every parameter (the LoRA weights; the frozen base, 4-bit as packed codes
 and statistics through minilora/fsdp_nf4.py, or full precision with --quant none) and of the AdamW
 state, which the optimizer builds over the sharded (DTensor) parameters. Before a layer runs, its group is
 all-gathered; after its backward, its LoRA gradients are reduce-scattered (averaged over ranks, as DDP
@@ -79,9 +81,10 @@ class LoadSharder:
 def shard_for_training(root: nn.Module, model: nn.Module, device: torch.device, precision: str,
                        offload: bool) -> nn.Module:
     """fully_shard each decoder layer of `model` that the loader has not sharded yet, then `root` (the module
-    whose forward the loop calls: the loss module holding `model`; it takes the embeddings, the final norm
-    and the head). A layer wrapped for recomputation is sharded inside its wrapper, as the loader shards it:
-    FSDP2 lets the recomputed forward run on the parameters its pre-backward hook gathered."""
+    whose forward the loop calls: the loss module holding `model`; it takes what no group holds: the final
+    norm, and the embeddings and head where they are tied or were loaded without LoadSharder). A layer
+    wrapped for recomputation is sharded inside its wrapper, as the loader shards it: FSDP2 lets the
+    recomputed forward run on the parameters its pre-backward hook gathered."""
     options = fsdp_options(device, precision, offload)
     for layer in decoder_layers(model):
         inner = layer.inner if isinstance(layer, Recomputed) else layer
