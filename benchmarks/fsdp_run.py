@@ -31,12 +31,13 @@ from minilora.errors import UserError
 
 from .harness import ROOT, environment, write_results
 from .load_memory import CONFIG as LOAD_MEMORY_CONFIG
-from .load_memory import write_model
+from .load_memory import layer_mib, write_model
 
 DEMO = ROOT / "examples" / "demo.jsonl"
 MIB = 2**20
 LOSS_REL = 1e-5  # fp32 summation order over ranks; the FSDP tests hold the same tolerance
 BASE_SHARE_GOAL = {2: 0.55, 4: 0.30}  # each rank's share of the 4-bit base: 1/N plus the unsharded code tables
+LOAD_LAYERS = 3  # a load may hold this many decoder layers in full precision above the loaded (sharded) model
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,12 @@ def train_command(setup: Setup, model: Path, output: Path, peaks: Path, args) ->
             "--seq-len", str(args.seq_len), "--batch-size", str(args.batch_size),
             "--grad-accum", str(args.accum // setup.ranks), "--max-steps", str(args.steps),
             "--warmup-steps", "1", "--lr", "1e-3", "--dropout", "0", "--eval-fraction", "0",
-            "--eval-every", "0", "--save-every", "0", *(["--fsdp"] if setup.fsdp else [])]
+            "--eval-every", "0", "--save-every", "0", "--recompute", "none", *(["--fsdp"] if setup.fsdp else [])]
 
 
 def measure(setup: Setup, model: Path, work: Path, args) -> dict:
-    """Train `setup` once; its losses, tokens/s, each rank's peak memory and (where run.json has it) 4-bit bytes."""
+    """Train `setup` once; its losses, tokens/s, each rank's peak memory, load peak and what it holds once loaded
+    (benchmarks/fsdp_rank.py), and (where run.json has it) 4-bit bytes."""
     output, peaks = work / setup.name.replace(" ", "-"), work / (setup.name.replace(" ", "-") + "-peaks")
     peaks.mkdir(parents=True)
     # The ranks share the cores: each gets its part, so every configuration uses the same CPU.
@@ -105,6 +107,8 @@ def measure(setup: Setup, model: Path, work: Path, args) -> dict:
             "losses": [m["loss"] for m in metrics if m["kind"] == "train"],
             "tokens_per_s": run["result"]["tokens_per_s"], "wall_s": round(time.perf_counter() - started, 1),
             "peak_rss_mib": [round(r["peak_rss"] / MIB, 1) for r in ranks],
+            "load_peak_mib": [round(r["load_peak"] / MIB, 1) for r in ranks],
+            "load_held_mib": [round(r["load_held"] / MIB, 1) for r in ranks],
             "base_bytes": run.get("base_bytes")}
 
 
@@ -126,9 +130,22 @@ def base_share(run: dict, reference: dict) -> float | None:
     return None if largest is None or not whole else largest / whole
 
 
-def goals(runs: list[dict]) -> list[dict]:
-    """Each FSDP run's goals against the 1-process run (runs[0]): equal losses at 2 ranks, base share at 2 and 4."""
+def load_budget(run: dict, layer_mib: float) -> list[float]:
+    """Each rank's load budget: what it holds once loaded (its shard under FSDP) plus three decoder layers in fp32."""
+    return [held + LOAD_LAYERS * layer_mib for held in run["load_held_mib"]]
+
+
+def goals(runs: list[dict], layer_mib: float) -> list[dict]:
+    """The goals against the 1-process run (runs[0]): each FSDP run's equal losses at 2 ranks and base share at 2 and
+    4; the load peak of every rank of the 1-process and FSDP runs within its budget."""
     reference, checks = runs[0], []
+    for run in runs:
+        if run["fsdp"] or run is reference:
+            worst = max(peak / budget for peak, budget in zip(run["load_peak_mib"], load_budget(run, layer_mib),
+                                                                strict=True))
+            checks.append({"goal": f"{run['name']}: load peak <= what a rank holds loaded + {LOAD_LAYERS} fp32 "
+                                   f"layers ({layer_mib:,.1f} MiB each), every rank",
+                           "value": f"{worst:.2f}x the budget (largest rank)", "met": worst <= 1})
     for run in runs[1:]:
         if not run["fsdp"]:
             continue
@@ -148,8 +165,9 @@ def _ratio(value, reference) -> str:
     return f"{value / reference:.2f}x" if value is not None and reference else "n/a"
 
 
-def table(runs: list[dict]) -> str:
-    """Markdown: one row per configuration with its ratios against the 1-process run (runs[0]), then the goals."""
+def table(runs: list[dict], layer_mib: float) -> str:
+    """Markdown: one row per configuration with its ratios against the 1-process run (runs[0]), then the load
+    peaks per rank against their budgets, then the goals."""
     reference = runs[0]
     ref_peak = max(reference["peak_rss_mib"])
     ref_base = largest_base(reference)
@@ -164,8 +182,16 @@ def table(runs: list[dict]) -> str:
             f"{', '.join(f'{m:,.0f}' for m in run['peak_rss_mib'])} | {_ratio(max(run['peak_rss_mib']), ref_peak)} | "
             f"{'n/a' if base is None else f'{base / MIB:,.1f}'} | {_ratio(base, ref_base)} | "
             f"{run['tokens_per_s']:,.0f} | {_ratio(run['tokens_per_s'], reference['tokens_per_s'])} |")
+    lines += ["", "| configuration | load peak per rank MiB | held once loaded MiB | budget MiB | peak / budget |",
+              "|---|---|---|---|---|"]
+    for run in runs:
+        budget = load_budget(run, layer_mib)
+        lines.append(f"| {run['name']} | {', '.join(f'{m:,.1f}' for m in run['load_peak_mib'])} | "
+                     f"{', '.join(f'{m:,.1f}' for m in run['load_held_mib'])} | "
+                     f"{', '.join(f'{m:,.1f}' for m in budget)} | "
+                     f"{', '.join(f'{p / b:.2f}x' for p, b in zip(run['load_peak_mib'], budget, strict=True))} |")
     lines += ["", "| goal | measured | met |", "|---|---|---|"]
-    lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else 'NO'} |" for g in goals(runs)]
+    lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else 'NO'} |" for g in goals(runs, layer_mib)]
     return "\n".join(lines)
 
 
@@ -176,11 +202,13 @@ def report(payload: dict) -> str:
         f"train.py under torchrun (gloo, fp32 compute, NF4 + double quant), a random Llama of "
         f"{payload['weights']:,} weights ({cfg['layers']} layers of hidden 1536, MLP 4096, vocab 32000), "
         f"{cfg['steps']} steps of {cfg['accum']} global micro-batches x {cfg['batch_size']} rows per rank, "
-        f"--seq-len {cfg['seq_len']}, examples/demo.jsonl, dropout 0. Peak RSS is each rank's VmHWM over the "
-        "whole process (load included); the 4-bit base is packed codes + statistics, the largest rank's share "
-        "(run.json's base_bytes); tokens/s is global, steps after the first. Load-time host peaks: "
-        "benchmarks/load_memory.py.", "",
-        table(payload["runs"]), "",
+        f"--seq-len {cfg['seq_len']}, examples/demo.jsonl, dropout 0, --recompute none. Peak RSS is each rank's "
+        "VmHWM from the load on (imports resident throughout); the 4-bit base is packed codes + statistics, the "
+        "largest rank's share (run.json's base_bytes); tokens/s is global, steps after the first. Load peak: "
+        "VmHWM during train.py's build_model above the memory at its start (benchmarks/fsdp_rank.py); held once "
+        "loaded: the rank's parameters, buffers and 4-bit statistics (under FSDP its shards: the decoder layers, "
+        "embeddings and head are sharded as they load, the final norm at the first step).", "",
+        table(payload["runs"], payload["layer_mib"]), "",
         f"{env['device_name']}, {env['cpu_count']} CPUs shared by the ranks, commit `{env['commit'][:12]}`, "
         f"torch {env['torch']}, bitsandbytes {env['bitsandbytes']}, load average {env['load_avg'][0]:.2f} "
         "at the start.", ""])
@@ -201,11 +229,11 @@ def run_benchmark(args) -> Path:
         settings = {k: getattr(args, k) for k in ("layers", "steps", "accum", "batch_size", "seq_len", "ranks",
                                                 "ddp_ranks")}
         payload = {"environment": env, "settings": settings, "config": model_config(args.layers),
-                   "weights": weights, "runs": []}
+                   "weights": weights, "layer_mib": round(layer_mib(model), 1), "runs": []}
         for setup in setups(args.ranks, args.ddp_ranks):
             payload["runs"].append(measure(setup, model, Path(tmp) / "runs", args))
             print(json.dumps(payload["runs"][-1]))
-        payload["goals"] = goals(payload["runs"])
+        payload["goals"] = goals(payload["runs"], payload["layer_mib"])
         path = write_results("fsdp-run", payload, report(payload), out_dir=args.out)
     print(report(payload))
     print(f"wrote {path} (+ .md)")

@@ -7,7 +7,8 @@
         a decoder layer complete ─► moved to the device, frozen but LoRA ─► on_layer(index, layer)
 
 The host holds the model loaded so far (4-bit linears; embeddings, norms and the output head in the compute
-dtype) and one linear layer in full precision, not the whole model in the compute dtype as transformers'
+dtype) and one linear layer in full precision (the memory freed is handed back to the OS after each decoder
+layer, minilora/heap.py), not the whole model in the compute dtype as transformers'
 from_pretrained does before minilora could quantize. The result is the one from_pretrained + add_lora +
 quantize_linears gives (tests/test_stream_load.py): the same modules, bytes, buffers and config. Like
 from_pretrained: each tensor is cast to its parameter's dtype, tied weights are tied when the checkpoint
@@ -36,6 +37,7 @@ from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 
 from minilora.errors import UserError
+from minilora.heap import return_freed_memory
 from minilora.inject import LoRAPlan, lora_parameters, plan_lora
 from minilora.model_files import model_file, resolve_model_path, unloadable_model
 from minilora.safetensors_reader import StoredTensor, TensorReader, read_headers
@@ -45,8 +47,8 @@ SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"  #
 
 
 def load_streaming(name_or_path: str, compute_dtype: torch.dtype, device: torch.device, quantizer=None,
-                   lora: dict | None = None, on_layer: Callable[[int, nn.Module], None] | None = None
-                   ) -> nn.Module | None:
+                   lora: dict | None = None, on_layer: Callable[[int, nn.Module], None] | None = None,
+                   on_embeddings: Callable[[nn.Module], None] | None = None) -> nn.Module | None:
     """The model `name_or_path` (a folder, a hub id, `builtin:...`) with every linear layer but the output head
     given to `quantizer` (minilora.quant.Quantizer; None keeps them in full precision) and LoRA per `lora`
     (add_lora's keyword arguments), everything on `device`, frozen but the LoRA parameters, in eval mode but the
@@ -54,7 +56,9 @@ def load_streaming(name_or_path: str, compute_dtype: torch.dtype, device: torch.
 
     `on_layer(index, layer)` is called for each decoder layer, in order, as soon as all its tensors are
     loaded (quantized, LoRA in place, on the device, frozen): a caller may shard or offload it there, before
-    the next layer is read. None where the checkpoint is not one this loader reads (see the module docstring).
+    the next layer is read. `on_embeddings(module)` likewise for the input embeddings and the output head, in
+    a model whose config does not tie them. None where the checkpoint is not one this loader reads (see the
+    module docstring).
     A config, header or file that cannot be read is a UserError naming the model.
     """
     path = resolve_model_path(name_or_path)
@@ -76,7 +80,7 @@ def load_streaming(name_or_path: str, compute_dtype: torch.dtype, device: torch.
     model.eval()  # from_pretrained's mode, before LoRA: its layers are made in training mode, as add_lora made them
     _compute_buffers(model)
     with TensorReader() as reader:
-        _Loader(model, stored, sources, reader, device, quantizer, plan, on_layer, name_or_path).run()
+        _Loader(model, stored, sources, reader, device, quantizer, plan, on_layer, on_embeddings, name_or_path).run()
     if quantizer is not None:
         model.is_loaded_in_4bit = True  # how transformers marks 4-bit models; PEFT reads it too
     model.generation_config = generation_config
@@ -198,9 +202,13 @@ class _Loader:
 
     def __init__(self, model: nn.Module, stored: dict[str, StoredTensor], sources: dict[str, str],
                  reader: TensorReader, device: torch.device, quantizer, plan: LoRAPlan | None,
-                 on_layer: Callable[[int, nn.Module], None] | None, name_or_path: str):
+                 on_layer: Callable[[int, nn.Module], None] | None,
+                 on_embeddings: Callable[[nn.Module], None] | None, name_or_path: str):
         self.model, self.stored, self.sources, self.reader = model, stored, sources, reader
         self.device, self.quantizer, self.plan, self.on_layer = device, quantizer, plan, on_layer
+        # A tied pair is one tensor in two modules: it cannot be handed over (sharded) with either alone.
+        self.on_embeddings = on_embeddings if not model.all_tied_weights_keys else None
+        self.embeddings = (model.get_input_embeddings(), model.get_output_embeddings())
         self.name_or_path = name_or_path
         self.targets = set(plan.names) if plan is not None else set()
         self.head = model.get_output_embeddings()
@@ -220,6 +228,8 @@ class _Loader:
                 holds_layers = any(m is self.layers for m in module.modules())
                 _move(module, self.device, own_only=holds_layers)
                 _freeze_but_lora(module, own_only=holds_layers)
+                if self.on_embeddings is not None and any(module is m for m in self.embeddings):
+                    self.on_embeddings(module)
                 continue
             left[index] -= 1
             if left[index] == 0:
@@ -228,6 +238,7 @@ class _Loader:
                 _freeze_but_lora(layer)
                 if self.on_layer is not None:
                     self.on_layer(index, layer)
+                return_freed_memory()  # the layer's full-precision tensors (and, sharded, its whole tensors)
         # What has no tensor in the checkpoint (the rotary embedding's buffers); the decoder layers are done
         # and may have been sharded by on_layer: not touched again.
         for name, module in self.model.named_modules():

@@ -95,6 +95,9 @@ def test_auto_keeps_activations_on_a_cpu_when_they_fit_and_recomputes_when_not()
     mode, _ = choose_mode(model, cpu, fits, processes=10)  # ten ranks share the memory
     assert mode == "full"
     assert choose_mode(torch.nn.Linear(2, 2), cpu, 8)[1].startswith("auto: full on a CPU (the activation probe failed")
+    # Layers sharded while loading (--fsdp) are not probed: a forward through them before the root's is refused.
+    assert choose_mode(torch.nn.Linear(2, 2), cpu, 8, sharded=True) == (
+        "full", "auto: full on a CPU under --fsdp (the activation probe cannot run sharded layers)")
 
 
 @pytest.mark.parametrize("flags,tokens", [

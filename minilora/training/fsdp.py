@@ -1,7 +1,9 @@
 """Fully sharded data parallel training (`--fsdp`) with PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`).
 
-Each decoder layer is one FSDP group, and the loss module (embedding, final norm, head) is the root
-group: a rank keeps 1/world of every parameter (the LoRA weights; the frozen base, 4-bit as packed codes
+Each decoder layer is one FSDP group, so are the input embeddings and the output head (each alone,
+unless tied), and the loss module is the root group (the final norm, or whatever else no group holds).
+Layers, embeddings and head are sharded while they load (LoadSharder), each before the next tensor is
+read. A rank keeps 1/world of every parameter (the LoRA weights; the frozen base, 4-bit as packed codes
 and statistics through minilora/fsdp_nf4.py, or full precision with --quant none) and of the AdamW
 state, which the optimizer builds over the sharded (DTensor) parameters. Before a layer runs, its group is
 all-gathered; after its backward, its LoRA gradients are reduce-scattered (averaged over ranks, as DDP
@@ -21,12 +23,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from minilora.fsdp_nf4 import make_4bit_shardable
 from minilora.inject import lora_layers
-from minilora.training.recompute import decoder_layers
+from minilora.training.recompute import Recomputed, decoder_layers
 
 
 def ensure_process_group() -> bool:
@@ -39,19 +41,56 @@ def ensure_process_group() -> bool:
     return True
 
 
-def shard_for_training(root: nn.Module, model: nn.Module, device: torch.device, precision: str,
-                       offload: bool) -> nn.Module:
-    """fully_shard each decoder layer of `model`, then `root` (the module whose forward the loop calls: the
-    loss module holding `model`), over all ranks. `precision` is the run's ("fp32", "bf16", "fp16");
-    `offload`: sharded parameters, gradients and optimizer state live in CPU memory (CPUOffloadPolicy)."""
+def fsdp_options(device: torch.device, precision: str, offload: bool) -> dict:
+    """fully_shard's keyword arguments for this run, the same for every group: all ranks in one mesh;
+    `precision` the run's ("fp32", "bf16", "fp16"); `offload`: sharded parameters, gradients and optimizer
+    state live in CPU memory (CPUOffloadPolicy). A one-dimensional mesh over all ranks reuses the default
+    process group (init_device_mesh does, where the group's backend serves the device: gloo on CPUs, NCCL
+    on GPUs), so building the options twice (the loader's layers, then the root) makes no second group."""
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     # fp32 gradient reduction: averaging bf16 gradients over ranks would round each partial sum.
     mp = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32) if low else MixedPrecisionPolicy()
-    options = dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
-    make_4bit_shardable(model)  # 4-bit weights FSDP shards as packed codes + statistics (fsdp_nf4.py)
+    return dict(mesh=mesh, mp_policy=mp, offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy())
+
+
+def shard_layer(layer: nn.Module, options: dict) -> None:
+    """One decoder layer as its own FSDP group: its 4-bit weights made shardable (packed codes and statistics,
+    fsdp_nf4.py), then fully_shard. FSDP copies this rank's shard out of each tensor; the whole tensors are
+    freed when nothing else holds them."""
+    make_4bit_shardable(layer)
+    fully_shard(layer, **options)
+
+
+class LoadSharder:
+    """load_base's callbacks for --fsdp: each decoder layer (`on_layer`) and, where they are not tied, the input
+    embeddings and the output head (`on_embeddings`) become FSDP groups as soon as they are loaded, before the
+    next tensor is read. A rank then holds its shards of what is loaded so far and one layer in full
+    precision, never the whole model; the root group (shard_for_training) takes what is left (final norm)."""
+
+    def __init__(self, device: torch.device, precision: str, offload: bool):
+        self.options = fsdp_options(device, precision, offload)
+
+    def on_layer(self, index: int, layer: nn.Module) -> None:
+        shard_layer(layer, self.options)
+
+    def on_embeddings(self, module: nn.Module) -> None:
+        fully_shard(module, **self.options)
+
+
+def shard_for_training(root: nn.Module, model: nn.Module, device: torch.device, precision: str,
+                       offload: bool) -> nn.Module:
+    """fully_shard each decoder layer of `model` that the loader has not sharded yet, then `root` (the module
+    whose forward the loop calls: the loss module holding `model`; it takes what no group holds: the final
+    norm, and the embeddings and head where they are tied or were loaded without LoadSharder). A layer
+    wrapped for recomputation is sharded inside its wrapper, as the loader shards it: FSDP2 lets the
+    recomputed forward run on the parameters its pre-backward hook gathered."""
+    options = fsdp_options(device, precision, offload)
     for layer in decoder_layers(model):
-        fully_shard(layer, **options)
+        inner = layer.inner if isinstance(layer, Recomputed) else layer
+        if not isinstance(inner, FSDPModule):
+            shard_layer(inner, options)
+    make_4bit_shardable(model)  # any 4-bit weight outside the decoder layers goes to the root's group
     fully_shard(root, **options)
     return root
 

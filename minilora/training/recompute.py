@@ -20,6 +20,8 @@ it is `none` when the activations of the largest micro-batch, measured on a shor
 fit in half the available memory, and `full` otherwise. A CPU step is compute-bound and RAM is
 seldom the limit, so recompute there is pure cost; and the selective policy, which intercepts every
 operator of the layer in Python, measured slower than `full` on a 2-core CPU (tiny Phi-3, seq 512).
+Under --fsdp the layers are sharded while they load, before any forward, and FSDP2 allows no forward
+through a layer before its root's: there a CPU's `auto` is `full`, without a probe.
 
 The wrapper adds one level to module paths (`layers.0.inner.self_attn...`); `canonical_name`
 removes it, so adapter keys and checkpoints never see it.
@@ -164,13 +166,17 @@ def activation_bytes(model: nn.Module, device: torch.device, tokens: tuple[int, 
     return max(short - per_token * tokens[0], 0.0), per_token
 
 
-def choose_mode(model: nn.Module, device: torch.device, micro_batch_tokens: int, processes: int = 1
-                ) -> tuple[str, str]:
+def choose_mode(model: nn.Module, device: torch.device, micro_batch_tokens: int, processes: int = 1,
+                sharded: bool = False) -> tuple[str, str]:
     """What `--recompute auto` means for this run: (mode, why, in words). `processes`: training
     processes sharing this machine's memory (ranks on one host); each rank decides for itself (the
-    mode changes memory and speed, never the numbers)."""
+    mode changes memory and speed, never the numbers). `sharded`: the decoder layers are FSDP groups
+    already (--fsdp); the probe cannot run them: a forward through an FSDP group before its root's first
+    forward makes that group a root of its own, which FSDP2 then refuses."""
     if device.type == "cuda":
         return "selective", "auto: selective on a GPU (activation memory kept low for batch and length)"
+    if sharded:
+        return "full", "auto: full on a CPU under --fsdp (the activation probe cannot run sharded layers)"
     free = available_memory(device)
     if free is None:
         return "full", "auto: full on a CPU (the free memory is unknown here)"
