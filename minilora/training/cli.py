@@ -117,7 +117,8 @@ def _load_yaml(path: str, text: str):
         if isinstance(event, yaml.CollectionStartEvent):
             depth += 1
             if depth > MAX_CONFIG_DEPTH:
-                raise UserError(f"{path}: cannot parse (nested more than {MAX_CONFIG_DEPTH} deep)")
+                raise UserError(f"{path}, line {event.start_mark.line + 1}: cannot parse (nested more than "
+                                f"{MAX_CONFIG_DEPTH} deep)")
         elif isinstance(event, yaml.CollectionEndEvent):
             depth -= 1
     return yaml.safe_load(text)
