@@ -14,12 +14,15 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from lora_utils import tokens
+from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 from train_utils import QUICK, ROOT, quick_config, run_quick
 
+import minilora
 from minilora import stream_load
 from minilora.errors import UserError
 from minilora.inject import lora_layers
@@ -84,6 +87,18 @@ def test_two_fsdp_ranks_match_one_process_and_resume_on_one_rank(tmp_path):
     run = json.loads((tmp_path / "fsdp" / "run.json").read_text())
     assert (run["fsdp"], run["world_size"]) == (True, 2)
     assert done.stdout.count("held-out perplexity") == 1  # only rank 0 reports
+
+    # PEFT loads the gathered adapter unchanged and computes what minilora computes with it.
+    ours = minilora.load_base(QUICK["model"], quant="none")
+    minilora.load_adapter(ours, tmp_path / "fsdp")
+    x = tokens(vocab=256)
+    with torch.no_grad():
+        theirs = PeftModel.from_pretrained(minilora.load_base(QUICK["model"], quant="none"), str(tmp_path / "fsdp"))
+        peft_logits, our_logits = theirs.eval()(x).logits, ours.eval()(x).logits
+        with theirs.disable_adapter():
+            base_logits = theirs(x).logits
+    assert (peft_logits - our_logits).norm() / our_logits.norm() < 1e-4
+    assert (base_logits - our_logits).norm() / our_logits.norm() > 1e-3  # the adapter changes the logits
 
     # The checkpoint: one shard file per rank, holding LoRA weights and AdamW state only (no base weight).
     step2 = tmp_path / "fsdp" / "checkpoints" / "step-2"
