@@ -5,12 +5,9 @@ cannot hand back whole (freed memory between allocations still alive) stays resi
 loader frees a full-precision decoder layer after quantizing it, between the 4-bit layers it keeps, so
 over a model of 40 layers the kept-but-free memory grew to a quarter of the loaded model (a 1.1 B-weight
 Llama: 1,108 MiB resident after a load holding 871 MiB, peak 1,201 MiB; with a trim after each layer
-899 and 992 MiB). Training on a CPU does the same with each micro-batch's activations and the dequantized
-weights of its backward: one process training that model (2 rows of 64 tokens, 4 micro-batches a step)
-peaked at 4,408 MiB, 3,474 MiB with a trim after each micro-batch (the same losses). `malloc_trim(0)`
-returns every whole free page of the heap, the middle included (glibc 2.8 and later,
-https://man7.org/linux/man-pages/man3/malloc_trim.3.html); on that model it took 15-180 ms, against
-seconds for a micro-batch. Elsewhere (macOS, musl) there is no such call and this does nothing.
+899 and 992 MiB). `malloc_trim(0)` returns every whole free page of the heap, the middle included
+(glibc 2.8 and later, https://man7.org/linux/man-pages/man3/malloc_trim.3.html). Elsewhere (macOS, musl)
+there is no such call and this does nothing.
 """
 
 import ctypes

@@ -24,7 +24,6 @@ from minilora.adapter import load_adapter, save_adapter
 from minilora.cli_runner import EXIT_OUT_OF_MEMORY, first_line, is_out_of_memory
 from minilora.data.batching import Batch, make_batches, make_padding_free_batches
 from minilora.errors import UserError, shown
-from minilora.heap import return_freed_memory
 from minilora.inject import lora_layers, lora_parameters
 from minilora.training.checkpoint import (
     load_training_state,
@@ -313,8 +312,6 @@ class TrainingLoop:
                     micro_loss = self.loss_module(shard(batch, self.dist))
                 self.scaler.scale(micro_loss * (self.dist.world / n_targets)).backward()
             loss_total += micro_loss.detach()
-            if self.device.type == "cpu":  # the micro-batch's activations, freed, back to the OS (heap.py)
-                return_freed_memory()
         all_reduce_sum(loss_total, self.dist)
         self.scaler.unscale_(self.optimizer)
         stats_due = self.lora_stats is not None and self.lora_stats.due(state.step + 1)
