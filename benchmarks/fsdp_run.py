@@ -206,8 +206,8 @@ def report(payload: dict) -> str:
         "VmHWM from the load on (imports resident throughout); the 4-bit base is packed codes + statistics, the "
         "largest rank's share (run.json's base_bytes); tokens/s is global, steps after the first. Load peak: "
         "VmHWM during train.py's build_model above the memory at its start (benchmarks/fsdp_rank.py); held once "
-        "loaded: the rank's parameters, buffers and 4-bit statistics (under FSDP its shards: the decoder layers, "
-        "embeddings and head are sharded as they load, the final norm at the first step).", "",
+        "loaded: the rank's parameters, buffers and 4-bit statistics (its shards under FSDP; the embeddings, "
+        "final norm and head are whole until the first step's root sharding).", "",
         table(payload["runs"], payload["layer_mib"]), "",
         f"{env['device_name']}, {env['cpu_count']} CPUs shared by the ranks, commit `{env['commit'][:12]}`, "
         f"torch {env['torch']}, bitsandbytes {env['bitsandbytes']}, load average {env['load_avg'][0]:.2f} "

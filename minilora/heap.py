@@ -19,9 +19,12 @@ import functools
 def _malloc_trim():
     name = ctypes.util.find_library("c")
     try:
-        return ctypes.CDLL(name).malloc_trim if name else None
+        trim = ctypes.CDLL(name).malloc_trim if name else None
     except (OSError, AttributeError):  # no C library found, or one without malloc_trim
         return None
+    if trim is not None:
+        trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int  # int malloc_trim(size_t pad)
+    return trim
 
 
 def return_freed_memory() -> None:

@@ -28,7 +28,7 @@ from minilora.errors import UserError
 from minilora.inject import lora_layers
 from minilora.lock import LOCK_NAME, FolderLock
 from minilora.quant import load_base
-from minilora.training.fsdp import LoadSharder, ensure_process_group, gathered_adapter, shard_for_training
+from minilora.training.fsdp import ensure_process_group, gathered_adapter, layer_sharder, shard_for_training
 from minilora.training.job import build_model
 from minilora.training.loss import LossModule
 from minilora.training.metrics import read_metrics
@@ -155,27 +155,25 @@ def test_fsdp_shards_lora_and_the_base_on_one_rank(tmp_path, quant):
     cfg = quick_config(tmp_path, quant=quant, recompute="none", fsdp=True)
     own = ensure_process_group()
     try:
-        # The loader's meta model, kept to look at from the callback: at each layer's sharding, are the embeddings
-        # and the earlier layers all sharded, and the later ones all unread (meta)?
+        # The loader's meta model, kept to look at from the callback: at each layer's sharding, are the earlier
+        # layers all sharded and the later ones all unread (meta)?
         built, seen, skeleton = [], [], stream_load.skeleton
-        sharder = LoadSharder(torch.device("cpu"), "fp32", offload=False)
+        sharder = layer_sharder(torch.device("cpu"), "fp32", offload=False)
 
         def watch(index, layer):
             layers = decoder_layers(built[0])
-            seen.append((all(isinstance(m, FSDPModule) for m in [built[0].get_input_embeddings(), *layers[:index]]),
+            seen.append((all(isinstance(m, FSDPModule) for m in layers[:index]),
                          all(p.is_meta for m in layers[index + 1:] for p in m.parameters())))
-            sharder.on_layer(index, layer)
+            sharder(index, layer)
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(stream_load, "skeleton", lambda *args: built.append(skeleton(*args)) or built[-1])
             load_base(cfg.model, quant=quant, compute_dtype=torch.float32, device="cpu", lora=dict(r=cfg.r),
-                      on_layer=watch, on_embeddings=sharder.on_embeddings)
+                      on_layer=watch)
         assert seen == [(True, True)] * len(decoder_layers(built[0])) and len(seen) > 1
 
         model, _ = build_model(cfg, "fp32", torch.device("cpu"))
-        # sharded while loading: the decoder layers, the embeddings and the head (not tied in this model)
-        assert all(isinstance(m, FSDPModule) for m in [*decoder_layers(model), model.get_input_embeddings(),
-                                                         model.get_output_embeddings()])
+        assert all(isinstance(layer, FSDPModule) for layer in decoder_layers(model))  # sharded while loading
         before = {k: v.full_tensor().clone() for k, v in model.state_dict().items() if "lora_" in k}
         shard_for_training(LossModule(model, [], sharded=True), model, torch.device("cpu"), "fp32", offload=False)
         layer = next(iter(lora_layers(model).values()))

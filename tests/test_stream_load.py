@@ -153,13 +153,9 @@ def test_layers_load_one_after_another_whatever_the_file_order(tmp_path, monkeyp
         assert all(t.is_meta for t in later) and (later or index == len(found["layers"]) - 1)
         seen.append(index)
 
-    def on_embeddings(module):  # the embeddings before any layer, the head after all, each loaded when seen
-        assert all(not t.is_meta for t in module.parameters())
-        seen.append(type(module).__name__)
-
     lora = dict(r=4, alpha=8, targets=["q_proj"])
-    ours = streamed(str(tmp_path), "nf4", lora, on_layer=on_layer, on_embeddings=on_embeddings)
-    assert seen == ["Embedding", 0, 1, "Linear"]
+    ours = streamed(str(tmp_path), "nf4", lora, on_layer=on_layer)
+    assert seen == [0, 1]
     assert_same_model(ours, reference(str(tmp_path), "nf4", lora))
 
 
@@ -179,9 +175,7 @@ def test_old_checkpoint_names_load_as_transformers_loads_them(tmp_path):
     state = load_file(tmp_path / "llama" / "model.safetensors")
     bare = {k.removeprefix("model."): v for k, v in state.items() if k != "lm_head.weight"}
     save_file(bare, tmp_path / "llama" / "model.safetensors", metadata={"format": "pt"})
-    handed = []  # tied embeddings and head are one tensor: neither is handed over alone
-    assert_same_model(streamed(llama, "nf4", None, on_embeddings=handed.append), reference(llama, "nf4", None))
-    assert handed == []
+    assert_same_model(streamed(llama, "nf4", None), reference(llama, "nf4", None))
 
 
 @pytest.mark.parametrize("change,message", [
@@ -204,11 +198,8 @@ def test_a_bin_checkpoint_is_loaded_whole_by_transformers(tmp_path):
     state = load_file(tmp_path / "model.safetensors")
     torch.save(state, tmp_path / "pytorch_model.bin")
     (tmp_path / "model.safetensors").unlink()
-    seen = []
     with pytest.warns(UserWarning, match="loaded by transformers' from_pretrained.*no model.safetensors"):
-        ours = streamed(path, "nf4", dict(r=4, alpha=8), on_layer=lambda i, layer: seen.append(i),
-                        on_embeddings=lambda module: seen.append(type(module).__name__))
-    assert seen == [*range(ours.config.num_hidden_layers), "Embedding", "Linear"]  # all at the end
+        ours = streamed(path, "nf4", dict(r=4, alpha=8))
     with warnings.catch_warnings():
         assert_same_model(ours, reference(path, "nf4", dict(r=4, alpha=8)))
 

@@ -1,9 +1,7 @@
 """Fully sharded data parallel training (`--fsdp`) with PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`).
 
-Each decoder layer is one FSDP group, so are the input embeddings and the output head (each alone,
-unless tied), and the loss module is the root group (the final norm, or whatever else no group holds).
-Layers, embeddings and head are sharded while they load (LoadSharder), each before the next tensor is
-read. A rank keeps 1/world of every parameter (the LoRA weights; the frozen base, 4-bit as packed codes
+Each decoder layer is one FSDP group, and the loss module (embedding, final norm, head) is the root
+group: a rank keeps 1/world of every parameter (the LoRA weights; the frozen base, 4-bit as packed codes
 and statistics through minilora/fsdp_nf4.py, or full precision with --quant none) and of the AdamW
 state, which the optimizer builds over the sharded (DTensor) parameters. Before a layer runs, its group is
 all-gathered; after its backward, its LoRA gradients are reduce-scattered (averaged over ranks, as DDP
@@ -18,6 +16,7 @@ FSDP2 reference: https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_sha
 """
 
 import contextlib
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -62,29 +61,26 @@ def shard_layer(layer: nn.Module, options: dict) -> None:
     fully_shard(layer, **options)
 
 
-class LoadSharder:
-    """load_base's callbacks for --fsdp: each decoder layer (`on_layer`) and, where they are not tied, the input
-    embeddings and the output head (`on_embeddings`) become FSDP groups as soon as they are loaded, before the
-    next tensor is read. A rank then holds its shards of what is loaded so far and one layer in full
-    precision, never the whole model; the root group (shard_for_training) takes what is left (final norm)."""
+def layer_sharder(device: torch.device, precision: str, offload: bool) -> Callable[[int, nn.Module], None]:
+    """load_base's `on_layer` for --fsdp: each decoder layer sharded as soon as it is loaded, before the next
+    is read, so a rank holds its shard of the layers loaded so far and one whole layer, never the whole base
+    (on the streaming loader; its from_pretrained fallback calls on_layer once the whole model is loaded). The
+    embeddings and head are left to the root group: the chunked loss calls the head once per chunk, a count
+    that differs between ranks, and a group of its own would gather once per call, unpaired across ranks."""
+    options = fsdp_options(device, precision, offload)
 
-    def __init__(self, device: torch.device, precision: str, offload: bool):
-        self.options = fsdp_options(device, precision, offload)
+    def on_layer(index: int, layer: nn.Module) -> None:
+        shard_layer(layer, options)
 
-    def on_layer(self, index: int, layer: nn.Module) -> None:
-        shard_layer(layer, self.options)
-
-    def on_embeddings(self, module: nn.Module) -> None:
-        fully_shard(module, **self.options)
+    return on_layer
 
 
 def shard_for_training(root: nn.Module, model: nn.Module, device: torch.device, precision: str,
                        offload: bool) -> nn.Module:
     """fully_shard each decoder layer of `model` that the loader has not sharded yet, then `root` (the module
-    whose forward the loop calls: the loss module holding `model`; it takes what no group holds: the final
-    norm, and the embeddings and head where they are tied or were loaded without LoadSharder). A layer
-    wrapped for recomputation is sharded inside its wrapper, as the loader shards it: FSDP2 lets the
-    recomputed forward run on the parameters its pre-backward hook gathered."""
+    whose forward the loop calls: the loss module holding `model`; it takes the embeddings, the final norm
+    and the head). A layer wrapped for recomputation is sharded inside its wrapper, as the loader shards it:
+    FSDP2 lets the recomputed forward run on the parameters its pre-backward hook gathered."""
     options = fsdp_options(device, precision, offload)
     for layer in decoder_layers(model):
         inner = layer.inner if isinstance(layer, Recomputed) else layer
