@@ -9,13 +9,17 @@
                 under --fsdp, sharded layer by layer), above the resident memory when it started: VmHWM is reset
                 through /proc/self/clear_refs right before, so no short spike is missed
     load_held   what the model holds on this rank once loaded: its parameters and buffers (a sharded one counts
-                this rank's shard) and the 4-bit weights' statistics; the load's budget is this plus three decoder
-                layers in the compute dtype
+                this rank's shard) and the 4-bit weights' statistics
+    load_shard  this rank's shard of the model: load_held, but with each parameter still whole under FSDP (those
+                the root group shards at the first step: the final norm and the head) counted at the size of the
+                shard FSDP2 will keep (dim 0 split in `world` parts, rounded up). Without FSDP, load_held. The
+                load's budget is this plus three decoder layers in the compute dtype
 
 build_model is wrapped, not changed: the measurement reads /proc around the call train.py makes.
 """
 
 import json
+import math
 import os
 import runpy
 import sys
@@ -23,6 +27,7 @@ from pathlib import Path
 
 from bitsandbytes.nn import Params4bit
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 import minilora.training.job as job
 from minilora.fsdp_nf4 import NF4Shard, base_bytes
@@ -30,17 +35,24 @@ from minilora.fsdp_nf4 import NF4Shard, base_bytes
 from .load_memory import proc_status
 
 
-def held_bytes(model: nn.Module) -> int:
+def held_bytes(model: nn.Module, world: int = 1) -> int:
     """This rank's bytes of `model`: the 4-bit weights as base_bytes counts them (packed codes + statistics, a
-    shard where FSDP sharded them), every other parameter and buffer by its local part, each storage once."""
+    shard where FSDP sharded them), every other parameter and buffer by its local part, each storage once.
+    `world` > 1 in a model FSDP has sharded in part: a parameter not sharded yet counts as its coming shard."""
     seen, total = set(), base_bytes(model).local
+    params = {id(p) for p in model.parameters()}
+    sharding = world > 1 and any(isinstance(p, DTensor) for p in model.parameters())
     for t in [*model.parameters(), *model.buffers()]:
-        local = t.to_local() if hasattr(t, "to_local") else t
+        local = t.to_local() if isinstance(t, DTensor) else t
         if isinstance(local, (NF4Shard, Params4bit)):
             continue  # counted by base_bytes
         key = local.untyped_storage().data_ptr()
-        if key not in seen:
-            seen.add(key)
+        if key in seen:
+            continue
+        seen.add(key)
+        if sharding and id(t) in params and not isinstance(t, DTensor) and t.dim() > 0:
+            total += math.ceil(t.shape[0] / world) * (t.numel() // t.shape[0]) * t.element_size()
+        else:
             total += local.untyped_storage().nbytes()
     return total
 
@@ -55,6 +67,7 @@ def measured_build(build):
         model, record = build(*args, **kwargs)
         measured["load_peak"] = proc_status("VmHWM") - start
         measured["load_held"] = held_bytes(model)
+        measured["load_shard"] = held_bytes(model, int(os.environ.get("WORLD_SIZE", "1")))
         return model, record
 
     return build_model

@@ -109,6 +109,7 @@ def measure(setup: Setup, model: Path, work: Path, args) -> dict:
             "peak_rss_mib": [round(r["peak_rss"] / MIB, 1) for r in ranks],
             "load_peak_mib": [round(r["load_peak"] / MIB, 1) for r in ranks],
             "load_held_mib": [round(r["load_held"] / MIB, 1) for r in ranks],
+            "load_shard_mib": [round(r["load_shard"] / MIB, 1) for r in ranks],
             "base_bytes": run.get("base_bytes")}
 
 
@@ -131,8 +132,9 @@ def base_share(run: dict, reference: dict) -> float | None:
 
 
 def load_budget(run: dict, layer_mib: float) -> list[float]:
-    """Each rank's load budget: what it holds once loaded (its shard under FSDP) plus three decoder layers in fp32."""
-    return [held + LOAD_LAYERS * layer_mib for held in run["load_held_mib"]]
+    """Each rank's load budget: its shard of the model (the whole model in one process; under FSDP every
+    parameter at its sharded size, the root's too) plus three decoder layers in fp32."""
+    return [shard + LOAD_LAYERS * layer_mib for shard in run["load_shard_mib"]]
 
 
 def goals(runs: list[dict], layer_mib: float) -> list[dict]:
@@ -143,8 +145,8 @@ def goals(runs: list[dict], layer_mib: float) -> list[dict]:
         if run["fsdp"] or run is reference:
             worst = max(peak / budget for peak, budget in zip(run["load_peak_mib"], load_budget(run, layer_mib),
                                                                 strict=True))
-            checks.append({"goal": f"{run['name']}: load peak <= what a rank holds loaded + {LOAD_LAYERS} fp32 "
-                                   f"layers ({layer_mib:,.1f} MiB each), every rank",
+            checks.append({"goal": f"{run['name']}: load peak <= the rank's shard of the model + {LOAD_LAYERS} "
+                                   f"fp32 layers ({layer_mib:,.1f} MiB each), every rank",
                            "value": f"{worst:.2f}x the budget (largest rank)", "met": worst <= 1})
     for run in runs[1:]:
         if not run["fsdp"]:
@@ -182,12 +184,13 @@ def table(runs: list[dict], layer_mib: float) -> str:
             f"{', '.join(f'{m:,.0f}' for m in run['peak_rss_mib'])} | {_ratio(max(run['peak_rss_mib']), ref_peak)} | "
             f"{'n/a' if base is None else f'{base / MIB:,.1f}'} | {_ratio(base, ref_base)} | "
             f"{run['tokens_per_s']:,.0f} | {_ratio(run['tokens_per_s'], reference['tokens_per_s'])} |")
-    lines += ["", "| configuration | load peak per rank MiB | held once loaded MiB | budget MiB | peak / budget |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| configuration | load peak per rank MiB | held once loaded MiB | its shard of the model MiB "
+              "| budget MiB | peak / budget |", "|---|---|---|---|---|---|"]
     for run in runs:
         budget = load_budget(run, layer_mib)
         lines.append(f"| {run['name']} | {', '.join(f'{m:,.1f}' for m in run['load_peak_mib'])} | "
                      f"{', '.join(f'{m:,.1f}' for m in run['load_held_mib'])} | "
+                     f"{', '.join(f'{m:,.1f}' for m in run['load_shard_mib'])} | "
                      f"{', '.join(f'{m:,.1f}' for m in budget)} | "
                      f"{', '.join(f'{p / b:.2f}x' for p, b in zip(run['load_peak_mib'], budget, strict=True))} |")
     lines += ["", "| goal | measured | met |", "|---|---|---|"]
@@ -206,8 +209,10 @@ def report(payload: dict) -> str:
         "VmHWM from the load on (imports resident throughout); the 4-bit base is packed codes + statistics, the "
         "largest rank's share (run.json's base_bytes); tokens/s is global, steps after the first. Load peak: "
         "VmHWM during train.py's build_model above the memory at its start (benchmarks/fsdp_rank.py); held once "
-        "loaded: the rank's parameters, buffers and 4-bit statistics (its shards under FSDP; the embeddings, "
-        "final norm and head are whole until the first step's root sharding).", "",
+        "loaded: the rank's parameters, buffers and 4-bit statistics (under FSDP the decoder layers and the "
+        "embeddings are sharded while they load; the final norm and head are whole until the first step's root "
+        "sharding); its shard of the model: the same with the final norm and head at their sharded size. "
+        "Budget: the shard + 3 fp32 decoder layers.", "",
         table(payload["runs"], payload["layer_mib"]), "",
         f"{env['device_name']}, {env['cpu_count']} CPUs shared by the ranks, commit `{env['commit'][:12]}`, "
         f"torch {env['torch']}, bitsandbytes {env['bitsandbytes']}, load average {env['load_avg'][0]:.2f} "

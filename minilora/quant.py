@@ -80,6 +80,7 @@ def load_base(
     device: torch.device | str | None = None,
     lora: dict | None = None,
     on_layer: Callable[[int, nn.Module], None] | None = None,
+    on_embeddings: Callable[[nn.Module], None] | None = None,
 ) -> torch.nn.Module:
     """A frozen causal LM whose linear layers (all but the output head) are bnb `Linear4bit` (or plain,
     with quant="none"). `name_or_path`: a hub id, a local folder, or `builtin:tiny-phi3`.
@@ -87,7 +88,8 @@ def load_base(
     `lora`: add_lora's keyword arguments (r, alpha, dropout, targets, use_rslora, use_dora, init): the
     LoRA layers go in while the base loads, each target's initialisation (minilora/lora_init.py) computed
     from its full-precision weight right before that weight is quantized; returned with LoRA in place.
-    `on_layer(index, layer)`: called for each decoder layer as soon as it is loaded (minilora/stream_load.py).
+    `on_layer(index, layer)`: called for each decoder layer as soon as it is loaded (minilora/stream_load.py);
+    `on_embeddings(module)`: for the input embeddings as soon as they are loaded, where no weights are tied.
 
     The checkpoint is read tensor by tensor, each linear layer quantized before the next is read
     (minilora/stream_load.py): the host never holds the model in full precision. Checkpoints that loader
@@ -98,9 +100,9 @@ def load_base(
     compute_dtype = compute_dtype or default_compute_dtype(device)
     path = resolve_model_path(name_or_path)
     quantizer = Quantizer(quant, double_quant, compute_dtype, device) if quant != "none" else None
-    model = load_streaming(name_or_path, compute_dtype, device, quantizer, lora, on_layer)
+    model = load_streaming(name_or_path, compute_dtype, device, quantizer, lora, on_layer, on_embeddings)
     if model is None:
-        model = load_whole(name_or_path, path, compute_dtype, device, quantizer, lora, on_layer)
+        model = load_whole(name_or_path, path, compute_dtype, device, quantizer, lora, on_layer, on_embeddings)
     if name_or_path.startswith(BUILTIN_PREFIX):
         model.config._name_or_path = name_or_path
     model.config.use_cache = False  # training never decodes; the KV cache only costs memory
@@ -109,10 +111,12 @@ def load_base(
 
 def load_whole(name_or_path: str, path: str, compute_dtype: torch.dtype, device: torch.device,
                quantizer: "Quantizer | None", lora: dict | None,
-               on_layer: Callable[[int, nn.Module], None] | None) -> nn.Module:
+               on_layer: Callable[[int, nn.Module], None] | None,
+               on_embeddings: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """load_base for checkpoints the streaming loader does not read: transformers loads the whole model on
     the host in the compute dtype, then each linear layer is quantized onto the device (only one
-    full-precision layer is ever on the device); `on_layer` is called for each decoder layer at the end."""
+    full-precision layer is ever on the device); `on_embeddings` (where no weights are tied) and `on_layer`
+    are called at the end."""
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype)
     except Exception as err:
@@ -131,6 +135,8 @@ def load_whole(name_or_path: str, path: str, compute_dtype: torch.dtype, device:
 
         for p in lora_parameters(model):
             p.requires_grad_(True)
+    if on_embeddings is not None and not model.all_tied_weights_keys:
+        on_embeddings(model.get_input_embeddings())
     if on_layer is not None:
         from minilora.training.recompute import decoder_layers
 

@@ -4,6 +4,7 @@
     file headers ─► each tensor's place in the model (transformers' key renaming), all checked before a read
     then in module order, decoder layer after decoder layer:
         module's tensors read ─► [LoRA init from the full-precision weight] ─► 4-bit layer ─► put in place
+        the input embeddings complete ─► on the device, frozen ─► on_embeddings(module)   (not tied to the head)
         a decoder layer complete ─► moved to the device, frozen but LoRA ─► on_layer(index, layer)
 
 The host holds the model loaded so far (4-bit linears; embeddings, norms and the output head in the compute
@@ -47,8 +48,8 @@ SINGLE_FILE, INDEX_FILE = "model.safetensors", "model.safetensors.index.json"  #
 
 
 def load_streaming(name_or_path: str, compute_dtype: torch.dtype, device: torch.device, quantizer=None,
-                   lora: dict | None = None, on_layer: Callable[[int, nn.Module], None] | None = None
-                   ) -> nn.Module | None:
+                   lora: dict | None = None, on_layer: Callable[[int, nn.Module], None] | None = None,
+                   on_embeddings: Callable[[nn.Module], None] | None = None) -> nn.Module | None:
     """The model `name_or_path` (a folder, a hub id, `builtin:...`) with every linear layer but the output head
     given to `quantizer` (minilora.quant.Quantizer; None keeps them in full precision) and LoRA per `lora`
     (add_lora's keyword arguments), everything on `device`, frozen but the LoRA parameters, in eval mode but the
@@ -56,7 +57,10 @@ def load_streaming(name_or_path: str, compute_dtype: torch.dtype, device: torch.
 
     `on_layer(index, layer)` is called for each decoder layer, in order, as soon as all its tensors are
     loaded (quantized, LoRA in place, on the device, frozen): a caller may shard or offload it there, before
-    the next layer is read. None where the checkpoint is not one this loader reads (see the module docstring).
+    the next layer is read. `on_embeddings(module)` likewise for the input embeddings, before any layer is
+    read, in a model that ties no weights (tied, the embeddings and the head are one tensor: handing over one
+    would hand over the other). A module handed over is the caller's: the loader does not touch it again.
+    None where the checkpoint is not one this loader reads (see the module docstring).
     A config, header or file that cannot be read is a UserError naming the model.
     """
     path = resolve_model_path(name_or_path)
@@ -78,7 +82,7 @@ def load_streaming(name_or_path: str, compute_dtype: torch.dtype, device: torch.
     model.eval()  # from_pretrained's mode, before LoRA: its layers are made in training mode, as add_lora made them
     _compute_buffers(model)
     with TensorReader() as reader:
-        _Loader(model, stored, sources, reader, device, quantizer, plan, on_layer, name_or_path).run()
+        _Loader(model, stored, sources, reader, device, quantizer, plan, on_layer, on_embeddings, name_or_path).run()
     if quantizer is not None:
         model.is_loaded_in_4bit = True  # how transformers marks 4-bit models; PEFT reads it too
     model.generation_config = generation_config
@@ -200,9 +204,12 @@ class _Loader:
 
     def __init__(self, model: nn.Module, stored: dict[str, StoredTensor], sources: dict[str, str],
                  reader: TensorReader, device: torch.device, quantizer, plan: LoRAPlan | None,
-                 on_layer: Callable[[int, nn.Module], None] | None, name_or_path: str):
+                 on_layer: Callable[[int, nn.Module], None] | None,
+                 on_embeddings: Callable[[nn.Module], None] | None, name_or_path: str):
         self.model, self.stored, self.sources, self.reader = model, stored, sources, reader
         self.device, self.quantizer, self.plan, self.on_layer = device, quantizer, plan, on_layer
+        self.on_embeddings = on_embeddings if not model.all_tied_weights_keys else None
+        self.handed: set[str] = set()  # modules given to on_embeddings: the caller's from then on
         self.name_or_path = name_or_path
         self.targets = set(plan.names) if plan is not None else set()
         self.head = model.get_output_embeddings()
@@ -222,6 +229,10 @@ class _Loader:
                 holds_layers = any(m is self.layers for m in module.modules())
                 _move(module, self.device, own_only=holds_layers)
                 _freeze_but_lora(module, own_only=holds_layers)
+                if self.on_embeddings is not None and module is self.model.get_input_embeddings():
+                    self.on_embeddings(module)
+                    self.handed.add(name)
+                    return_freed_memory()
                 continue
             left[index] -= 1
             if left[index] == 0:
@@ -232,9 +243,9 @@ class _Loader:
                     self.on_layer(index, layer)
                 return_freed_memory()  # the layer's full-precision tensors (and, sharded, its whole tensors)
         # What has no tensor in the checkpoint (the rotary embedding's buffers); the decoder layers are done
-        # and may have been sharded by on_layer: not touched again.
+        # and may have been sharded by on_layer, the embeddings by on_embeddings: not touched again.
         for name, module in self.model.named_modules():
-            if self._layer_of(name) is None and module is not self.layers:
+            if self._layer_of(name) is None and module is not self.layers and name not in self.handed:
                 _move(module, self.device, own_only=True)
 
     def _layer_of(self, name: str) -> int | None:

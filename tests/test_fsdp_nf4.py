@@ -2,12 +2,12 @@
 
 import gc
 import math
-import socket
 import weakref
 
 import bitsandbytes as bnb
 import pytest
 import torch
+from forked_ranks import run_forked_ranks
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -122,21 +122,10 @@ def tiny_llama_dir(tmp_path_factory):
     return str(folder)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow  # 2 or 3 processes, each loading two models
 @pytest.mark.parametrize("world", [2, 3])
 def test_fsdp_shards_the_4bit_base_and_matches_one_process(tiny_llama_dir, world):
-    import torch.multiprocessing as mp
-
-    # fork: the ranks start from this process's imports (spawning re-imports torch, transformers and
-    # bitsandbytes in each, most of the time of this test on two cores); each rank runs one thread.
-    mp.start_processes(_fsdp_rank, args=(world, free_port(), tiny_llama_dir), nprocs=world, join=True,
-                       start_method="fork")
+    run_forked_ranks(_fsdp_rank, world, tiny_llama_dir)  # each rank runs one thread
 
 
 def _lora_seeded(folder: str) -> nn.Module:

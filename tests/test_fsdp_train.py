@@ -1,6 +1,7 @@
 """--fsdp (FSDP2): 2 gloo ranks on the CPU against one process over the same global batches, sharded
 checkpoints (resume after kill -9, resume on fewer ranks), and what is sharded."""
 
+import datetime
 import itertools
 import json
 import os
@@ -14,23 +15,26 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
+from forked_ranks import run_forked_ranks
 from lora_utils import tokens
 from peft import PeftModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from train_utils import QUICK, ROOT, quick_config, run_quick
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 import minilora
 from minilora import stream_load
+from minilora.data.batching import Batch
 from minilora.errors import UserError
-from minilora.inject import lora_layers
+from minilora.inject import lora_layers, lora_parameters
 from minilora.lock import LOCK_NAME, FolderLock
 from minilora.quant import load_base
-from minilora.training.fsdp import ensure_process_group, gathered_adapter, layer_sharder, shard_for_training
+from minilora.training.fsdp import LoadSharder, ensure_process_group, gathered_adapter, shard_for_training
 from minilora.training.job import build_model
-from minilora.training.loss import LossModule
+from minilora.training.loss import CHUNK_ROWS, LossModule, loss_sum
 from minilora.training.metrics import read_metrics
 from minilora.training.recompute import decoder_layers
 
@@ -150,32 +154,36 @@ def test_fsdp_resume_after_kill_9_is_identical_to_the_uninterrupted_run(tmp_path
 
 @pytest.mark.parametrize("quant", ["nf4", "none"])
 def test_fsdp_shards_lora_and_the_base_on_one_rank(tmp_path, quant):
-    """One rank (a group of one): which parameters FSDP manages, and the gathered adapter. The decoder layers
-    are sharded by the loader, each before the next one is read; the root takes the rest."""
+    """One rank (a group of one): which parameters FSDP manages, and the gathered adapter. The embeddings and
+    the decoder layers are sharded by the loader, each before the next one is read; the root takes the rest."""
     cfg = quick_config(tmp_path, quant=quant, recompute="none", fsdp=True)
     own = ensure_process_group()
     try:
-        # The loader's meta model, kept to look at from the callback: at each layer's sharding, are the earlier
-        # layers all sharded and the later ones all unread (meta)?
+        # The loader's meta model, kept to look at from the callback: at each layer's sharding, are the embeddings
+        # and the earlier layers all sharded and the later ones all unread (meta)?
         built, seen, skeleton = [], [], stream_load.skeleton
-        sharder = layer_sharder(torch.device("cpu"), "fp32", offload=False)
+        sharder = LoadSharder(torch.device("cpu"), "fp32", offload=False)
 
         def watch(index, layer):
             layers = decoder_layers(built[0])
-            seen.append((all(isinstance(m, FSDPModule) for m in layers[:index]),
+            seen.append((all(isinstance(m, FSDPModule) for m in [built[0].get_input_embeddings(), *layers[:index]]),
                          all(p.is_meta for m in layers[index + 1:] for p in m.parameters())))
-            sharder(index, layer)
+            sharder.on_layer(index, layer)
 
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(stream_load, "skeleton", lambda *args: built.append(skeleton(*args)) or built[-1])
             load_base(cfg.model, quant=quant, compute_dtype=torch.float32, device="cpu", lora=dict(r=cfg.r),
-                      on_layer=watch)
+                      on_layer=watch, on_embeddings=sharder.on_embeddings)
         assert seen == [(True, True)] * len(decoder_layers(built[0])) and len(seen) > 1
 
         model, _ = build_model(cfg, "fp32", torch.device("cpu"))
-        assert all(isinstance(layer, FSDPModule) for layer in decoder_layers(model))  # sharded while loading
+        # sharded while loading: the decoder layers and the embeddings (not tied to the head in this model)
+        assert all(isinstance(m, FSDPModule) for m in [*decoder_layers(model), model.get_input_embeddings()])
+        assert not isinstance(model.get_output_embeddings(), FSDPModule)  # the head: in the root, sharded next
         before = {k: v.full_tensor().clone() for k, v in model.state_dict().items() if "lora_" in k}
-        shard_for_training(LossModule(model, [], sharded=True), model, torch.device("cpu"), "fp32", offload=False)
+        root = shard_for_training(LossModule(model, [], sharded=True, device=torch.device("cpu")), model,
+                                  torch.device("cpu"), "fp32", offload=False)
+        assert isinstance(model.get_output_embeddings().weight, DTensor) and isinstance(root, FSDPModule)
         layer = next(iter(lora_layers(model).values()))
         assert isinstance(layer.lora_A, DTensor) and isinstance(layer.lora_B, DTensor)
         # One rank: the base is sharded (over one) too, a 4-bit weight as fsdp_nf4's shard of codes + statistics.
@@ -239,3 +247,63 @@ def test_a_waiting_folder_lock_takes_turns_instead_of_refusing(tmp_path):
     assert entered.wait(60)  # released: the second one goes on
     leave.set()
     waiter.join()
+
+
+def _one_row(length: int, seed: int, vocab: int) -> Batch:
+    """One unpadded row of random tokens, every next token a target."""
+    ids = torch.randint(0, vocab, (1, length), generator=torch.Generator().manual_seed(seed))  # (1, T)
+    return Batch(input_ids=ids, labels=ids.clone(), attention_mask=torch.ones_like(ids),
+                 position_ids=torch.arange(length)[None], n_target_tokens=length - 1, n_tokens=length, lines=((0,),),
+                 row_tokens=(length,))
+
+
+def _unequal_chunks_rank(rank: int, world: int, port: int, folder: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        cpu, lora = torch.device("cpu"), dict(r=4, alpha=8, dropout=0.0, targets=["q_proj", "v_proj", "down_proj"])
+        sharder = LoadSharder(cpu, "fp32", offload=False)
+        reference = load_base(folder, device=cpu, lora=lora)
+        model = load_base(folder, device=cpu, lora=lora, on_layer=sharder.on_layer,
+                          on_embeddings=sharder.on_embeddings)
+        torch.manual_seed(1)  # B random, as after some training, so every LoRA factor gets a gradient
+        for a, b in zip(lora_parameters(reference), lora_parameters(model), strict=True):
+            with torch.no_grad():  # the model's layers are sharded already (by the loader): b is a DTensor
+                a.copy_(torch.randn_like(a) * 0.05)
+                b.copy_(distribute_tensor(a.detach(), b.device_mesh, b.placements))
+        root = shard_for_training(LossModule(model, [], sharded=True, device=cpu), model, cpu, "fp32", offload=False)
+        assert isinstance(model.get_input_embeddings(), FSDPModule)
+
+        # Rank 0's row has CHUNK_ROWS + 50 targets (the head runs twice), rank 1's 39 (once).
+        vocab = model.config.vocab_size
+        rows = [_one_row(CHUNK_ROWS + 51, 0, vocab), _one_row(40, 1, vocab)]
+        n_targets = sum(b.n_target_tokens for b in rows)
+        mine = root(rows[rank])
+        (mine * world / n_targets).backward()  # FSDP averages gradients over ranks (training/loop.py)
+        want = sum(loss_sum(reference, b) for b in rows)
+        (want / n_targets).backward()
+
+        total = mine.detach().clone()
+        dist.all_reduce(total)
+        torch.testing.assert_close(total, want.detach(), rtol=1e-5, atol=0.0)
+        ours = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        assert len(ours) == 3 * 2 * 2  # A and B of 3 targets in 2 layers
+        for name, p in ((n, p) for n, p in reference.named_parameters() if p.requires_grad):
+            torch.testing.assert_close(ours[name].grad.full_tensor(), p.grad, rtol=1e-4, atol=1e-7, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ranks_running_the_head_a_different_number_of_times_stay_paired(tmp_path):
+    """The chunked loss calls the head once per CHUNK_ROWS target rows, so ranks with more targets call it more
+    often. Every FSDP group must run the same number of times on every rank (its all-gathers pair up across
+    ranks): the embeddings are a group of their own, run once per forward; the head stays in the root, gathered
+    once. A rank with 2 chunks beside one with 1: the loss and LoRA gradients equal one process's."""
+    config = LlamaConfig(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=CHUNK_ROWS + 64,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(tmp_path)
+    run_forked_ranks(_unequal_chunks_rank, 2, str(tmp_path))

@@ -153,9 +153,17 @@ def test_layers_load_one_after_another_whatever_the_file_order(tmp_path, monkeyp
         assert all(t.is_meta for t in later) and (later or index == len(found["layers"]) - 1)
         seen.append(index)
 
+    def on_embeddings(module):  # the input embeddings, loaded, before any layer is read
+        assert module is found["model"].get_input_embeddings()
+        assert all(not t.is_meta for t in module.parameters()) and not module.weight.requires_grad
+        assert all(t.is_meta for layer in found["layers"] for t in layer.parameters())
+        seen.append(type(module).__name__)
+
+    skeleton = stream_load.skeleton
+    monkeypatch.setattr(stream_load, "skeleton", lambda *args: found.setdefault("model", skeleton(*args)))
     lora = dict(r=4, alpha=8, targets=["q_proj"])
-    ours = streamed(str(tmp_path), "nf4", lora, on_layer=on_layer)
-    assert seen == [0, 1]
+    ours = streamed(str(tmp_path), "nf4", lora, on_layer=on_layer, on_embeddings=on_embeddings)
+    assert seen == ["Embedding", 0, 1]
     assert_same_model(ours, reference(str(tmp_path), "nf4", lora))
 
 
@@ -175,7 +183,9 @@ def test_old_checkpoint_names_load_as_transformers_loads_them(tmp_path):
     state = load_file(tmp_path / "llama" / "model.safetensors")
     bare = {k.removeprefix("model."): v for k, v in state.items() if k != "lm_head.weight"}
     save_file(bare, tmp_path / "llama" / "model.safetensors", metadata={"format": "pt"})
-    assert_same_model(streamed(llama, "nf4", None), reference(llama, "nf4", None))
+    handed = []  # tied embeddings and head are one tensor: the embeddings are not handed over alone
+    assert_same_model(streamed(llama, "nf4", None, on_embeddings=handed.append), reference(llama, "nf4", None))
+    assert handed == []
 
 
 @pytest.mark.parametrize("change,message", [
@@ -198,8 +208,11 @@ def test_a_bin_checkpoint_is_loaded_whole_by_transformers(tmp_path):
     state = load_file(tmp_path / "model.safetensors")
     torch.save(state, tmp_path / "pytorch_model.bin")
     (tmp_path / "model.safetensors").unlink()
+    seen = []
     with pytest.warns(UserWarning, match="loaded by transformers' from_pretrained.*no model.safetensors"):
-        ours = streamed(path, "nf4", dict(r=4, alpha=8))
+        ours = streamed(path, "nf4", dict(r=4, alpha=8), on_layer=lambda i, layer: seen.append(i),
+                        on_embeddings=lambda module: seen.append(type(module).__name__))
+    assert seen == ["Embedding", *range(ours.config.num_hidden_layers)]  # all once the whole model is loaded
     with warnings.catch_warnings():
         assert_same_model(ours, reference(path, "nf4", dict(r=4, alpha=8)))
 

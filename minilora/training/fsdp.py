@@ -1,11 +1,17 @@
 """Fully sharded data parallel training (`--fsdp`) with PyTorch's FSDP2 (`torch.distributed.fsdp.fully_shard`).
 
-Each decoder layer is one FSDP group, and the loss module (embedding, final norm, head) is the root
-group: a rank keeps 1/world of every parameter (the LoRA weights; the frozen base, 4-bit as packed codes
-and statistics through minilora/fsdp_nf4.py, or full precision with --quant none) and of the AdamW
-state, which the optimizer builds over the sharded (DTensor) parameters. Before a layer runs, its group is
-all-gathered; after its backward, its LoRA gradients are reduce-scattered (averaged over ranks, as DDP
-does, so the loop's loss scaling is the same).
+Groups: each decoder layer; the input embeddings (unless tied to the head); and the loss module as the root,
+holding what is left (the final norm and the output head). Layers and embeddings are sharded while they load
+(LoadSharder), each before the next tensor is read. A rank keeps 1/world of every parameter (the LoRA weights;
+the frozen base, 4-bit as packed codes and statistics through minilora/fsdp_nf4.py, or full precision with
+--quant none) and of the AdamW state, which the optimizer builds over the sharded (DTensor) parameters.
+Before a group runs, it is all-gathered; after a layer's backward, its LoRA gradients are reduce-scattered
+(averaged over ranks, as DDP does, so the loop's loss scaling is the same).
+
+Every group's collectives must pair up across ranks, so a group is a module every rank calls the same number
+of times per forward: a layer and the embeddings once. The head is not: the chunked loss (training/loss.py)
+calls it once per 2,048 target rows, a count that differs between ranks, so it stays in the root, gathered
+once for the whole forward.
 
 Only the LoRA weights train, so every group's trainable parameters are fp32 and FSDP2's
 "uniform dtype" requirement holds in each group (it applies to trainable parameters). On GPUs the
@@ -16,7 +22,6 @@ FSDP2 reference: https://docs.pytorch.org/docs/stable/distributed.fsdp.fully_sha
 """
 
 import contextlib
-from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -61,31 +66,38 @@ def shard_layer(layer: nn.Module, options: dict) -> None:
     fully_shard(layer, **options)
 
 
-def layer_sharder(device: torch.device, precision: str, offload: bool) -> Callable[[int, nn.Module], None]:
-    """load_base's `on_layer` for --fsdp: each decoder layer sharded as soon as it is loaded, before the next
-    is read, so a rank holds its shard of the layers loaded so far and one whole layer, never the whole base
-    (on the streaming loader; its from_pretrained fallback calls on_layer once the whole model is loaded). The
-    embeddings and head are left to the root group: the chunked loss calls the head once per chunk, a count
-    that differs between ranks, and a group of its own would gather once per call, unpaired across ranks."""
-    options = fsdp_options(device, precision, offload)
+class LoadSharder:
+    """load_base's callbacks for --fsdp: each decoder layer (`on_layer`) and the input embeddings
+    (`on_embeddings`; the loader hands them over only where untied) become FSDP groups as soon as they are
+    loaded, before the next tensor is read. A rank then holds its shards of what is loaded so far, one layer in
+    full precision and, once the last layer is in, the head whole until the root is sharded (on the streaming
+    loader; its from_pretrained fallback calls both once the whole model is loaded)."""
 
-    def on_layer(index: int, layer: nn.Module) -> None:
-        shard_layer(layer, options)
+    def __init__(self, device: torch.device, precision: str, offload: bool):
+        self.options = fsdp_options(device, precision, offload)
 
-    return on_layer
+    def on_layer(self, index: int, layer: nn.Module) -> None:
+        shard_layer(layer, self.options)
+
+    def on_embeddings(self, embeddings: nn.Module) -> None:
+        fully_shard(embeddings, **self.options)
 
 
 def shard_for_training(root: nn.Module, model: nn.Module, device: torch.device, precision: str,
                        offload: bool) -> nn.Module:
-    """fully_shard each decoder layer of `model` that the loader has not sharded yet, then `root` (the module
-    whose forward the loop calls: the loss module holding `model`; it takes the embeddings, the final norm
-    and the head). A layer wrapped for recomputation is sharded inside its wrapper, as the loader shards it:
-    FSDP2 lets the recomputed forward run on the parameters its pre-backward hook gathered."""
+    """fully_shard what the loader has not sharded yet: each decoder layer of `model`, its input embeddings
+    where they are not tied to the head, then `root` (the module whose forward the loop calls: the loss module
+    holding `model`; it takes the final norm and the head). A layer wrapped for recomputation is sharded
+    inside its wrapper, as the loader shards it: FSDP2 lets the recomputed forward run on the parameters its
+    pre-backward hook gathered."""
     options = fsdp_options(device, precision, offload)
     for layer in decoder_layers(model):
         inner = layer.inner if isinstance(layer, Recomputed) else layer
         if not isinstance(inner, FSDPModule):
             shard_layer(inner, options)
+    embeddings = model.get_input_embeddings()
+    if not model.all_tied_weights_keys and not isinstance(embeddings, FSDPModule):
+        fully_shard(embeddings, **options)
     make_4bit_shardable(model)  # any 4-bit weight outside the decoder layers goes to the root's group
     fully_shard(root, **options)
     return root

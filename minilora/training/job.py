@@ -43,7 +43,7 @@ from minilora.training.card import render_card
 from minilora.training.checkpoint import FULL_FORMAT, checkpoint_format, newest_intact_checkpoint, read_manifest
 from minilora.training.config import FREE, STEER, TrainConfig, resume_fields
 from minilora.training.distributed import DistInfo, barrier, gather_objects, host_first, init_distributed, shutdown
-from minilora.training.fsdp import ensure_process_group, layer_sharder
+from minilora.training.fsdp import LoadSharder, ensure_process_group
 from minilora.training.loop import StopRequest, TrainingLoop, TrainingStopped, epoch_batches, max_micro_batch_tokens
 from minilora.training.metrics import METRICS_NAME, read_metrics
 from minilora.training.offload import OffloadSaved
@@ -290,10 +290,10 @@ def build_model(cfg: TrainConfig, precision: str, device: torch.device, processe
     started = time.perf_counter()
     lora = dict(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora,
                 use_dora=cfg.dora, init=cfg.init, initial=initial)
-    # --fsdp: each decoder layer is sharded as soon as it is loaded, so a rank never holds the whole base
-    on_layer = layer_sharder(device, precision, cfg.fsdp_offload) if cfg.fsdp else None
+    # --fsdp: each decoder layer and the embeddings sharded as soon as loaded: a rank never holds the whole model
+    sharder = LoadSharder(device, precision, cfg.fsdp_offload) if cfg.fsdp else None
     model = load_base(cfg.model, quant=cfg.quant, compute_dtype=COMPUTE_DTYPE[precision], device=device, lora=lora,
-                      on_layer=on_layer)
+                      on_layer=sharder and sharder.on_layer, on_embeddings=sharder and sharder.on_embeddings)
     load_s = time.perf_counter() - started
     set_kernel_mode(model, cfg.kernels)
     use_varlen_attention(model)  # padding-free rows: each example's attention alone, no (T, T) mask

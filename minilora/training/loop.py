@@ -185,8 +185,8 @@ class TrainingLoop:
         self.output = Path(cfg.output)
         self.sharded = cfg.fsdp
         if self.sharded:  # FSDP2 replaces the parameters with sharded ones: the optimizer is built over those
-            self.loss_module = shard_for_training(LossModule(model, [], sharded=True), model, device, precision,
-                                                  cfg.fsdp_offload)
+            self.loss_module = shard_for_training(LossModule(model, [], sharded=True, device=device), model, device,
+                                                  precision, cfg.fsdp_offload)
         else:
             self.loss_module = wrap(LossModule(model, lora_parameters(model)), dist)  # DDP over LoRA, world > 1
         self.params = lora_parameters(model)
@@ -277,7 +277,7 @@ class TrainingLoop:
         if not self.eval_batches:
             return None
         result = evaluate(self.model, self.eval_batches, self.autocast, self.dist,
-                          self.loss_module if self.sharded else None)
+                          self.loss_module if self.sharded else None, device=self.device)
         if not math.isfinite(result["loss"]):
             if label == "before":  # no update yet: the base model itself computes NaN or inf
                 raise UserError(f"--model {self.cfg.model}: the held-out loss of the base model before training is "

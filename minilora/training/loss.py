@@ -21,9 +21,13 @@ def _chunk_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, head: nn.Module
     return F.cross_entropy(logits, targets, reduction="sum")
 
 
-def loss_sum(model: nn.Module, batch: Batch, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
-    """Sum of next-token cross-entropy over the batch's target tokens (a 0-dim fp32 tensor)."""
-    device = model.get_input_embeddings().weight.device
+def loss_sum(model: nn.Module, batch: Batch, chunk_rows: int = CHUNK_ROWS,
+             device: torch.device | None = None) -> torch.Tensor:
+    """Sum of next-token cross-entropy over the batch's target tokens (a 0-dim fp32 tensor).
+
+    `device`: where the batch goes; None: where the input embeddings are (a model of plain tensors). Under
+    FSDP the run's device must be given: the embeddings' sharded weight may live elsewhere (CPU offload)."""
+    device = device or model.get_input_embeddings().weight.device
     inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.model_inputs().items()}
     hidden = model.base_model(**inputs).last_hidden_state  # (B, T, H)
     labels = batch.labels.to(device)[:, 1:]  # (B, T-1): token t+1 is predicted at position t
@@ -46,13 +50,16 @@ class LossModule(nn.Module):
     (and DDP wraps with several ranks, distributed.wrap; FSDP shards as its root group, fsdp.py).
 
     `sharded`: the model's layers are FSDP groups, which every rank must run, forward and backward, in
-    every step and evaluation, or the ranks' all-gathers and reduce-scatters no longer pair up."""
+    every step and evaluation, or the ranks' all-gathers and reduce-scatters no longer pair up.
+    `device`: where batches go (None: the input embeddings' device; give it when sharded, see loss_sum)."""
 
-    def __init__(self, model: nn.Module, params: list[nn.Parameter], sharded: bool = False):
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], sharded: bool = False,
+                 device: torch.device | None = None):
         super().__init__()
         self.model = model
         self._params = params
         self.sharded = sharded
+        self.device = device
 
     def forward(self, batch: Batch) -> torch.Tensor:
         if batch.input_ids.shape[0] == 0:
@@ -60,13 +67,13 @@ class LossModule(nn.Module):
                 return self._empty_shard_loss(batch)
             # An empty shard (a short last batch) still joins the gradient all-reduce, with zeros.
             return sum(p.sum() for p in self._params) * 0.0
-        return loss_sum(self.model, batch)
+        return loss_sum(self.model, batch, device=self.device)
 
     def _empty_shard_loss(self, batch: Batch) -> torch.Tensor:
         """0, through every layer: one pad token in, so each FSDP group gathers and, in backward,
         reduce-scatters (zero) gradients for all its LoRA weights, as on the ranks with rows."""
         one = torch.zeros((1, 1), dtype=batch.input_ids.dtype)  # (1, 1)
-        device = self.model.get_input_embeddings().weight.device
+        device = self.device or self.model.get_input_embeddings().weight.device
         hidden = self.model.base_model(input_ids=one.to(device), position_ids=one.to(device),
                                        use_cache=False).last_hidden_state  # (1, 1, H)
         return self.model.get_output_embeddings()(hidden).float().sum() * 0.0
