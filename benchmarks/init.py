@@ -33,9 +33,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import Phi3ForCausalLM
+from transformers import AutoModelForCausalLM, Phi3ForCausalLM
 
 import minilora
+import minilora.model_files
 from minilora.builtin import build_config, build_tokenizer
 from minilora.inspect import inspect
 from minilora.training.config import TrainConfig, validate
@@ -88,6 +89,24 @@ def load_seconds(model: str, repeats: int) -> dict[str, float]:
             minilora.load_base(model, device="cpu", lora=dict(r=RUN["r"], alpha=RUN["alpha"], init=init))
             times[init].append(time.perf_counter() - start)
     return {init: statistics.median(t) for init, t in times.items()}
+
+
+def decomposition_seconds(model: str, repeats: int) -> tuple[float, int]:
+    """(median seconds, weights) of the exact inits' top-r decomposition alone (lora_init.top_singular on one
+    CPU thread, as the load runs it) over every targeted weight of `model`, read beforehand: no reading, no
+    quantizing. What exact `pissa` and `loftq` cannot add less than to a load, whatever the rest costs."""
+    from minilora.lora_init import one_cpu_thread, top_singular
+
+    full = AutoModelForCausalLM.from_pretrained(minilora.model_files.resolve_model_path(model), dtype=torch.float32)
+    weights = [m.weight.detach() for name, m in full.named_modules() if name.rpartition(".")[2] in TARGETS]
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with one_cpu_thread(torch.device("cpu")):
+            for w in weights:
+                top_singular(w, RUN["r"])
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), len(weights)
 
 
 def train_and_inspect(model: str, init: str, steps: int, out: Path) -> dict:
@@ -162,10 +181,19 @@ def main(argv=None) -> int:
     env = environment("cpu")
     if args.load_only:
         seconds = load_seconds("builtin:tiny-phi3", args.repeats)
-        payload = {"environment": env, "repeats": args.repeats, "load_s": seconds,
+        alone, n_weights = decomposition_seconds("builtin:tiny-phi3", args.repeats)
+        payload = {"environment": env, "repeats": args.repeats, "load_s": seconds, "exact_top_r_alone_s": alone,
                    "load_average_end": [round(x, 2) for x in os.getloadavg()]}
-        text = "\n".join(["| init | load s | vs zeros |", "|---|---:|---:|"] + [
-            f"| {init} | {t:.3f} | {100 * (t / seconds['zeros'] - 1):+.1f}% |" for init, t in seconds.items()])
+        text = "\n".join([
+            f"# LoRA init load times, builtin:tiny-phi3 ({env['date'][:10]})", "",
+            f"Median of {args.repeats} `load_base(..., lora=dict(init=...))` calls, the inits taking turns; commit "
+            f"{env['commit'][:12]}, {env['device_name']}, {env['cpu_count']} CPUs, load average "
+            f"{env['load_avg'][0]:.2f} at the start, {payload['load_average_end'][0]:.2f} at the end. Last row: "
+            f"the exact top-{RUN['r']} decomposition alone (lora_init.top_singular, one thread) over the "
+            f"{n_weights} targeted weights already in memory, as a share of zeros' whole load.", "",
+            "| init | load s | vs zeros |", "|---|---:|---:|"] + [
+            f"| {init} | {t:.3f} | {100 * (t / seconds['zeros'] - 1):+.1f}% |" for init, t in seconds.items()] + [
+            f"| exact top-{RUN['r']} alone, no load | {alone:.3f} | {100 * alone / seconds['zeros']:.1f}% of zeros |"])
         print(text)
         print(f"results: {write_results('init-load', payload, text + chr(10), out_dir=args.out)}")
         return 0
