@@ -10,10 +10,12 @@ minilora's own `add_lora` (its target matching, its parameter count). From that 
                     NF4Tensor all-gathers both); the small code tables stay whole on every GPU.
     other weights   embeddings, norms, lm_head in the compute dtype (bf16), sharded.
     LoRA            fp32 parameters, fp32 gradients, AdamW's two fp32 moments: all sharded.
-    all-gather      FSDP2 as PyTorch's recipe applies it (`fully_shard` per decoder layer, then the root):
-                    the root group (embeddings, final norm, lm_head) stays unsharded from the forward to the
-                    end of the backward; one decoder layer is unsharded while it runs and the next is
-                    prefetched, each with its LoRA gradient before the reduce-scatter.
+    all-gather      FSDP2 as minilora/training/fsdp.py applies it (`fully_shard` per decoder layer, on the
+                    input embeddings unless tied to the head, then the root): the root group (final norm,
+                    lm_head; the embeddings too where tied) stays unsharded from the forward to the end of the
+                    backward; the embeddings' own group only for their forward (frozen: not for backward);
+                    one decoder layer is unsharded while it runs and the next is prefetched, each with its
+                    LoRA gradient before the reduce-scatter.
     activations     minilora.training.recompute.activation_bytes, the probe `--recompute auto` uses, run on
                     the skeleton under bf16 autocast: what autograd keeps, per token and fixed. Under `full`
                     a backward also holds one recomputed layer's activations; every backward holds the
@@ -43,6 +45,7 @@ from transformers import AttentionInterface, AutoConfig, AutoModelForCausalLM, P
 from minilora.errors import UserError
 from minilora.inject import add_lora, count_parameters, lora_layers
 from minilora.recipe import DEFAULT_R, DEFAULT_TARGETS
+from minilora.stream_load import embeddings_tied
 from minilora.training.loss import CHUNK_ROWS
 from minilora.training.recompute import activation_bytes, decoder_layers, enable_recompute
 
@@ -129,6 +132,7 @@ class Inventory:
     root_lora: int  # LoRA parameters outside the decoder layers (an lm_head target), fp32
     layer_widest: int  # widest output among one layer's linears (e.g. SwiGLU's intermediate size)
     root: int  # elements outside the decoder layers (embeddings, final norm, lm_head), compute dtype
+    embeddings: int  # elements of the input embeddings where they are their own FSDP group (untied), else 0
     hidden: int
     vocab: int
 
@@ -195,7 +199,8 @@ def _inventory(model: nn.Module, layers: int) -> Inventory:
     return Inventory(layers=layers, layer_linears=tuple(m.weight.numel() for m in quantized), layer_other=other,
                      layer_lora=layer_lora, root_lora=trainable - layer_lora,
                      layer_widest=max(m.out_features for m in quantized),
-                     root=root, hidden=model.config.hidden_size, vocab=model.config.vocab_size)
+                     root=root, embeddings=0 if embeddings_tied(model) else model.get_input_embeddings().weight.numel(),
+                     hidden=model.config.hidden_size, vocab=model.config.vocab_size)
 
 
 def _probe(config: PretrainedConfig, settings: Settings, recompute: str | None, layers: int) -> tuple[float, float]:
@@ -299,7 +304,8 @@ def plan(settings: Settings, acts: Activations | None = None) -> Plan:
     layer_unsharded = packed + stats + tables + inv.layer_other * COMPUTE_BYTES + 2 * inv.layer_lora * LORA_BYTES
     shard_copy = 2 * layer_unsharded / n if settings.offload else 0  # offload: the shards come up first
     out.gpu["all-gather: root group + current and prefetched layer"] = (
-        inv.root * COMPUTE_BYTES + 2 * inv.root_lora * LORA_BYTES + 2 * layer_unsharded + shard_copy)
+        (inv.root - inv.embeddings) * COMPUTE_BYTES + 2 * inv.root_lora * LORA_BYTES + 2 * layer_unsharded
+        + shard_copy)
     out.gpu[f"activations kept (recompute {settings.recompute})"] = acts.kept_fixed + acts.kept_per_token * tokens
     recomputed = acts.layer_per_token * tokens if settings.recompute == "full" else 0
     out.gpu["backward working set (recomputed layer + gradients)"] = recomputed + backward_working_bytes(inv, tokens)

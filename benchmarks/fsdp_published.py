@@ -20,6 +20,9 @@ Lines the references hold and the plan does not:
     - bitsandbytes' quant_state (absmax and nested statistics) is a Python attribute of each layer, not a
       parameter: FSDP1 neither shards nor offloads it, so every GPU holds all of it (the plan shards it).
     - transformers' causal-LM loss materialises all logits in fp32 (minilora's loss works in chunks).
+    - Both wrap each decoder layer as an FSDP unit and leave the input embeddings in the root unit, which FSDP1
+      keeps gathered from the forward to the end of the backward; minilora gives them a group of their own,
+      gathered for their forward only.
     - Answer.AI's figure leaves out the CUDA context that the plan counts.
 """
 
@@ -27,6 +30,7 @@ from dataclasses import dataclass, replace
 
 from .fsdp_plan import (
     ALLOCATOR_SLACK,
+    COMPUTE_BYTES,
     CUDA_CONTEXT_BYTES,
     LOGIT_BYTES,
     GiB,
@@ -69,7 +73,9 @@ PUBLISHED = (
 NOTES = (
     "Reference lines: what the published runs hold and minilora's plan does not. bitsandbytes' quant_state "
     "(absmax, nested statistics) is a Python attribute that FSDP1 neither shards nor offloads; transformers' "
-    "loss makes all logits in fp32 (minilora's works in chunks of rows); Answer.AI's figure "
+    "loss makes all logits in fp32 (minilora's works in chunks of rows); both keep the input embeddings in the "
+    "root FSDP unit, gathered through the backward (minilora's own group gathers them for their forward only); "
+    "Answer.AI's figure "
     "(torch.cuda.max_memory_reserved) leaves out the CUDA context. Not modelled: PEFT's offloaded run "
     "(its guide lists GPU memory saving with CPU offloading as untested; both PEFT runs were on cards larger "
     "than 24 GB, where the caching allocator keeps what it freed), and how PEFT's LoRA layers differ from "
@@ -87,6 +93,7 @@ def reference_lines(ref: Published, p: Plan) -> dict[str, float]:
         "quant_state whole on each GPU (not sharded, not offloaded)": stats_total - on_gpu,
         "all logits in fp32 (transformers' loss) instead of chunks":
             s.tokens * inv.vocab * LOGIT_BYTES - loss_bytes(inv, s.tokens),
+        "embeddings gathered in the root unit through backward": inv.embeddings * COMPUTE_BYTES,
     }
     lines = {name: value * (1 + ALLOCATOR_SLACK) for name, value in lines.items()}
     if not ref.context_counted:

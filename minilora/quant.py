@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from minilora.errors import UserError
 from minilora.model_files import BUILTIN_PREFIX, resolve_model_path, unloadable_model
 from minilora.recipe import QUANT_TYPES
-from minilora.stream_load import load_streaming
+from minilora.stream_load import embeddings_tied, load_streaming
 
 
 def default_device() -> torch.device:
@@ -89,7 +89,7 @@ def load_base(
     LoRA layers go in while the base loads, each target's initialisation (minilora/lora_init.py) computed
     from its full-precision weight right before that weight is quantized; returned with LoRA in place.
     `on_layer(index, layer)`: called for each decoder layer as soon as it is loaded (minilora/stream_load.py);
-    `on_embeddings(module)`: for the input embeddings as soon as they are loaded, where no weights are tied.
+    `on_embeddings(module)`: for the input embeddings as soon as they are loaded, unless tied to the head.
 
     The checkpoint is read tensor by tensor, each linear layer quantized before the next is read
     (minilora/stream_load.py): the host never holds the model in full precision. Checkpoints that loader
@@ -112,11 +112,11 @@ def load_base(
 def load_whole(name_or_path: str, path: str, compute_dtype: torch.dtype, device: torch.device,
                quantizer: "Quantizer | None", lora: dict | None,
                on_layer: Callable[[int, nn.Module], None] | None,
-               on_embeddings: Callable[[nn.Module], None] | None = None) -> nn.Module:
+               on_embeddings: Callable[[nn.Module], None] | None) -> nn.Module:
     """load_base for checkpoints the streaming loader does not read: transformers loads the whole model on
     the host in the compute dtype, then each linear layer is quantized onto the device (only one
     full-precision layer is ever on the device); `on_embeddings` (where no weights are tied) and `on_layer`
-    are called at the end."""
+    are called at the end (the embeddings unless tied to the head)."""
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype)
     except Exception as err:
@@ -135,7 +135,7 @@ def load_whole(name_or_path: str, path: str, compute_dtype: torch.dtype, device:
 
         for p in lora_parameters(model):
             p.requires_grad_(True)
-    if on_embeddings is not None and not model.all_tied_weights_keys:
+    if on_embeddings is not None and not embeddings_tied(model):
         on_embeddings(model.get_input_embeddings())
     if on_layer is not None:
         from minilora.training.recompute import decoder_layers

@@ -58,8 +58,8 @@ def load_streaming(name_or_path: str, compute_dtype: torch.dtype, device: torch.
     `on_layer(index, layer)` is called for each decoder layer, in order, as soon as all its tensors are
     loaded (quantized, LoRA in place, on the device, frozen): a caller may shard or offload it there, before
     the next layer is read. `on_embeddings(module)` likewise for the input embeddings, before any layer is
-    read, in a model that ties no weights (tied, the embeddings and the head are one tensor: handing over one
-    would hand over the other). A module handed over is the caller's: the loader does not touch it again.
+    read, unless they are tied to the head (embeddings_tied). A module handed over is the caller's: the loader
+    does not touch it again.
     None where the checkpoint is not one this loader reads (see the module docstring).
     A config, header or file that cannot be read is a UserError naming the model.
     """
@@ -87,6 +87,15 @@ def load_streaming(name_or_path: str, compute_dtype: torch.dtype, device: torch.
         model.is_loaded_in_4bit = True  # how transformers marks 4-bit models; PEFT reads it too
     model.generation_config = generation_config
     return model
+
+
+def embeddings_tied(model: nn.Module) -> bool:
+    """Whether the input embeddings and the output head are one tensor (tied): neither can be handed over
+    (sharded, offloaded) without the other. A skeleton is tied as its config says; the loader unties a pair the
+    checkpoint stores with different values, as from_pretrained does, so a pair tied at the start of a load
+    may be untied at its end."""
+    head = model.get_output_embeddings()
+    return head is not None and head.weight is model.get_input_embeddings().weight
 
 
 def safetensors_files(path: str) -> list[Path] | None:
@@ -208,8 +217,8 @@ class _Loader:
                  on_embeddings: Callable[[nn.Module], None] | None, name_or_path: str):
         self.model, self.stored, self.sources, self.reader = model, stored, sources, reader
         self.device, self.quantizer, self.plan, self.on_layer = device, quantizer, plan, on_layer
-        self.on_embeddings = on_embeddings if not model.all_tied_weights_keys else None
-        self.handed: set[str] = set()  # modules given to on_embeddings: the caller's from then on
+        self.on_embeddings = on_embeddings if not embeddings_tied(model) else None
+        self.handed: list[str] = []  # modules given to on_embeddings: the caller's from then on, children too
         self.name_or_path = name_or_path
         self.targets = set(plan.names) if plan is not None else set()
         self.head = model.get_output_embeddings()
@@ -231,7 +240,7 @@ class _Loader:
                 _freeze_but_lora(module, own_only=holds_layers)
                 if self.on_embeddings is not None and module is self.model.get_input_embeddings():
                     self.on_embeddings(module)
-                    self.handed.add(name)
+                    self.handed.append(name)
                     return_freed_memory()
                 continue
             left[index] -= 1
@@ -245,7 +254,8 @@ class _Loader:
         # What has no tensor in the checkpoint (the rotary embedding's buffers); the decoder layers are done
         # and may have been sharded by on_layer, the embeddings by on_embeddings: not touched again.
         for name, module in self.model.named_modules():
-            if self._layer_of(name) is None and module is not self.layers and name not in self.handed:
+            if (self._layer_of(name) is None and module is not self.layers
+                    and not any(name == h or name.startswith(h + ".") for h in self.handed)):
                 _move(module, self.device, own_only=True)
 
     def _layer_of(self, name: str) -> int | None:

@@ -42,6 +42,10 @@ def test_lora_count_matches_add_lora_on_a_real_model():
     assert inv.lora == trainable
     weights = inv.layers * (sum(inv.layer_linears) + inv.layer_other) + inv.root
     assert weights == total - trainable  # every frozen weight is counted once, as 4-bit or bf16
+    # The embeddings are a group of their own (training/fsdp.py) unless tied to the head, then the root holds both.
+    for tied in (False, True):
+        config.tie_word_embeddings = tied
+        assert inventory(config, settings).embeddings == (0 if tied else config.vocab_size * config.hidden_size)
 
 
 @pytest.mark.slow  # ~3.5 s on 2 cores

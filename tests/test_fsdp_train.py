@@ -181,7 +181,7 @@ def test_fsdp_shards_lora_and_the_base_on_one_rank(tmp_path, quant):
         assert all(isinstance(m, FSDPModule) for m in [*decoder_layers(model), model.get_input_embeddings()])
         assert not isinstance(model.get_output_embeddings(), FSDPModule)  # the head: in the root, sharded next
         before = {k: v.full_tensor().clone() for k, v in model.state_dict().items() if "lora_" in k}
-        root = shard_for_training(LossModule(model, [], sharded=True, device=torch.device("cpu")), model,
+        root = shard_for_training(LossModule(model, [], torch.device("cpu"), sharded=True), model,
                                   torch.device("cpu"), "fp32", offload=False)
         assert isinstance(model.get_output_embeddings().weight, DTensor) and isinstance(root, FSDPModule)
         layer = next(iter(lora_layers(model).values()))
@@ -272,15 +272,21 @@ def _unequal_chunks_rank(rank: int, world: int, port: int, folder: str) -> None:
             with torch.no_grad():  # the model's layers are sharded already (by the loader): b is a DTensor
                 a.copy_(torch.randn_like(a) * 0.05)
                 b.copy_(distribute_tensor(a.detach(), b.device_mesh, b.placements))
-        root = shard_for_training(LossModule(model, [], sharded=True, device=cpu), model, cpu, "fp32", offload=False)
+        root = shard_for_training(LossModule(model, [], cpu, sharded=True), model, cpu, "fp32", offload=False)
         assert isinstance(model.get_input_embeddings(), FSDPModule)
 
         # Rank 0's row has CHUNK_ROWS + 50 targets (the head runs twice), rank 1's 39 (once).
         vocab = model.config.vocab_size
         rows = [_one_row(CHUNK_ROWS + 51, 0, vocab), _one_row(40, 1, vocab)]
         n_targets = sum(b.n_target_tokens for b in rows)
+        gathers, gather = [], dist.all_gather_single  # FSDP2's all-gather (one process group call per group)
+        dist.all_gather_single = lambda *args, **kw: gathers.append(1) or gather(*args, **kw)
         mine = root(rows[rank])
         (mine * world / n_targets).backward()  # FSDP averages gradients over ranks (training/loop.py)
+        dist.all_gather_single = gather
+        # The same on both ranks: the root once (head included, however many chunks), the embeddings once (frozen:
+        # not again for backward), each decoder layer twice (forward, then backward: resharded in between).
+        assert len(gathers) == 2 + 2 * len(decoder_layers(model))
         want = sum(loss_sum(reference, b) for b in rows)
         (want / n_targets).backward()
 

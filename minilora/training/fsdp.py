@@ -32,6 +32,7 @@ from torch.distributed.tensor import DTensor
 
 from minilora.fsdp_nf4 import make_4bit_shardable
 from minilora.inject import lora_layers
+from minilora.stream_load import embeddings_tied
 from minilora.training.recompute import Recomputed, decoder_layers
 
 
@@ -66,9 +67,17 @@ def shard_layer(layer: nn.Module, options: dict) -> None:
     fully_shard(layer, **options)
 
 
+def shard_embeddings(embeddings: nn.Module, options: dict) -> None:
+    """The input embeddings as their own FSDP group, gathered for their forward only. They are frozen (no
+    gradient to reduce), so backward must not gather them: FSDP2 would otherwise prefetch them after the first
+    layer's backward and hold the whole table until the step ends."""
+    fully_shard(embeddings, **options)
+    embeddings.set_unshard_in_backward(False)
+
+
 class LoadSharder:
     """load_base's callbacks for --fsdp: each decoder layer (`on_layer`) and the input embeddings
-    (`on_embeddings`; the loader hands them over only where untied) become FSDP groups as soon as they are
+    (`on_embeddings`; the loader hands them over unless tied to the head) become FSDP groups as soon as they are
     loaded, before the next tensor is read. A rank then holds its shards of what is loaded so far, one layer in
     full precision and, once the last layer is in, the head whole until the root is sharded (on the streaming
     loader; its from_pretrained fallback calls both once the whole model is loaded)."""
@@ -80,7 +89,7 @@ class LoadSharder:
         shard_layer(layer, self.options)
 
     def on_embeddings(self, embeddings: nn.Module) -> None:
-        fully_shard(embeddings, **self.options)
+        shard_embeddings(embeddings, self.options)
 
 
 def shard_for_training(root: nn.Module, model: nn.Module, device: torch.device, precision: str,
@@ -96,8 +105,8 @@ def shard_for_training(root: nn.Module, model: nn.Module, device: torch.device, 
         if not isinstance(inner, FSDPModule):
             shard_layer(inner, options)
     embeddings = model.get_input_embeddings()
-    if not model.all_tied_weights_keys and not isinstance(embeddings, FSDPModule):
-        fully_shard(embeddings, **options)
+    if not embeddings_tied(model) and not isinstance(embeddings, FSDPModule):  # tied: the root holds the pair
+        shard_embeddings(embeddings, options)
     make_4bit_shardable(model)  # any 4-bit weight outside the decoder layers goes to the root's group
     fully_shard(root, **options)
     return root

@@ -291,9 +291,12 @@ def build_model(cfg: TrainConfig, precision: str, device: torch.device, processe
     lora = dict(r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, use_rslora=cfg.rslora,
                 use_dora=cfg.dora, init=cfg.init, initial=initial)
     # --fsdp: each decoder layer and the embeddings sharded as soon as loaded: a rank never holds the whole model
-    sharder = LoadSharder(device, precision, cfg.fsdp_offload) if cfg.fsdp else None
+    shard = {}
+    if cfg.fsdp:
+        sharder = LoadSharder(device, precision, cfg.fsdp_offload)
+        shard = dict(on_layer=sharder.on_layer, on_embeddings=sharder.on_embeddings)
     model = load_base(cfg.model, quant=cfg.quant, compute_dtype=COMPUTE_DTYPE[precision], device=device, lora=lora,
-                      on_layer=sharder and sharder.on_layer, on_embeddings=sharder and sharder.on_embeddings)
+                      **shard)
     load_s = time.perf_counter() - started
     set_kernel_mode(model, cfg.kernels)
     use_varlen_attention(model)  # padding-free rows: each example's attention alone, no (T, T) mask

@@ -185,10 +185,11 @@ class TrainingLoop:
         self.output = Path(cfg.output)
         self.sharded = cfg.fsdp
         if self.sharded:  # FSDP2 replaces the parameters with sharded ones: the optimizer is built over those
-            self.loss_module = shard_for_training(LossModule(model, [], sharded=True, device=device), model, device,
+            self.loss_module = shard_for_training(LossModule(model, [], device, sharded=True), model, device,
                                                   precision, cfg.fsdp_offload)
         else:
-            self.loss_module = wrap(LossModule(model, lora_parameters(model)), dist)  # DDP over LoRA, world > 1
+            # DDP over LoRA, world > 1
+            self.loss_module = wrap(LossModule(model, lora_parameters(model), device), dist)
         self.params = lora_parameters(model)
         groups = (lora_plus_groups(lora_layers(model).values(), cfg.lr, cfg.lora_plus_ratio)
                   if cfg.lora_plus_ratio != 1 else self.params)

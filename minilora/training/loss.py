@@ -49,12 +49,11 @@ class LossModule(nn.Module):
     """`forward(batch)` = summed loss over the batch's target tokens: the unit a training step calls
     (and DDP wraps with several ranks, distributed.wrap; FSDP shards as its root group, fsdp.py).
 
+    `device`: the run's, where batches go (the model's parameters may be shards elsewhere, see loss_sum).
     `sharded`: the model's layers are FSDP groups, which every rank must run, forward and backward, in
-    every step and evaluation, or the ranks' all-gathers and reduce-scatters no longer pair up.
-    `device`: where batches go (None: the input embeddings' device; give it when sharded, see loss_sum)."""
+    every step and evaluation, or the ranks' all-gathers and reduce-scatters no longer pair up."""
 
-    def __init__(self, model: nn.Module, params: list[nn.Parameter], sharded: bool = False,
-                 device: torch.device | None = None):
+    def __init__(self, model: nn.Module, params: list[nn.Parameter], device: torch.device, sharded: bool = False):
         super().__init__()
         self.model = model
         self._params = params
@@ -73,7 +72,6 @@ class LossModule(nn.Module):
         """0, through every layer: one pad token in, so each FSDP group gathers and, in backward,
         reduce-scatters (zero) gradients for all its LoRA weights, as on the ranks with rows."""
         one = torch.zeros((1, 1), dtype=batch.input_ids.dtype)  # (1, 1)
-        device = self.device or self.model.get_input_embeddings().weight.device
-        hidden = self.model.base_model(input_ids=one.to(device), position_ids=one.to(device),
+        hidden = self.model.base_model(input_ids=one.to(self.device), position_ids=one.to(self.device),
                                        use_cache=False).last_hidden_state  # (1, 1, H)
         return self.model.get_output_embeddings()(hidden).float().sum() * 0.0
