@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("--run")
     run.add_argument("--model-dir", help="where the random model is written (or found); default: a temporary folder")
     run.add_argument("--layers", type=int, default=40,
-                     help="decoder layers of the random Llama (40: 1.1 B weights, ~15 min on 2 cores; 12: 0.40 B)")
+                     help="decoder layers of the random Llama (40: 1.1 B weights, ~10 min on 2 cores; 12: 0.40 B)")
     run.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration")
     run.add_argument("--accum", type=int, default=4,
                      help="global micro-batches per step (each configuration's ranks x --grad-accum)")

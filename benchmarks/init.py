@@ -36,9 +36,9 @@ import torch
 from transformers import AutoModelForCausalLM, Phi3ForCausalLM
 
 import minilora
-import minilora.model_files
 from minilora.builtin import build_config, build_tokenizer
 from minilora.inspect import inspect
+from minilora.model_files import resolve_model_path
 from minilora.training.config import TrainConfig, validate
 from minilora.training.job import train_from_config
 
@@ -97,7 +97,7 @@ def decomposition_seconds(model: str, repeats: int) -> tuple[float, int]:
     quantizing. What exact `pissa` and `loftq` cannot add less than to a load, whatever the rest costs."""
     from minilora.lora_init import one_cpu_thread, top_singular
 
-    full = AutoModelForCausalLM.from_pretrained(minilora.model_files.resolve_model_path(model), dtype=torch.float32)
+    full = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype=torch.float32)
     weights = [m.weight.detach() for name, m in full.named_modules() if name.rpartition(".")[2] in TARGETS]
     times = []
     for _ in range(repeats):

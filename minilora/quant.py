@@ -115,8 +115,8 @@ def load_whole(name_or_path: str, path: str, compute_dtype: torch.dtype, device:
                on_embeddings: Callable[[nn.Module], None] | None) -> nn.Module:
     """load_base for checkpoints the streaming loader does not read: transformers loads the whole model on
     the host in the compute dtype, then each linear layer is quantized onto the device (only one
-    full-precision layer is ever on the device); `on_embeddings` (where no weights are tied) and `on_layer`
-    are called at the end (the embeddings unless tied to the head)."""
+    full-precision layer is ever on the device); `on_embeddings` (unless tied to the head) and `on_layer` are
+    called at the end."""
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=compute_dtype)
     except Exception as err:

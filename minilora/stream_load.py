@@ -218,7 +218,7 @@ class _Loader:
         self.model, self.stored, self.sources, self.reader = model, stored, sources, reader
         self.device, self.quantizer, self.plan, self.on_layer = device, quantizer, plan, on_layer
         self.on_embeddings = on_embeddings if not embeddings_tied(model) else None
-        self.handed: list[str] = []  # modules given to on_embeddings: the caller's from then on, children too
+        self.handed: set[int] = set()  # ids of the modules given to on_embeddings and their children: the caller's
         self.name_or_path = name_or_path
         self.targets = set(plan.names) if plan is not None else set()
         self.head = model.get_output_embeddings()
@@ -239,8 +239,8 @@ class _Loader:
                 _move(module, self.device, own_only=holds_layers)
                 _freeze_but_lora(module, own_only=holds_layers)
                 if self.on_embeddings is not None and module is self.model.get_input_embeddings():
+                    self.handed.update(id(m) for m in module.modules())
                     self.on_embeddings(module)
-                    self.handed.append(name)
                     return_freed_memory()
                 continue
             left[index] -= 1
@@ -254,8 +254,7 @@ class _Loader:
         # What has no tensor in the checkpoint (the rotary embedding's buffers); the decoder layers are done
         # and may have been sharded by on_layer, the embeddings by on_embeddings: not touched again.
         for name, module in self.model.named_modules():
-            if (self._layer_of(name) is None and module is not self.layers
-                    and not any(name == h or name.startswith(h + ".") for h in self.handed)):
+            if self._layer_of(name) is None and module is not self.layers and id(module) not in self.handed:
                 _move(module, self.device, own_only=True)
 
     def _layer_of(self, name: str) -> int | None:
